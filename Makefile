@@ -1,0 +1,10 @@
+# The one place that pins how BPF objects are built.
+BPF_CLANG ?= clang-19
+BPF_STRIP ?= llvm-strip-19
+BPF_CFLAGS := -O2 -g -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
+
+.PHONY: generate test demo
+
+generate:
+	BPF2GO_CC=$(BPF_CLANG) BPF2GO_STRIP=$(BPF_STRIP) BPF2GO_CFLAGS="$(BPF_CFLAGS)" \
+		go generate ./bpf/... ./examples/... ./internal/...

@@ -1,0 +1,30 @@
+/* Why a packet was dropped, and where a traced packet was seen.
+ *
+ * These numbers are a stable interface: they appear in events, counters and
+ * the CLI. Never renumber or reuse one; add new ones at the end. The Go list
+ * in datapath/reason.go must name every one (a test compares the two). */
+#pragma once
+
+enum drop_reason {
+	REASON_FORWARDED = 0,        /* not a drop: counts packets let through */
+	REASON_MALFORMED = 1,        /* headers truncated or inconsistent */
+	REASON_UNSUPPORTED_L3 = 2,   /* EtherType the datapath does not handle */
+	REASON_SPOOFED_SOURCE_IP = 3,
+	REASON_SPOOFED_SOURCE_MAC = 4,
+	REASON_UNKNOWN_ENDPOINT = 5, /* packet on an interface with no endpoint */
+	REASON_POLICY_DENIED = 6,
+	REASON_NO_BACKEND = 7,
+	REASON_PREFILTER_DENIED = 8,
+	REASON_REDIRECT_FAILED = 9,
+	REASON_MAX = 255,
+};
+
+enum trace_point {
+	TRACE_FROM_ENDPOINT = 1,
+	TRACE_TO_ENDPOINT = 2,
+	TRACE_TO_STACK = 3,
+	TRACE_FROM_NETDEV = 4,
+	TRACE_TO_NETDEV = 5,
+	TRACE_FROM_OVERLAY = 6,
+	TRACE_TO_OVERLAY = 7,
+};

@@ -1,0 +1,19 @@
+//go:build ignore
+
+/* Never loaded. Declares one of each type that user space decodes but no map
+ * names (ring buffer records, enums), so that they reach the BTF and bpf2go
+ * generates their Go twins. */
+#include "lib/common.h"
+#include "lib/reasons.h"
+#include "lib/events.h"
+
+struct event *_event __attribute__((unused));
+enum drop_reason *_drop_reason __attribute__((unused));
+enum trace_point *_trace_point __attribute__((unused));
+enum event_type *_event_type __attribute__((unused));
+enum event_flag *_event_flag __attribute__((unused));
+enum event_lost_cause *_event_lost_cause __attribute__((unused));
+enum direction *_direction __attribute__((unused));
+enum layout_version *_layout_version __attribute__((unused));
+
+char __license[] SEC("license") = "GPL";

@@ -1,0 +1,88 @@
+package datapath
+
+import (
+	"fmt"
+	"regexp"
+
+	"github.com/sluicedp/sluice/internal/attach"
+)
+
+// DefaultBPFFS is where pins go unless Config.BPFFS says otherwise.
+const DefaultBPFFS = "/sys/fs/bpf"
+
+// Config describes the datapath to open.
+type Config struct {
+	// Name identifies the datapath: its pins live in <BPFFS>/<Name>/, and
+	// opening the same name again picks up the same state. 1 to 64 of
+	// [a-z0-9_-], starting with a letter or digit.
+	Name string
+	// NetNS is the network namespace the datapath serves, as a name under
+	// /run/netns (as `ip netns` shows it) or a path such as
+	// /proc/1234/ns/net. Empty means the caller's namespace.
+	NetNS string
+	// BPFFS is a BPF filesystem mount; DefaultBPFFS when empty. It is
+	// mounted there if it is not yet.
+	BPFFS string
+	// TCAttach says how tc programs are attached: AttachAuto (tcx links
+	// where the kernel has them, Linux 6.6; clsact + cls_bpf otherwise),
+	// AttachTCX or AttachLegacy.
+	TCAttach AttachMode
+	// Events configures drop and trace events. Nil keeps the settings of a
+	// datapath that is re-opened and applies DefaultEventConfig to a new one.
+	Events *EventConfig
+}
+
+// AttachMode says how tc programs are attached.
+type AttachMode = attach.Mode
+
+const (
+	AttachAuto   = attach.Auto
+	AttachTCX    = attach.TCX
+	AttachLegacy = attach.Legacy
+)
+
+var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
+
+func (c *Config) validate() error {
+	if !validName.MatchString(c.Name) {
+		return fmt.Errorf("datapath name %q: want 1 to 64 of [a-z0-9_-] starting with a letter or digit: %w", c.Name, ErrInvalid)
+	}
+	if c.TCAttach < AttachAuto || c.TCAttach > AttachLegacy {
+		return fmt.Errorf("tc attach mode %d: %w", int(c.TCAttach), ErrInvalid)
+	}
+	if c.Events != nil {
+		if err := c.Events.validate(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// EventConfig switches drop and trace events on and off and limits how many
+// the datapath sends. Counters (Metrics) are kept whatever it says.
+type EventConfig struct {
+	Drops  bool // report dropped packets
+	Traces bool // report packets passing trace points (verbose)
+	// RatePerCPU caps the records sent per second on each CPU; 0 means no
+	// limit. Records over the limit are counted (LostEvent), not sent.
+	RatePerCPU uint32
+	// Burst is how many records may be sent at once above the rate (at
+	// least 1 when RatePerCPU is set).
+	Burst uint32
+}
+
+// DefaultEventConfig reports drops, not traces, at most 1000 a second per
+// CPU with bursts of 100.
+func DefaultEventConfig() EventConfig {
+	return EventConfig{Drops: true, RatePerCPU: 1000, Burst: 100}
+}
+
+func (e *EventConfig) validate() error {
+	if e.RatePerCPU > 1_000_000_000 {
+		return fmt.Errorf("event rate %d per second: at most 1e9: %w", e.RatePerCPU, ErrInvalid)
+	}
+	if e.RatePerCPU != 0 && e.Burst == 0 {
+		return fmt.Errorf("event burst 0 with rate %d: want at least 1: %w", e.RatePerCPU, ErrInvalid)
+	}
+	return nil
+}

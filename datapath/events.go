@@ -1,0 +1,234 @@
+package datapath
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/sluicedp/sluice/bpf"
+	"github.com/sluicedp/sluice/internal/packet"
+)
+
+// Event is a record from the datapath: a *DropEvent, a *TraceEvent or a
+// *LostEvent.
+type Event interface {
+	fmt.Stringer
+	event()
+}
+
+// Packet is what an event tells about the packet it concerns.
+type Packet struct {
+	Direction Direction
+	Ifindex   uint32        // interface the packet was on, in the datapath's namespace
+	Endpoint  uint32        // endpoint ID, 0 when none
+	Length    uint32        // length of the whole packet
+	Time      time.Duration // CLOCK_MONOTONIC when it was seen
+	Head      []byte        // the first bytes of the packet (at most 128)
+}
+
+// Summary describes the packet's headers on one line.
+func (p *Packet) Summary() string { return packet.Describe(p.Head) }
+
+func (p *Packet) String() string {
+	s := fmt.Sprintf("%s ifindex=%d", p.Direction, p.Ifindex)
+	if p.Endpoint != 0 {
+		s += fmt.Sprintf(" endpoint=%d", p.Endpoint)
+	}
+	return s + fmt.Sprintf(" len=%d: %s", p.Length, p.Summary())
+}
+
+// DropEvent reports a packet the datapath dropped, and why.
+type DropEvent struct {
+	Reason Reason
+	Packet
+}
+
+func (e *DropEvent) String() string { return fmt.Sprintf("drop %s %s", e.Reason, &e.Packet) }
+func (*DropEvent) event()           {}
+
+// TraceEvent reports a packet passing a trace point.
+type TraceEvent struct {
+	Point TracePoint
+	Packet
+}
+
+func (e *TraceEvent) String() string { return fmt.Sprintf("trace %s %s", e.Point, &e.Packet) }
+func (*TraceEvent) event()           {}
+
+// LostEvent reports records the datapath could not send since the last
+// report: the ring buffer was full, or the rate limit held them back.
+type LostEvent struct {
+	RingFull    uint64
+	RateLimited uint64
+}
+
+func (e *LostEvent) String() string {
+	return fmt.Sprintf("lost %d records (ring full) and %d (rate limited)", e.RingFull, e.RateLimited)
+}
+func (*LostEvent) event() {}
+
+// SetEventConfig switches events on or off and sets their rate limit, for
+// packets from now on. It returns ErrInvalid for a bad config.
+func (dp *Datapath) SetEventConfig(cfg EventConfig) error {
+	if err := cfg.validate(); err != nil {
+		return err
+	}
+	var v bpf.DatapathEventSettings
+	if cfg.Drops {
+		v.Flags |= eventFlagDrops
+	}
+	if cfg.Traces {
+		v.Flags |= eventFlagTraces
+	}
+	v.Rate, v.Burst = cfg.RatePerCPU, cfg.Burst
+	if err := dp.objs.EventConfig.Put(uint32(0), &v); err != nil {
+		return fmt.Errorf("set event config: %w", err)
+	}
+	return nil
+}
+
+// EventConfig returns the event settings in force.
+func (dp *Datapath) EventConfig() (EventConfig, error) {
+	var v bpf.DatapathEventSettings
+	if err := dp.objs.EventConfig.Lookup(uint32(0), &v); err != nil {
+		return EventConfig{}, fmt.Errorf("read event config: %w", err)
+	}
+	return EventConfig{
+		Drops:      v.Flags&eventFlagDrops != 0,
+		Traces:     v.Flags&eventFlagTraces != 0,
+		RatePerCPU: v.Rate,
+		Burst:      v.Burst,
+	}, nil
+}
+
+const (
+	eventFlagDrops  = uint32(bpf.TypesEventFlagEVENT_FLAG_DROPS)
+	eventFlagTraces = uint32(bpf.TypesEventFlagEVENT_FLAG_TRACES)
+)
+
+// lostPoll is how often Events checks the lost-record counters.
+const lostPoll = 250 * time.Millisecond
+
+// Events streams the datapath's events until ctx ends, then closes the
+// channel. Records lost since the call are reported as *LostEvent. One reader
+// at a time: a ring buffer hands each record to one consumer, so a second
+// call while one runs returns ErrExists.
+func (dp *Datapath) Events(ctx context.Context) (<-chan Event, error) {
+	dp.mu.Lock()
+	defer dp.mu.Unlock()
+	if dp.closed {
+		return nil, fmt.Errorf("events: datapath closed: %w", os.ErrClosed)
+	}
+	if dp.reading {
+		return nil, fmt.Errorf("events: a reader is running already: %w", ErrExists)
+	}
+	rd, err := ringbuf.NewReader(dp.objs.Events)
+	if err != nil {
+		return nil, fmt.Errorf("events: %w", err)
+	}
+	last, err := dp.lostCounts()
+	if err != nil {
+		rd.Close()
+		return nil, err
+	}
+	dp.reading = true
+
+	out := make(chan Event, 64)
+	stop := context.AfterFunc(ctx, func() { rd.Close() })
+	go func() {
+		defer func() {
+			stop()
+			rd.Close()
+			close(out)
+			dp.mu.Lock()
+			dp.reading = false
+			dp.mu.Unlock()
+		}()
+		send := func(ev Event) bool {
+			select {
+			case out <- ev:
+				return true
+			case <-ctx.Done():
+				return false
+			}
+		}
+		nextCheck := time.Now().Add(lostPoll)
+		for {
+			rd.SetDeadline(nextCheck)
+			rec, err := rd.Read()
+			switch {
+			case err == nil:
+				if ev, err := decodeEvent(rec.RawSample); err == nil && !send(ev) {
+					return
+				}
+			case errors.Is(err, os.ErrDeadlineExceeded):
+			default: // closed: ctx ended
+				return
+			}
+			if time.Now().Before(nextCheck) {
+				continue
+			}
+			nextCheck = time.Now().Add(lostPoll)
+			now, err := dp.lostCounts()
+			if err != nil {
+				continue
+			}
+			if lost := (LostEvent{now.RingFull - last.RingFull, now.RateLimited - last.RateLimited}); lost != (LostEvent{}) {
+				last = now
+				if !send(&lost) {
+					return
+				}
+			}
+		}
+	}()
+	return out, nil
+}
+
+// Lost returns how many records the datapath could not send since it was
+// created.
+func (dp *Datapath) Lost() (LostEvent, error) { return dp.lostCounts() }
+
+func (dp *Datapath) lostCounts() (LostEvent, error) {
+	var out LostEvent
+	for key, dst := range map[uint32]*uint64{
+		uint32(bpf.TypesEventLostCauseLOST_RING_FULL):    &out.RingFull,
+		uint32(bpf.TypesEventLostCauseLOST_RATE_LIMITED): &out.RateLimited,
+	} {
+		var percpu []uint64
+		if err := dp.objs.EventLost.Lookup(key, &percpu); err != nil {
+			return LostEvent{}, fmt.Errorf("read lost-event counters: %w", err)
+		}
+		for _, n := range percpu {
+			*dst += n
+		}
+	}
+	return out, nil
+}
+
+func decodeEvent(raw []byte) (Event, error) {
+	var rec bpf.TypesEvent
+	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &rec); err != nil {
+		return nil, fmt.Errorf("decode event: %w", err)
+	}
+	p := Packet{
+		Direction: Direction(rec.Dir),
+		Ifindex:   rec.Ifindex,
+		Endpoint:  rec.Endpoint,
+		Length:    rec.PktLen,
+		Time:      time.Duration(rec.TimeNs),
+		Head:      append([]byte(nil), rec.Packet[:min(int(rec.CapLen), len(rec.Packet))]...),
+	}
+	switch bpf.TypesEventType(rec.Type) {
+	case bpf.TypesEventTypeEVENT_DROP:
+		return &DropEvent{Reason: Reason(rec.Code), Packet: p}, nil
+	case bpf.TypesEventTypeEVENT_TRACE:
+		return &TraceEvent{Point: TracePoint(rec.Code), Packet: p}, nil
+	}
+	return nil, fmt.Errorf("decode event: unknown type %d", rec.Type)
+}

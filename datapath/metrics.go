@@ -1,0 +1,45 @@
+package datapath
+
+import (
+	"fmt"
+
+	"github.com/sluicedp/sluice/bpf"
+)
+
+// MetricKey selects one counter: packets with one verdict in one direction.
+type MetricKey struct {
+	Reason    Reason // ReasonForwarded for packets let through
+	Direction Direction
+}
+
+// MetricValue is a counter's total over all CPUs.
+type MetricValue struct {
+	Packets uint64
+	Bytes   uint64
+}
+
+// Metrics returns the datapath's packet counters, summed over CPUs. Only
+// counters that moved are present.
+func (dp *Datapath) Metrics() (map[MetricKey]MetricValue, error) {
+	out := make(map[MetricKey]MetricValue)
+	var (
+		key     uint32
+		percpu  []bpf.DatapathMetricsValue
+		entries = dp.objs.Metrics.Iterate()
+	)
+	for entries.Next(&key, &percpu) {
+		var sum MetricValue
+		for _, v := range percpu {
+			sum.Packets += v.Packets
+			sum.Bytes += v.Bytes
+		}
+		if sum.Packets == 0 {
+			continue
+		}
+		out[MetricKey{Reason: Reason(key & 0xff), Direction: Direction(key >> 8)}] = sum
+	}
+	if err := entries.Err(); err != nil {
+		return nil, fmt.Errorf("read metrics: %w", err)
+	}
+	return out, nil
+}

@@ -1,0 +1,108 @@
+package datapath
+
+import (
+	"fmt"
+
+	"github.com/sluicedp/sluice/bpf"
+)
+
+// Reason says why a packet was dropped. The numbers are stable (they are
+// shared with the BPF programs, events and the CLI) and never reused.
+// ReasonForwarded is not a drop: it counts packets that were let through.
+type Reason uint8
+
+const (
+	ReasonForwarded        = Reason(bpf.TypesDropReasonREASON_FORWARDED)
+	ReasonMalformed        = Reason(bpf.TypesDropReasonREASON_MALFORMED)
+	ReasonUnsupportedL3    = Reason(bpf.TypesDropReasonREASON_UNSUPPORTED_L3)
+	ReasonSpoofedSourceIP  = Reason(bpf.TypesDropReasonREASON_SPOOFED_SOURCE_IP)
+	ReasonSpoofedSourceMAC = Reason(bpf.TypesDropReasonREASON_SPOOFED_SOURCE_MAC)
+	ReasonUnknownEndpoint  = Reason(bpf.TypesDropReasonREASON_UNKNOWN_ENDPOINT)
+	ReasonPolicyDenied     = Reason(bpf.TypesDropReasonREASON_POLICY_DENIED)
+	ReasonNoBackend        = Reason(bpf.TypesDropReasonREASON_NO_BACKEND)
+	ReasonPrefilterDenied  = Reason(bpf.TypesDropReasonREASON_PREFILTER_DENIED)
+	ReasonRedirectFailed   = Reason(bpf.TypesDropReasonREASON_REDIRECT_FAILED)
+)
+
+// reasonNames holds every reason's name and what it means; a test checks it
+// against the enum compiled into the BPF objects.
+var reasonNames = map[Reason]struct{ name, doc string }{
+	ReasonForwarded:        {"FORWARDED", "not a drop: the packet was let through"},
+	ReasonMalformed:        {"MALFORMED", "headers truncated or inconsistent"},
+	ReasonUnsupportedL3:    {"UNSUPPORTED_L3", "EtherType the datapath does not handle"},
+	ReasonSpoofedSourceIP:  {"SPOOFED_SOURCE_IP", "source IP is not the sending endpoint's"},
+	ReasonSpoofedSourceMAC: {"SPOOFED_SOURCE_MAC", "source MAC is not the sending endpoint's"},
+	ReasonUnknownEndpoint:  {"UNKNOWN_ENDPOINT", "packet on an interface that has no endpoint"},
+	ReasonPolicyDenied:     {"POLICY_DENIED", "no policy rule allows it, or a deny rule matched"},
+	ReasonNoBackend:        {"NO_BACKEND", "service has no usable backend"},
+	ReasonPrefilterDenied:  {"PREFILTER_DENIED", "source is in the CIDR prefilter"},
+	ReasonRedirectFailed:   {"REDIRECT_FAILED", "the kernel refused to redirect the packet"},
+}
+
+// String returns the reason's stable name, such as "POLICY_DENIED".
+func (r Reason) String() string {
+	if n, ok := reasonNames[r]; ok {
+		return n.name
+	}
+	return fmt.Sprintf("REASON_%d", uint8(r))
+}
+
+// Doc says in a few words what the reason means.
+func (r Reason) Doc() string { return reasonNames[r].doc }
+
+// Reasons lists every known reason in numeric order.
+func Reasons() []Reason {
+	var out []Reason
+	for r := range 256 {
+		if _, ok := reasonNames[Reason(r)]; ok {
+			out = append(out, Reason(r))
+		}
+	}
+	return out
+}
+
+// TracePoint says where a traced packet was seen.
+type TracePoint uint8
+
+const (
+	TraceFromEndpoint = TracePoint(bpf.TypesTracePointTRACE_FROM_ENDPOINT)
+	TraceToEndpoint   = TracePoint(bpf.TypesTracePointTRACE_TO_ENDPOINT)
+	TraceToStack      = TracePoint(bpf.TypesTracePointTRACE_TO_STACK)
+	TraceFromNetdev   = TracePoint(bpf.TypesTracePointTRACE_FROM_NETDEV)
+	TraceToNetdev     = TracePoint(bpf.TypesTracePointTRACE_TO_NETDEV)
+	TraceFromOverlay  = TracePoint(bpf.TypesTracePointTRACE_FROM_OVERLAY)
+	TraceToOverlay    = TracePoint(bpf.TypesTracePointTRACE_TO_OVERLAY)
+)
+
+var traceNames = map[TracePoint]string{
+	TraceFromEndpoint: "FROM_ENDPOINT",
+	TraceToEndpoint:   "TO_ENDPOINT",
+	TraceToStack:      "TO_STACK",
+	TraceFromNetdev:   "FROM_NETDEV",
+	TraceToNetdev:     "TO_NETDEV",
+	TraceFromOverlay:  "FROM_OVERLAY",
+	TraceToOverlay:    "TO_OVERLAY",
+}
+
+func (p TracePoint) String() string {
+	if n, ok := traceNames[p]; ok {
+		return n
+	}
+	return fmt.Sprintf("TRACE_%d", uint8(p))
+}
+
+// Direction is a packet's direction relative to the endpoint or node it
+// concerns: Ingress goes towards it, Egress leaves it.
+type Direction uint8
+
+const (
+	Ingress = Direction(bpf.TypesDirectionDIR_INGRESS)
+	Egress  = Direction(bpf.TypesDirectionDIR_EGRESS)
+)
+
+func (d Direction) String() string {
+	if d == Egress {
+		return "egress"
+	}
+	return "ingress"
+}

@@ -1,0 +1,12 @@
+module github.com/sluicedp/sluice
+
+go 1.26
+
+require (
+	github.com/cilium/ebpf v0.22.0 // indirect
+	github.com/vishvananda/netlink v1.3.1 // indirect
+	github.com/vishvananda/netns v0.0.5 // indirect
+	golang.org/x/sys v0.43.0 // indirect
+)
+
+tool github.com/cilium/ebpf/cmd/bpf2go

@@ -1,0 +1,153 @@
+// Package attach attaches programs to network devices and cgroups and keeps
+// the attachment alive beyond the process: bpf_links (tcx, XDP, cgroup) are
+// pinned, and the legacy clsact + cls_bpf fallback lives in the kernel's tc
+// tables until removed. Attaching again where a link is already pinned swaps
+// the program atomically (link.Update), so upgrades drop no packet.
+//
+// Functions that take an interface index resolve it in the calling thread's
+// network namespace; run them through nsrun.Do.
+package attach
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+)
+
+// Mode says how tc programs are attached.
+type Mode int
+
+const (
+	// Auto uses tcx links where the kernel has them (Linux 6.6) and falls
+	// back to Legacy otherwise.
+	Auto Mode = iota
+	// TCX uses tcx bpf_links only.
+	TCX
+	// Legacy uses a clsact qdisc with direct-action cls_bpf filters.
+	Legacy
+)
+
+func (m Mode) String() string {
+	switch m {
+	case Auto:
+		return "auto"
+	case TCX:
+		return "tcx"
+	case Legacy:
+		return "legacy"
+	}
+	return fmt.Sprintf("Mode(%d)", int(m))
+}
+
+// Hook is the tc hook of a device.
+type Hook int
+
+const (
+	Ingress Hook = iota
+	Egress
+)
+
+func (h Hook) String() string {
+	if h == Egress {
+		return "egress"
+	}
+	return "ingress"
+}
+
+// TC attaches prog to hook of the device with index ifindex and returns the
+// mode it used. In tcx mode the link is pinned at pin; in legacy mode the
+// filter is named name, by which RemoveLegacy finds it again.
+func TC(ifindex int, hook Hook, prog *ebpf.Program, mode Mode, pin, name string) (Mode, error) {
+	if mode != Legacy {
+		attachType := ebpf.AttachTCXIngress
+		if hook == Egress {
+			attachType = ebpf.AttachTCXEgress
+		}
+		err := pinned(pin, prog, func(info *link.Info) bool {
+			tcx := info.TCX()
+			return tcx != nil && int(tcx.Ifindex) == ifindex && ebpf.AttachType(tcx.AttachType) == attachType
+		}, func() (link.Link, error) {
+			return link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: attachType})
+		})
+		if err == nil || mode == TCX || !errors.Is(err, ebpf.ErrNotSupported) {
+			return TCX, err
+		}
+	}
+	return Legacy, attachLegacy(ifindex, hook, prog, name)
+}
+
+// XDP attaches prog to the XDP hook of the device with index ifindex and pins
+// the link at pin. flags selects the XDP mode (link.XDPGenericMode, ...).
+func XDP(ifindex int, prog *ebpf.Program, flags link.XDPAttachFlags, pin string) error {
+	return pinned(pin, prog, func(info *link.Info) bool {
+		xdp := info.XDP()
+		return xdp != nil && int(xdp.Ifindex) == ifindex
+	}, func() (link.Link, error) {
+		return link.AttachXDP(link.XDPOptions{Interface: ifindex, Program: prog, Flags: flags})
+	})
+}
+
+// Cgroup attaches prog to the cgroup v2 directory cgroup with the given
+// attach type and pins the link at pin.
+func Cgroup(cgroup string, attachType ebpf.AttachType, prog *ebpf.Program, pin string) error {
+	var st unix.Stat_t
+	if err := unix.Stat(cgroup, &st); err != nil {
+		return fmt.Errorf("cgroup %s: %w", cgroup, err)
+	}
+	return pinned(pin, prog, func(info *link.Info) bool {
+		cg := info.Cgroup()
+		return cg != nil && cg.CgroupId == st.Ino && ebpf.AttachType(cg.AttachType) == attachType
+	}, func() (link.Link, error) {
+		return link.AttachCgroup(link.CgroupOptions{Path: cgroup, Attach: attachType, Program: prog})
+	})
+}
+
+// Detach removes the link pinned at pin, which detaches its program unless
+// another process holds the link open. A missing pin is not an error.
+func Detach(pin string) error {
+	if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("unpin link: %w", err)
+	}
+	return nil
+}
+
+// pinned makes sure a link running prog is pinned at pin: a pinned link that
+// still targets what same describes gets its program swapped in place; one
+// that does not (its device or cgroup is gone) is replaced by create's.
+func pinned(pin string, prog *ebpf.Program, same func(*link.Info) bool, create func() (link.Link, error)) error {
+	old, err := link.LoadPinnedLink(pin, nil)
+	switch {
+	case err == nil:
+		defer old.Close()
+		info, err := old.Info()
+		if err == nil && same(info) {
+			if err := old.Update(prog); err != nil {
+				return fmt.Errorf("update pinned link %s: %w", pin, err)
+			}
+			return nil
+		}
+		// Defunct or pointing elsewhere: replace it below.
+	case !errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("load pinned link %s: %w", pin, err)
+	}
+
+	l, err := create()
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	if old != nil {
+		if err := old.Unpin(); err != nil {
+			l.Close()
+			return fmt.Errorf("unpin stale link %s: %w", pin, err)
+		}
+	}
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pin link %s: %w", pin, err)
+	}
+	return nil
+}
