@@ -1,0 +1,331 @@
+package datapath
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/sluicedp/sluice/bpf"
+	"github.com/sluicedp/sluice/internal/attach"
+	"github.com/sluicedp/sluice/internal/bpftest"
+	"github.com/sluicedp/sluice/internal/packet"
+	"github.com/sluicedp/sluice/internal/progtest"
+	"github.com/sluicedp/sluice/internal/testutil"
+)
+
+// open opens a datapath on a private bpffs and unloads it when the test ends.
+func open(t *testing.T, cfg Config) *Datapath {
+	t.Helper()
+	testutil.Privileged(t)
+	if cfg.Name == "" {
+		cfg.Name = "test"
+	}
+	if cfg.BPFFS == "" {
+		cfg.BPFFS = testutil.BPFFS(t)
+	}
+	dp, err := Open(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := dp.Unload(); err != nil {
+			t.Error(err)
+		}
+	})
+	return dp
+}
+
+// loadProbe loads the test programs wired to dp's maps.
+func loadProbe(t *testing.T, dp *Datapath) *bpftest.ProbeObjects {
+	t.Helper()
+	var objs bpftest.ProbeObjects
+	err := bpftest.LoadProbeObjects(&objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+		"layout":        dp.objs.Layout,
+		"metrics":       dp.objs.Metrics,
+		"events":        dp.objs.Events,
+		"event_config":  dp.objs.EventConfig,
+		"event_limiter": dp.objs.EventLimiter,
+		"event_lost":    dp.objs.EventLost,
+	}})
+	if err != nil {
+		t.Fatalf("load probe: %+v", err)
+	}
+	t.Cleanup(func() { objs.Close() })
+	return &objs
+}
+
+var testFrame = packet.Build(
+	&packet.Ethernet{Src: net.HardwareAddr{2, 0, 0, 0, 0, 1}, Dst: net.HardwareAddr{2, 0, 0, 0, 0, 2}},
+	&packet.IPv4{Src: netip.MustParseAddr("198.18.0.1"), Dst: netip.MustParseAddr("198.18.0.2")},
+	&packet.TCP{SrcPort: 40000, DstPort: 80, Flags: packet.SYN},
+)
+
+// skbMark is a __sk_buff context that only sets the mark, which the probe
+// program reads as reason | direction << 8 | endpoint << 16.
+type skbCtx struct {
+	Len, PktType, Mark uint32
+	_                  [41]uint32
+}
+
+func runProbe(t *testing.T, prog *ebpf.Program, reason Reason, dir Direction, endpoint uint16) uint32 {
+	t.Helper()
+	ctx := skbCtx{Mark: uint32(reason) | uint32(dir)<<8 | uint32(endpoint)<<16}
+	r, err := progtest.Run(prog, testFrame, &ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Verdict
+}
+
+func TestConfigErrors(t *testing.T) {
+	for _, cfg := range []Config{
+		{Name: ""},
+		{Name: "Upper"},
+		{Name: "-lead"},
+		{Name: strings.Repeat("a", 65)},
+		{Name: "ok", TCAttach: 7},
+		{Name: "ok", Events: &EventConfig{Drops: true, RatePerCPU: 10}},
+	} {
+		if _, err := Open(context.Background(), cfg); !errors.Is(err, ErrInvalid) {
+			t.Errorf("Open(%+v) = %v, want ErrInvalid", cfg, err)
+		}
+	}
+	testutil.Privileged(t)
+	bpffs := testutil.BPFFS(t)
+	_, err := Open(context.Background(), Config{Name: "x", BPFFS: bpffs, NetNS: "sluice-no-such-ns"})
+	if !errors.Is(err, ErrNotFound) {
+		t.Errorf("Open with a missing netns = %v, want ErrNotFound", err)
+	}
+	if _, err := os.Stat(filepath.Join(bpffs, "x")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a failed Open left pins behind: %v", err)
+	}
+}
+
+func TestReopenKeepsState(t *testing.T) {
+	dp := open(t, Config{Events: &EventConfig{Drops: true, Traces: true}})
+	probe := loadProbe(t, dp)
+	if v := runProbe(t, probe.ProbeTc, ReasonPolicyDenied, Egress, 7); v != 2 {
+		t.Fatalf("verdict %d, want TC_ACT_SHOT", v)
+	}
+	if err := dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	again, err := Open(context.Background(), Config{Name: dp.Name(), BPFFS: filepath.Dir(dp.PinDir())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer again.Close()
+	m, err := again.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := m[MetricKey{ReasonPolicyDenied, Egress}]; got.Packets != 1 || got.Bytes != uint64(len(testFrame)) {
+		t.Errorf("after re-open: %+v, want 1 packet of %d bytes", got, len(testFrame))
+	}
+	cfg, err := again.EventConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.Traces || cfg.RatePerCPU != 0 {
+		t.Errorf("re-open without Events changed the event config: %+v", cfg)
+	}
+}
+
+func TestIncompatibleLayout(t *testing.T) {
+	dp := open(t, Config{})
+	stamp := bpf.DatapathLayoutStamp{Version: LayoutVersion + 1}
+	if err := dp.objs.Layout.Put(uint32(0), &stamp); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Open(context.Background(), Config{Name: dp.Name(), BPFFS: filepath.Dir(dp.PinDir())})
+	if !errors.Is(err, ErrIncompatible) {
+		t.Fatalf("Open over another layout = %v, want ErrIncompatible", err)
+	}
+	var got bpf.DatapathLayoutStamp
+	if err := dp.objs.Layout.Lookup(uint32(0), &got); err != nil || got.Version != LayoutVersion+1 {
+		t.Errorf("the refused Open touched the stamp: %+v, %v", got, err)
+	}
+}
+
+func TestEvents(t *testing.T) {
+	dp := open(t, Config{Events: &EventConfig{Drops: true, Traces: true}})
+	probe := loadProbe(t, dp)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	events, err := dp.Events(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dp.Events(ctx); !errors.Is(err, ErrExists) {
+		t.Errorf("second reader: %v, want ErrExists", err)
+	}
+
+	runProbe(t, probe.ProbeTc, ReasonSpoofedSourceIP, Egress, 42)
+	runProbe(t, probe.ProbeTc, ReasonForwarded, Ingress, 3)
+
+	drop, ok := (<-events).(*DropEvent)
+	if !ok || drop.Reason != ReasonSpoofedSourceIP || drop.Direction != Egress || drop.Endpoint != 42 ||
+		drop.Length != uint32(len(testFrame)) || string(drop.Head) != string(testFrame) {
+		t.Errorf("got %#v, want a drop event for the test frame", drop)
+	}
+	want := "drop SPOOFED_SOURCE_IP egress ifindex=1 endpoint=42 len=54: 198.18.0.1:40000 > 198.18.0.2:80 TCP [S]"
+	if drop != nil && drop.String() != want {
+		t.Errorf("String() = %q\nwant       %q", drop.String(), want)
+	}
+	if tr, ok := (<-events).(*TraceEvent); !ok || tr.Point != TraceFromEndpoint || tr.Endpoint != 3 {
+		t.Errorf("got %#v, want a FROM_ENDPOINT trace", tr)
+	}
+
+	m, err := dp.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m[MetricKey{ReasonSpoofedSourceIP, Egress}].Packets != 1 || m[MetricKey{ReasonForwarded, Ingress}].Packets != 1 || len(m) != 2 {
+		t.Errorf("metrics = %v", m)
+	}
+
+	cancel()
+	for range events {
+	}
+	if _, err := dp.Events(context.Background()); err != nil {
+		t.Errorf("a new reader after the first ended: %v", err)
+	}
+}
+
+func TestEventsSwitchAndRateLimit(t *testing.T) {
+	dp := open(t, Config{Events: &EventConfig{Drops: false}})
+	probe := loadProbe(t, dp)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	events, err := dp.Events(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	runProbe(t, probe.ProbeTc, ReasonMalformed, Ingress, 0)
+	// Rate 1/s with a burst of 3: of 10 drops in a burst, 3 are sent.
+	if err := dp.SetEventConfig(EventConfig{Drops: true, RatePerCPU: 1, Burst: 3}); err != nil {
+		t.Fatal(err)
+	}
+	for range 10 {
+		runProbe(t, probe.ProbeTc, ReasonPolicyDenied, Ingress, 0)
+	}
+
+	var drops, limited uint64
+	for drops+limited < 10 {
+		switch ev := (<-events).(type) {
+		case *DropEvent:
+			if ev.Reason != ReasonPolicyDenied {
+				t.Fatalf("event %v while drop events were off", ev)
+			}
+			drops++
+		case *LostEvent:
+			limited += ev.RateLimited
+		case nil:
+			t.Fatalf("events closed after %d drops, %d rate-limited", drops, limited)
+		}
+	}
+	if drops > 3 || drops+limited != 10 {
+		t.Errorf("%d sent and %d rate-limited of 10, want at most 3 sent and the rest lost", drops, limited)
+	}
+	m, _ := dp.Metrics()
+	if m[MetricKey{ReasonPolicyDenied, Ingress}].Packets != 10 || m[MetricKey{ReasonMalformed, Ingress}].Packets != 1 {
+		t.Errorf("counters must count every drop, events on or off: %v", m)
+	}
+	if err := dp.SetEventConfig(EventConfig{RatePerCPU: 5}); !errors.Is(err, ErrInvalid) {
+		t.Errorf("rate without burst: %v, want ErrInvalid", err)
+	}
+}
+
+// The Go list of reasons names every value of the C enum, and no other.
+func TestReasonsMatchBPF(t *testing.T) {
+	spec, err := bpf.LoadTypes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var enum *btf.Enum
+	if err := spec.Types.TypeByName("drop_reason", &enum); err != nil {
+		t.Fatal(err)
+	}
+	inC := map[Reason]string{}
+	for _, v := range enum.Values {
+		if v.Name == "REASON_MAX" {
+			continue
+		}
+		inC[Reason(v.Value)] = strings.TrimPrefix(v.Name, "REASON_")
+	}
+	for _, r := range Reasons() {
+		if inC[r] != r.String() {
+			t.Errorf("Go names reason %d %s, C names it %q", r, r, inC[r])
+		}
+		if r.Doc() == "" {
+			t.Errorf("reason %s has no doc", r)
+		}
+		delete(inC, r)
+	}
+	for v, name := range inC {
+		t.Errorf("C reason %d (%s) has no Go name", v, name)
+	}
+}
+
+// Real traffic through a datapath program attached with each tc mode; Unload
+// detaches it.
+func TestAttachAndUnload(t *testing.T) {
+	for _, mode := range []AttachMode{AttachTCX, AttachLegacy} {
+		t.Run(mode.String(), func(t *testing.T) {
+			testutil.Privileged(t)
+			p := testutil.NewPair(t)
+			dp, err := Open(context.Background(), Config{Name: "pair", NetNS: p.B.Path, BPFFS: testutil.BPFFS(t), TCAttach: mode})
+			if err != nil {
+				t.Fatal(err)
+			}
+			probe := loadProbe(t, dp)
+			if err := dp.attachTC(p.IfB, attach.Ingress, probe.ProbeTc, "veth1-ingress"); err != nil {
+				t.Fatal(err)
+			}
+			if !p.Ping(3) {
+				t.Fatal("no ping through the probe program")
+			}
+			m, err := dp.Metrics()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := m[MetricKey{ReasonForwarded, Ingress}].Packets; got < 3 {
+				t.Errorf("forwarded counter %d after 3 pings", got)
+			}
+			pins := dp.PinDir()
+			if err := dp.Unload(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(pins); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("pins left after Unload: %v", err)
+			}
+			out, _ := p.B.Exec("tc", "filter", "show", "dev", "veth1", "ingress")
+			if strings.Contains(out, "sluice") {
+				t.Errorf("legacy filter left after Unload: %s", out)
+			}
+			p.B.Do(t, func() error {
+				res, err := link.QueryPrograms(link.QueryOptions{Target: p.IfB, Attach: ebpf.AttachTCXIngress})
+				if err == nil && len(res.Programs) != 0 {
+					t.Errorf("tcx programs left after Unload: %v", res.Programs)
+				}
+				return err
+			})
+			if !p.Ping(1) {
+				t.Fatal("no ping after Unload")
+			}
+		})
+	}
+}
+
