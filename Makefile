@@ -8,3 +8,10 @@ BPF_CFLAGS := -O2 -g -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
 generate:
 	BPF2GO_CC=$(BPF_CLANG) BPF2GO_STRIP=$(BPF_STRIP) BPF2GO_CFLAGS="$(BPF_CFLAGS)" \
 		go generate ./bpf/... ./examples/... ./internal/...
+
+# The tests need root and a BPF-capable kernel (see README.md).
+test:
+	go test -race -count=1 ./...
+
+demo:
+	go run ./examples/arp-blacklist -demo

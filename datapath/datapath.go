@@ -213,6 +213,7 @@ func (dp *Datapath) Unload() error {
 		defer unlock()
 	}
 	errs = append(errs,
+		attach.DetachAll(filepath.Join(dp.dir, "links")),
 		nsrun.Do(dp.ns, func() error { return attach.RemoveLegacy(dp.legacyPrefix()) }),
 		dp.Close(),
 	)

@@ -304,6 +304,28 @@ func TestAttachAndUnload(t *testing.T) {
 			if got := m[MetricKey{ReasonForwarded, Ingress}].Packets; got < 3 {
 				t.Errorf("forwarded counter %d after 3 pings", got)
 			}
+			noPrograms := func(when string) {
+				t.Helper()
+				p.B.Do(t, func() error {
+					res, err := link.QueryPrograms(link.QueryOptions{Target: p.IfB, Attach: ebpf.AttachTCXIngress})
+					if err == nil && len(res.Programs) != 0 {
+						t.Errorf("tcx programs left %s: %v", when, res.Programs)
+					}
+					return err
+				})
+				out, _ := p.B.Exec("tc", "filter", "show", "dev", "veth1", "ingress")
+				if strings.Contains(out, "sluice") {
+					t.Errorf("legacy filter left %s: %s", when, out)
+				}
+			}
+			if err := dp.detachTC(p.IfB, attach.Ingress, "veth1-ingress"); err != nil {
+				t.Fatal(err)
+			}
+			noPrograms("after detach")
+			if err := dp.attachTC(p.IfB, attach.Ingress, probe.ProbeTc, "veth1-ingress"); err != nil {
+				t.Fatal(err)
+			}
+
 			pins := dp.PinDir()
 			if err := dp.Unload(); err != nil {
 				t.Fatal(err)
@@ -311,21 +333,10 @@ func TestAttachAndUnload(t *testing.T) {
 			if _, err := os.Stat(pins); !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("pins left after Unload: %v", err)
 			}
-			out, _ := p.B.Exec("tc", "filter", "show", "dev", "veth1", "ingress")
-			if strings.Contains(out, "sluice") {
-				t.Errorf("legacy filter left after Unload: %s", out)
-			}
-			p.B.Do(t, func() error {
-				res, err := link.QueryPrograms(link.QueryOptions{Target: p.IfB, Attach: ebpf.AttachTCXIngress})
-				if err == nil && len(res.Programs) != 0 {
-					t.Errorf("tcx programs left after Unload: %v", res.Programs)
-				}
-				return err
-			})
+			noPrograms("after Unload")
 			if !p.Ping(1) {
 				t.Fatal("no ping after Unload")
 			}
 		})
 	}
 }
-

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -106,13 +107,47 @@ func Cgroup(cgroup string, attachType ebpf.AttachType, prog *ebpf.Program, pin s
 	})
 }
 
-// Detach removes the link pinned at pin, which detaches its program unless
-// another process holds the link open. A missing pin is not an error.
+// Detach detaches the link pinned at pin and removes the pin. The detach is
+// synchronous and applies even if another process holds the link open. A
+// missing pin is not an error.
 func Detach(pin string) error {
-	if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("unpin link: %w", err)
+	l, err := link.LoadPinnedLink(pin, nil)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		// Not a link we can load: the pin is all there is to remove.
+		if rmErr := os.Remove(pin); rmErr != nil && !errors.Is(rmErr, os.ErrNotExist) {
+			return fmt.Errorf("remove pin %s: %w", pin, errors.Join(err, rmErr))
+		}
+		return nil
+	}
+	defer l.Close()
+	// Dropping the pin alone would free the link asynchronously, some time
+	// after this returns; an explicit detach is immediate.
+	if err := l.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		return fmt.Errorf("detach link %s: %w", pin, err)
+	}
+	if err := l.Unpin(); err != nil {
+		return fmt.Errorf("unpin link %s: %w", pin, err)
 	}
 	return nil
+}
+
+// DetachAll detaches every link pinned in dir (see Detach).
+func DetachAll(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("list links: %w", err)
+	}
+	var errs []error
+	for _, e := range entries {
+		errs = append(errs, Detach(filepath.Join(dir, e.Name())))
+	}
+	return errors.Join(errs...)
 }
 
 // pinned makes sure a link running prog is pinned at pin: a pinned link that

@@ -104,6 +104,10 @@ func TestXDP(t *testing.T) {
 	do := func(prog *ebpf.Program) {
 		p.B.Do(t, func() error { return attach.XDP(p.IfB, prog, link.XDPGenericMode, pin) })
 	}
+	// Resolve the neighbour first: the drop program would make it fail.
+	if !p.Ping(1) {
+		t.Fatal("no ping before attaching")
+	}
 	do(drop)
 	if p.Ping(2) {
 		t.Fatal("ping answered through XDP_DROP")

@@ -19,11 +19,11 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/features"
 	"github.com/cilium/ebpf/rlimit"
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/internal/bpffs"
+	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
@@ -95,13 +95,9 @@ func NewNetNS(t testing.TB) *NetNS {
 			t.Errorf("delete netns %s: %v", name, err)
 		}
 	})
-	ns.Do(t, func() error {
-		lo, err := netlink.LinkByName("lo")
-		if err != nil {
-			return err
-		}
-		return netlink.LinkSetUp(lo)
-	})
+	if err := netdev.SetUp(h, "lo"); err != nil {
+		t.Fatal(err)
+	}
 	return ns
 }
 
@@ -130,30 +126,10 @@ func (n *NetNS) Exec(args ...string) (string, error) {
 // goes away with its namespaces.
 func Veth(t testing.TB, a *NetNS, nameA string, b *NetNS, nameB string) (ifindexA, ifindexB int) {
 	t.Helper()
-	a.Do(t, func() error {
-		veth := &netlink.Veth{
-			LinkAttrs:     netlink.LinkAttrs{Name: nameA},
-			PeerName:      nameB,
-			PeerNamespace: netlink.NsFd(b.Handle),
-		}
-		if err := netlink.LinkAdd(veth); err != nil {
-			return fmt.Errorf("add veth %s/%s: %w", nameA, nameB, err)
-		}
-		l, err := netlink.LinkByName(nameA)
-		if err != nil {
-			return err
-		}
-		ifindexA = l.Attrs().Index
-		return netlink.LinkSetUp(l)
-	})
-	b.Do(t, func() error {
-		l, err := netlink.LinkByName(nameB)
-		if err != nil {
-			return err
-		}
-		ifindexB = l.Attrs().Index
-		return netlink.LinkSetUp(l)
-	})
+	ifindexA, ifindexB, err := netdev.Veth(a.Handle, nameA, b.Handle, nameB)
+	if err != nil {
+		t.Fatal(err)
+	}
 	return ifindexA, ifindexB
 }
 
@@ -161,18 +137,9 @@ func Veth(t testing.TB, a *NetNS, nameA string, b *NetNS, nameB string) (ifindex
 // the namespace. Equivalent to: `ip -n NS addr add CIDR dev DEV`.
 func (n *NetNS) AddAddr(t testing.TB, dev, cidr string) {
 	t.Helper()
-	n.Do(t, func() error {
-		l, err := netlink.LinkByName(dev)
-		if err != nil {
-			return err
-		}
-		addr, err := netlink.ParseAddr(cidr)
-		if err != nil {
-			return err
-		}
-		addr.Flags = unix.IFA_F_NODAD
-		return netlink.AddrAdd(l, addr)
-	})
+	if err := netdev.AddAddr(n.Handle, dev, netip.MustParsePrefix(cidr)); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // BPFFS mounts a private BPF filesystem in a temporary directory and

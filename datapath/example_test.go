@@ -1,0 +1,49 @@
+package datapath_test
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"time"
+
+	"github.com/sluicedp/sluice/datapath"
+)
+
+// Open a datapath, print what it drops for ten seconds, and leave it running.
+func ExampleOpen() {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	dp, err := datapath.Open(ctx, datapath.Config{Name: "node-a", NetNS: "node-a"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer dp.Close() // the datapath keeps running; Unload removes it
+
+	events, err := dp.Events(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	for ev := range events {
+		fmt.Println(ev)
+	}
+}
+
+// Read the drop counters.
+func ExampleDatapath_Metrics() {
+	dp, err := datapath.Open(context.Background(), datapath.Config{Name: "node-a"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer dp.Close()
+
+	metrics, err := dp.Metrics()
+	if err != nil {
+		log.Fatal(err)
+	}
+	for key, v := range metrics {
+		if key.Reason != datapath.ReasonForwarded {
+			fmt.Printf("%s %s: %d packets (%s)\n", key.Direction, key.Reason, v.Packets, key.Reason.Doc())
+		}
+	}
+}

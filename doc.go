@@ -1,0 +1,44 @@
+// Package sluice is an embeddable eBPF datapath for Linux: the forwarding,
+// policy, load balancing and observability of a Cilium-class CNI, as a Go
+// library with no orchestration opinion. A controller, a CNI plugin, a VM
+// manager or a 40-line main.go decides what exists; sluice makes the kernel
+// do it and shows what the kernel did with every packet.
+//
+// # Object model
+//
+//   - [github.com/sluicedp/sluice/datapath]: one loaded datapath per network
+//     namespace (node). It owns the pinned maps, the attached programs and
+//     the event stream: Open, Close (keeps running), Unload (tears down),
+//     Metrics, Events.
+//   - [github.com/sluicedp/sluice/endpoint]: workloads on the node (a veth
+//     pair into their own namespace, addresses, a security identity).
+//   - [github.com/sluicedp/sluice/policy]: ingress and egress rules of an
+//     endpoint.
+//   - [github.com/sluicedp/sluice/service]: virtual addresses balanced over
+//     backends.
+//
+// The BPF programs are compiled ahead of time and embedded: using the
+// library needs no compiler.
+//
+// # Example
+//
+//	dp, err := datapath.Open(ctx, datapath.Config{Name: "node-a"})
+//	if err != nil {
+//		return err
+//	}
+//	defer dp.Close() // the datapath keeps running; dp.Unload() removes it
+//
+//	events, err := dp.Events(ctx)
+//	if err != nil {
+//		return err
+//	}
+//	for ev := range events {
+//		fmt.Println(ev) // drop POLICY_DENIED ingress ifindex=7 ...: 198.18.0.2 > 198.18.0.3 ICMP echo request
+//	}
+//
+// # Requirements
+//
+// Linux 6.6 or later for tcx links (older kernels fall back to clsact and
+// cls_bpf), BTF, a BPF filesystem (mounted when missing) and cgroup v2 for
+// socket hooks; root, or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN.
+package sluice

@@ -1,0 +1,3 @@
+package main
+
+//go:generate go tool bpf2go -no-global-types Blacklist arp.c
