@@ -13,12 +13,54 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type DatapathEndpointCounters struct {
+	_          structs.HostLayout
+	PacketsOut uint64
+	BytesOut   uint64
+	PacketsIn  uint64
+	BytesIn    uint64
+}
+
+type DatapathEndpointInfo struct {
+	_        structs.HostLayout
+	Id       uint32
+	Identity uint32
+	Ifindex  uint32
+	Flags    uint32
+	Mac      [6]uint8
+	HostMac  [6]uint8
+	Ipv4     uint32
+	Ipv6     [16]uint8
+}
+
+type DatapathEndpointRecord struct {
+	_    structs.HostLayout
+	Data [1024]uint8
+}
+
 type DatapathEventSettings struct {
 	_        structs.HostLayout
 	Flags    uint32
 	Rate     uint32
 	Burst    uint32
 	Reserved uint32
+}
+
+type DatapathIpcacheKey struct {
+	_         structs.HostLayout
+	Prefixlen uint32
+	Family    uint8
+	Pad       [3]uint8
+	Addr      [16]uint8
+}
+
+type DatapathIpcacheValue struct {
+	_            structs.HostLayout
+	Identity     uint32
+	Ifindex      uint32
+	Tunnel       [16]uint8
+	TunnelFamily uint8
+	Pad          [3]uint8
 }
 
 type DatapathLayoutStamp struct {
@@ -37,12 +79,17 @@ type DatapathMetricsValue struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	DatapathMapEventConfig  = "event_config"
-	DatapathMapEventLimiter = "event_limiter"
-	DatapathMapEventLost    = "event_lost"
-	DatapathMapEvents       = "events"
-	DatapathMapLayout       = "layout"
-	DatapathMapMetrics      = "metrics"
+	DatapathMapEndpoints     = "endpoints"
+	DatapathMapEpCounters    = "ep_counters"
+	DatapathMapEpRecords     = "ep_records"
+	DatapathMapEventConfig   = "event_config"
+	DatapathMapEventLimiter  = "event_limiter"
+	DatapathMapEventLost     = "event_lost"
+	DatapathMapEvents        = "events"
+	DatapathMapIpcache       = "ipcache"
+	DatapathMapLayout        = "layout"
+	DatapathMapMetrics       = "metrics"
+	DatapathProgFromEndpoint = "from_endpoint"
 )
 
 // LoadDatapath returns the embedded CollectionSpec for Datapath.
@@ -87,16 +134,21 @@ type DatapathSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathProgramSpecs struct {
+	FromEndpoint *ebpf.ProgramSpec `ebpf:"from_endpoint"`
 }
 
 // DatapathMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type DatapathMapSpecs struct {
+	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
+	EpCounters   *ebpf.MapSpec `ebpf:"ep_counters"`
+	EpRecords    *ebpf.MapSpec `ebpf:"ep_records"`
 	EventConfig  *ebpf.MapSpec `ebpf:"event_config"`
 	EventLimiter *ebpf.MapSpec `ebpf:"event_limiter"`
 	EventLost    *ebpf.MapSpec `ebpf:"event_lost"`
 	Events       *ebpf.MapSpec `ebpf:"events"`
+	Ipcache      *ebpf.MapSpec `ebpf:"ipcache"`
 	Layout       *ebpf.MapSpec `ebpf:"layout"`
 	Metrics      *ebpf.MapSpec `ebpf:"metrics"`
 }
@@ -127,20 +179,28 @@ func (o *DatapathObjects) Close() error {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathMaps struct {
+	Endpoints    *ebpf.Map `ebpf:"endpoints"`
+	EpCounters   *ebpf.Map `ebpf:"ep_counters"`
+	EpRecords    *ebpf.Map `ebpf:"ep_records"`
 	EventConfig  *ebpf.Map `ebpf:"event_config"`
 	EventLimiter *ebpf.Map `ebpf:"event_limiter"`
 	EventLost    *ebpf.Map `ebpf:"event_lost"`
 	Events       *ebpf.Map `ebpf:"events"`
+	Ipcache      *ebpf.Map `ebpf:"ipcache"`
 	Layout       *ebpf.Map `ebpf:"layout"`
 	Metrics      *ebpf.Map `ebpf:"metrics"`
 }
 
 func (m *DatapathMaps) Close() error {
 	return _DatapathClose(
+		m.Endpoints,
+		m.EpCounters,
+		m.EpRecords,
 		m.EventConfig,
 		m.EventLimiter,
 		m.EventLost,
 		m.Events,
+		m.Ipcache,
 		m.Layout,
 		m.Metrics,
 	)
@@ -156,10 +216,13 @@ type DatapathVariables struct {
 //
 // It can be passed to LoadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type DatapathPrograms struct {
+	FromEndpoint *ebpf.Program `ebpf:"from_endpoint"`
 }
 
 func (p *DatapathPrograms) Close() error {
-	return _DatapathClose()
+	return _DatapathClose(
+		p.FromEndpoint,
+	)
 }
 
 func _DatapathClose(closers ...io.Closer) error {

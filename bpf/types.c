@@ -6,6 +6,7 @@
 #include "lib/common.h"
 #include "lib/reasons.h"
 #include "lib/events.h"
+#include "lib/endpoint.h"
 
 struct event *_event __attribute__((unused));
 enum drop_reason *_drop_reason __attribute__((unused));
@@ -15,5 +16,6 @@ enum event_flag *_event_flag __attribute__((unused));
 enum event_lost_cause *_event_lost_cause __attribute__((unused));
 enum direction *_direction __attribute__((unused));
 enum layout_version *_layout_version __attribute__((unused));
+enum endpoint_flag *_endpoint_flag __attribute__((unused));
 
 char __license[] SEC("license") = "GPL";

@@ -36,6 +36,13 @@ const (
 	TypesDropReasonREASON_MAX                TypesDropReason = 255
 )
 
+type TypesEndpointFlag uint32
+
+const (
+	TypesEndpointFlagENDPOINT_F_IPV4 TypesEndpointFlag = 1
+	TypesEndpointFlagENDPOINT_F_IPV6 TypesEndpointFlag = 2
+)
+
 type TypesEvent struct {
 	_        structs.HostLayout
 	Type     uint8
@@ -92,6 +99,9 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	TypesMapEndpoints      = "endpoints"
+	TypesMapEpCounters     = "ep_counters"
+	TypesMapEpRecords      = "ep_records"
 	TypesMapEventConfig    = "event_config"
 	TypesMapEventLimiter   = "event_limiter"
 	TypesMapEventLost      = "event_lost"
@@ -100,6 +110,7 @@ const (
 	TypesMapMetrics        = "metrics"
 	TypesVarDirection      = "_direction"
 	TypesVarDropReason     = "_drop_reason"
+	TypesVarEndpointFlag   = "_endpoint_flag"
 	TypesVarEvent          = "_event"
 	TypesVarEventFlag      = "_event_flag"
 	TypesVarEventLostCause = "_event_lost_cause"
@@ -156,6 +167,9 @@ type TypesProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TypesMapSpecs struct {
+	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
+	EpCounters   *ebpf.MapSpec `ebpf:"ep_counters"`
+	EpRecords    *ebpf.MapSpec `ebpf:"ep_records"`
 	EventConfig  *ebpf.MapSpec `ebpf:"event_config"`
 	EventLimiter *ebpf.MapSpec `ebpf:"event_limiter"`
 	EventLost    *ebpf.MapSpec `ebpf:"event_lost"`
@@ -170,6 +184,7 @@ type TypesMapSpecs struct {
 type TypesVariableSpecs struct {
 	Direction      *ebpf.VariableSpec `ebpf:"_direction"`
 	DropReason     *ebpf.VariableSpec `ebpf:"_drop_reason"`
+	EndpointFlag   *ebpf.VariableSpec `ebpf:"_endpoint_flag"`
 	Event          *ebpf.VariableSpec `ebpf:"_event"`
 	EventFlag      *ebpf.VariableSpec `ebpf:"_event_flag"`
 	EventLostCause *ebpf.VariableSpec `ebpf:"_event_lost_cause"`
@@ -198,6 +213,9 @@ func (o *TypesObjects) Close() error {
 //
 // It can be passed to LoadTypesObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TypesMaps struct {
+	Endpoints    *ebpf.Map `ebpf:"endpoints"`
+	EpCounters   *ebpf.Map `ebpf:"ep_counters"`
+	EpRecords    *ebpf.Map `ebpf:"ep_records"`
 	EventConfig  *ebpf.Map `ebpf:"event_config"`
 	EventLimiter *ebpf.Map `ebpf:"event_limiter"`
 	EventLost    *ebpf.Map `ebpf:"event_lost"`
@@ -208,6 +226,9 @@ type TypesMaps struct {
 
 func (m *TypesMaps) Close() error {
 	return _TypesClose(
+		m.Endpoints,
+		m.EpCounters,
+		m.EpRecords,
 		m.EventConfig,
 		m.EventLimiter,
 		m.EventLost,
@@ -223,6 +244,7 @@ func (m *TypesMaps) Close() error {
 type TypesVariables struct {
 	Direction      *ebpf.Variable `ebpf:"_direction"`
 	DropReason     *ebpf.Variable `ebpf:"_drop_reason"`
+	EndpointFlag   *ebpf.Variable `ebpf:"_endpoint_flag"`
 	Event          *ebpf.Variable `ebpf:"_event"`
 	EventFlag      *ebpf.Variable `ebpf:"_event_flag"`
 	EventLostCause *ebpf.Variable `ebpf:"_event_lost_cause"`

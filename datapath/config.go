@@ -2,6 +2,7 @@ package datapath
 
 import (
 	"fmt"
+	"net/netip"
 	"regexp"
 
 	"github.com/sluicedp/sluice/internal/attach"
@@ -27,6 +28,8 @@ type Config struct {
 	// where the kernel has them, Linux 6.6; clsact + cls_bpf otherwise),
 	// AttachTCX or AttachLegacy.
 	TCAttach AttachMode
+	// Node describes the local node.
+	Node Node
 	// Events configures drop and trace events. Nil keeps the settings of a
 	// datapath that is re-opened and applies DefaultEventConfig to a new one.
 	Events *EventConfig
@@ -50,9 +53,39 @@ func (c *Config) validate() error {
 	if c.TCAttach < AttachAuto || c.TCAttach > AttachLegacy {
 		return fmt.Errorf("tc attach mode %d: %w", int(c.TCAttach), ErrInvalid)
 	}
+	if err := c.Node.validate(); err != nil {
+		return err
+	}
 	if c.Events != nil {
 		if err := c.Events.validate(); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+// Node describes the local node.
+type Node struct {
+	// PodCIDRs are the ranges local endpoints take their addresses from,
+	// IPv4 and IPv6 alike. The first address of each range is the gateway
+	// of the endpoints in it: it routes their traffic and no endpoint may
+	// have it. An IPv4 range is at most a /30, an IPv6 range at most a /126.
+	PodCIDRs []netip.Prefix
+}
+
+func (n *Node) validate() error {
+	for i, p := range n.PodCIDRs {
+		max := 30
+		if p.Addr().Is6() {
+			max = 126
+		}
+		if !p.IsValid() || p.Addr().Is4In6() || p != p.Masked() || p.Bits() > max {
+			return fmt.Errorf("pod CIDR %s: want a network address with a prefix of at most /%d: %w", p, max, ErrInvalid)
+		}
+		for _, q := range n.PodCIDRs[:i] {
+			if p.Overlaps(q) {
+				return fmt.Errorf("pod CIDRs %s and %s overlap: %w", q, p, ErrInvalid)
+			}
 		}
 	}
 	return nil

@@ -25,6 +25,7 @@ import (
 	"github.com/sluicedp/sluice/bpf"
 	"github.com/sluicedp/sluice/internal/attach"
 	"github.com/sluicedp/sluice/internal/bpffs"
+	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
@@ -35,15 +36,14 @@ const LayoutVersion = uint32(bpf.TypesLayoutVersionLAYOUT_VERSION)
 // Datapath is one loaded datapath: one per network namespace. Its methods are
 // safe for concurrent use.
 type Datapath struct {
-	name string
-	dir  string // <bpffs>/<name>
-	ns   netns.NsHandle
-	mode AttachMode
-	objs bpf.DatapathObjects
+	st *core.State
 
 	mu      sync.Mutex
 	reading bool // an Events reader is running
-	closed  bool
+}
+
+func init() {
+	core.Register(func(dp any) *core.State { return dp.(*Datapath).st })
 }
 
 // Open loads the datapath named cfg.Name into cfg.NetNS, or re-opens it when
@@ -101,7 +101,7 @@ func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "links"), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory: %w", err)
 	}
-	unlock, err := lockDir(dir)
+	unlock, err := core.LockDir(dir)
 	if err != nil {
 		return nil, err
 	}
@@ -115,17 +115,18 @@ func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	dp := &Datapath{name: cfg.Name, dir: dir, ns: ns, mode: cfg.TCAttach}
-	err = spec.LoadAndAssign(&dp.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
+	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: cfg.TCAttach, PodCIDRs: cfg.Node.PodCIDRs}
+	err = spec.LoadAndAssign(&st.Objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
 		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("load objects: %w", err)
 	}
+	dp := &Datapath{st: st}
 	stamp := bpf.DatapathLayoutStamp{Version: LayoutVersion}
-	if err := dp.objs.Layout.Put(uint32(0), &stamp); err != nil {
-		dp.objs.Close()
+	if err := st.Objs.Layout.Put(uint32(0), &stamp); err != nil {
+		st.Objs.Close()
 		return nil, fmt.Errorf("stamp layout version: %w", err)
 	}
 	events := cfg.Events
@@ -135,7 +136,7 @@ func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
 	}
 	if events != nil {
 		if err := dp.SetEventConfig(*events); err != nil {
-			dp.objs.Close()
+			st.Objs.Close()
 			return nil, err
 		}
 	}
@@ -166,83 +167,35 @@ func checkLayout(dir string) (fresh bool, err error) {
 	return false, nil
 }
 
-// lockDir takes an exclusive lock on dir so that two processes opening or
-// unloading the same datapath take turns.
-func lockDir(dir string) (unlock func(), err error) {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", dir, err)
-	}
-	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("lock %s: %w", dir, err)
-	}
-	return func() { unix.Close(fd) }, nil
-}
-
 // Name returns the datapath's name.
-func (dp *Datapath) Name() string { return dp.name }
+func (dp *Datapath) Name() string { return dp.st.Name }
 
 // PinDir returns the directory where the datapath's maps and links are pinned.
-func (dp *Datapath) PinDir() string { return dp.dir }
+func (dp *Datapath) PinDir() string { return dp.st.Dir }
 
 // Close releases the datapath's handles. The datapath keeps running: its
 // programs stay attached and its maps pinned. Closing twice is a no-op.
-func (dp *Datapath) Close() error {
-	dp.mu.Lock()
-	defer dp.mu.Unlock()
-	if dp.closed {
-		return nil
-	}
-	dp.closed = true
-	errs := []error{dp.objs.Close()}
-	if dp.ns.IsOpen() {
-		errs = append(errs, dp.ns.Close())
-	}
-	return errors.Join(errs...)
-}
+func (dp *Datapath) Close() error { return dp.st.Close() }
 
 // Unload tears the datapath down: it detaches every program it attached,
 // removes every pin and closes the handles. It goes on past errors and
-// returns all of them.
+// returns all of them. Endpoints' devices and namespaces are not removed:
+// delete the endpoints first for that.
 func (dp *Datapath) Unload() error {
+	st := dp.st
 	var errs []error
-	if unlock, err := lockDir(dp.dir); err != nil {
+	if unlock, err := core.LockDir(st.Dir); err != nil {
 		errs = append(errs, err)
 	} else {
 		defer unlock()
 	}
 	errs = append(errs,
-		attach.DetachAll(filepath.Join(dp.dir, "links")),
-		nsrun.Do(dp.ns, func() error { return attach.RemoveLegacy(dp.legacyPrefix()) }),
-		dp.Close(),
+		attach.DetachAll(st.LinksDir()),
+		nsrun.Do(st.NS, func() error { return attach.RemoveLegacy(st.LegacyPrefix()) }),
+		st.Close(),
 	)
-	if err := os.RemoveAll(dp.dir); err != nil {
+	if err := os.RemoveAll(st.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("remove pins: %w", err))
 	}
 	return errors.Join(errs...)
-}
-
-// legacyPrefix starts the name of every legacy tc filter this datapath adds.
-func (dp *Datapath) legacyPrefix() string { return "sluice/" + dp.name + "/" }
-
-// linkPin is where the link for key is pinned.
-func (dp *Datapath) linkPin(key string) string { return filepath.Join(dp.dir, "links", key) }
-
-// attachTC attaches prog to a tc hook of the device ifindex in the
-// datapath's namespace. key names the attachment (unique per datapath): attaching
-// again with the same key swaps the program atomically.
-func (dp *Datapath) attachTC(ifindex int, hook attach.Hook, prog *ebpf.Program, key string) error {
-	return nsrun.Do(dp.ns, func() error {
-		_, err := attach.TC(ifindex, hook, prog, dp.mode, dp.linkPin(key), dp.legacyPrefix()+key)
-		return err
-	})
-}
-
-// detachTC undoes attachTC; a missing attachment is not an error.
-func (dp *Datapath) detachTC(ifindex int, hook attach.Hook, key string) error {
-	return errors.Join(
-		attach.Detach(dp.linkPin(key)),
-		nsrun.Do(dp.ns, func() error { return attach.DetachLegacy(ifindex, hook, dp.legacyPrefix()+key) }),
-	)
 }

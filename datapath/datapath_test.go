@@ -50,12 +50,12 @@ func loadProbe(t *testing.T, dp *Datapath) *bpftest.ProbeObjects {
 	t.Helper()
 	var objs bpftest.ProbeObjects
 	err := bpftest.LoadProbeObjects(&objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
-		"layout":        dp.objs.Layout,
-		"metrics":       dp.objs.Metrics,
-		"events":        dp.objs.Events,
-		"event_config":  dp.objs.EventConfig,
-		"event_limiter": dp.objs.EventLimiter,
-		"event_lost":    dp.objs.EventLost,
+		"layout":        dp.st.Objs.Layout,
+		"metrics":       dp.st.Objs.Metrics,
+		"events":        dp.st.Objs.Events,
+		"event_config":  dp.st.Objs.EventConfig,
+		"event_limiter": dp.st.Objs.EventLimiter,
+		"event_lost":    dp.st.Objs.EventLost,
 	}})
 	if err != nil {
 		t.Fatalf("load probe: %+v", err)
@@ -145,7 +145,7 @@ func TestReopenKeepsState(t *testing.T) {
 func TestIncompatibleLayout(t *testing.T) {
 	dp := open(t, Config{})
 	stamp := bpf.DatapathLayoutStamp{Version: LayoutVersion + 1}
-	if err := dp.objs.Layout.Put(uint32(0), &stamp); err != nil {
+	if err := dp.st.Objs.Layout.Put(uint32(0), &stamp); err != nil {
 		t.Fatal(err)
 	}
 	_, err := Open(context.Background(), Config{Name: dp.Name(), BPFFS: filepath.Dir(dp.PinDir())})
@@ -153,7 +153,7 @@ func TestIncompatibleLayout(t *testing.T) {
 		t.Fatalf("Open over another layout = %v, want ErrIncompatible", err)
 	}
 	var got bpf.DatapathLayoutStamp
-	if err := dp.objs.Layout.Lookup(uint32(0), &got); err != nil || got.Version != LayoutVersion+1 {
+	if err := dp.st.Objs.Layout.Lookup(uint32(0), &got); err != nil || got.Version != LayoutVersion+1 {
 		t.Errorf("the refused Open touched the stamp: %+v, %v", got, err)
 	}
 }
@@ -291,7 +291,7 @@ func TestAttachAndUnload(t *testing.T) {
 				t.Fatal(err)
 			}
 			probe := loadProbe(t, dp)
-			if err := dp.attachTC(p.IfB, attach.Ingress, probe.ProbeTc, "veth1-ingress"); err != nil {
+			if err := dp.st.AttachTC(p.IfB, attach.Ingress, probe.ProbeTc, "veth1-ingress"); err != nil {
 				t.Fatal(err)
 			}
 			if !p.Ping(3) {
@@ -318,11 +318,11 @@ func TestAttachAndUnload(t *testing.T) {
 					t.Errorf("legacy filter left %s: %s", when, out)
 				}
 			}
-			if err := dp.detachTC(p.IfB, attach.Ingress, "veth1-ingress"); err != nil {
+			if err := dp.st.DetachTC(p.IfB, attach.Ingress, "veth1-ingress"); err != nil {
 				t.Fatal(err)
 			}
 			noPrograms("after detach")
-			if err := dp.attachTC(p.IfB, attach.Ingress, probe.ProbeTc, "veth1-ingress"); err != nil {
+			if err := dp.st.AttachTC(p.IfB, attach.Ingress, probe.ProbeTc, "veth1-ingress"); err != nil {
 				t.Fatal(err)
 			}
 

@@ -87,7 +87,7 @@ func (dp *Datapath) SetEventConfig(cfg EventConfig) error {
 		v.Flags |= eventFlagTraces
 	}
 	v.Rate, v.Burst = cfg.RatePerCPU, cfg.Burst
-	if err := dp.objs.EventConfig.Put(uint32(0), &v); err != nil {
+	if err := dp.st.Objs.EventConfig.Put(uint32(0), &v); err != nil {
 		return fmt.Errorf("set event config: %w", err)
 	}
 	return nil
@@ -96,7 +96,7 @@ func (dp *Datapath) SetEventConfig(cfg EventConfig) error {
 // EventConfig returns the event settings in force.
 func (dp *Datapath) EventConfig() (EventConfig, error) {
 	var v bpf.DatapathEventSettings
-	if err := dp.objs.EventConfig.Lookup(uint32(0), &v); err != nil {
+	if err := dp.st.Objs.EventConfig.Lookup(uint32(0), &v); err != nil {
 		return EventConfig{}, fmt.Errorf("read event config: %w", err)
 	}
 	return EventConfig{
@@ -122,13 +122,10 @@ const lostPoll = 250 * time.Millisecond
 func (dp *Datapath) Events(ctx context.Context) (<-chan Event, error) {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
-	if dp.closed {
-		return nil, fmt.Errorf("events: datapath closed: %w", os.ErrClosed)
-	}
 	if dp.reading {
 		return nil, fmt.Errorf("events: a reader is running already: %w", ErrExists)
 	}
-	rd, err := ringbuf.NewReader(dp.objs.Events)
+	rd, err := ringbuf.NewReader(dp.st.Objs.Events)
 	if err != nil {
 		return nil, fmt.Errorf("events: %w", err)
 	}
@@ -201,7 +198,7 @@ func (dp *Datapath) lostCounts() (LostEvent, error) {
 		uint32(bpf.TypesEventLostCauseLOST_RATE_LIMITED): &out.RateLimited,
 	} {
 		var percpu []uint64
-		if err := dp.objs.EventLost.Lookup(key, &percpu); err != nil {
+		if err := dp.st.Objs.EventLost.Lookup(key, &percpu); err != nil {
 			return LostEvent{}, fmt.Errorf("read lost-event counters: %w", err)
 		}
 		for _, n := range percpu {

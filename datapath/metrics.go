@@ -25,7 +25,7 @@ func (dp *Datapath) Metrics() (map[MetricKey]MetricValue, error) {
 	var (
 		key     uint32
 		percpu  []bpf.DatapathMetricsValue
-		entries = dp.objs.Metrics.Iterate()
+		entries = dp.st.Objs.Metrics.Iterate()
 	)
 	for entries.Next(&key, &percpu) {
 		var sum MetricValue

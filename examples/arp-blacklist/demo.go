@@ -37,7 +37,7 @@ func runDemo(ctx context.Context) (err error) {
 	}
 	defer removeNS(server, nsS, &err)
 
-	if _, _, err := netdev.Veth(nsC, "veth0", nsS, "veth1"); err != nil {
+	if _, _, err := netdev.Veth(netdev.VethPair{NS: nsC, Name: "veth0", PeerNS: nsS, PeerName: "veth1"}); err != nil {
 		return err
 	}
 	for _, a := range []struct {

@@ -4,7 +4,9 @@
 package netdev
 
 import (
+	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 
 	"github.com/vishvananda/netlink"
@@ -20,35 +22,135 @@ func handle(ns netns.NsHandle) (*netlink.Handle, error) {
 	return netlink.NewHandleAt(ns)
 }
 
-// Veth creates a veth pair with end nameA in nsA and nameB in nsB, sets both
-// up and returns their interface indexes, each in its own namespace.
-// Equivalent to: `ip -n A link add NAMEA type veth peer name NAMEB netns B`.
-func Veth(nsA netns.NsHandle, nameA string, nsB netns.NsHandle, nameB string) (ifindexA, ifindexB int, err error) {
-	ha, err := handle(nsA)
-	if err != nil {
-		return 0, 0, err
-	}
-	defer ha.Close()
-	hb, err := handle(nsB)
-	if err != nil {
-		return 0, 0, err
-	}
-	defer hb.Close()
+// VethPair describes a veth pair whose ends may sit in two namespaces.
+type VethPair struct {
+	NS, PeerNS     netns.NsHandle // closed handles mean the caller's namespace
+	Name, PeerName string
+	PeerMAC        net.HardwareAddr // random when nil
+	MTU            int              // the kernel's default when 0
+}
 
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: nameA}, PeerName: nameB}
-	if nsB.IsOpen() {
-		veth.PeerNamespace = netlink.NsFd(nsB)
+// Veth creates a veth pair, sets both ends up and returns their interface
+// indexes, each in its own namespace. It fails with an error matching
+// unix.EEXIST when a name is taken. Equivalent to:
+// `ip -n NS link add NAME mtu MTU type veth peer name PEER netns PEERNS address MAC`.
+func Veth(v VethPair) (ifindex, peerIfindex int, err error) {
+	h, err := handle(v.NS)
+	if err != nil {
+		return 0, 0, err
 	}
-	if err := ha.LinkAdd(veth); err != nil {
-		return 0, 0, fmt.Errorf("add veth %s/%s: %w", nameA, nameB, err)
+	defer h.Close()
+	hp, err := handle(v.PeerNS)
+	if err != nil {
+		return 0, 0, err
 	}
-	ifindexA, errA := up(ha, nameA)
-	ifindexB, errB := up(hb, nameB)
+	defer hp.Close()
+
+	veth := &netlink.Veth{
+		LinkAttrs:        netlink.LinkAttrs{Name: v.Name, MTU: v.MTU},
+		PeerName:         v.PeerName,
+		PeerHardwareAddr: v.PeerMAC,
+		PeerMTU:          uint32(v.MTU),
+	}
+	if v.PeerNS.IsOpen() {
+		veth.PeerNamespace = netlink.NsFd(v.PeerNS)
+	}
+	if err := h.LinkAdd(veth); err != nil {
+		return 0, 0, fmt.Errorf("add veth %s/%s: %w", v.Name, v.PeerName, err)
+	}
+	ifindex, errA := up(h, v.Name)
+	peerIfindex, errB := up(hp, v.PeerName)
 	if errA != nil || errB != nil {
-		ha.LinkDel(veth)
-		return 0, 0, fmt.Errorf("set veth %s/%s up: %v %v", nameA, nameB, errA, errB)
+		h.LinkDel(veth)
+		return 0, 0, fmt.Errorf("set veth %s/%s up: %w", v.Name, v.PeerName, errors.Join(errA, errB))
 	}
-	return ifindexA, ifindexB, nil
+	return ifindex, peerIfindex, nil
+}
+
+// Link describes an existing device.
+type Link struct {
+	Index int
+	Type  string // "veth", "dummy", ...
+	MAC   net.HardwareAddr
+}
+
+// Get returns the device named name in ns, or an error matching
+// unix.ENODEV when there is none. Equivalent to: `ip -n NS link show NAME`.
+func Get(ns netns.NsHandle, name string) (Link, error) {
+	h, err := handle(ns)
+	if err != nil {
+		return Link{}, err
+	}
+	defer h.Close()
+	l, err := h.LinkByName(name)
+	if err != nil {
+		var notFound netlink.LinkNotFoundError
+		if errors.As(err, &notFound) {
+			return Link{}, fmt.Errorf("device %s: %w", name, unix.ENODEV)
+		}
+		return Link{}, fmt.Errorf("device %s: %w", name, err)
+	}
+	return Link{Index: l.Attrs().Index, Type: l.Type(), MAC: l.Attrs().HardwareAddr}, nil
+}
+
+// Delete removes the device with index ifindex from ns; a device that is
+// gone already is not an error. Equivalent to: `ip -n NS link del DEV`.
+func Delete(ns netns.NsHandle, ifindex int) error {
+	h, err := handle(ns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	l, err := h.LinkByIndex(ifindex)
+	if err != nil {
+		return nil
+	}
+	if err := h.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+		return fmt.Errorf("delete device %s: %w", l.Attrs().Name, err)
+	}
+	return nil
+}
+
+// DefaultRoute routes everything of gw's family through gw on dev, with gw
+// reachable on the link and resolved statically to mac, so the workload
+// never needs ARP or neighbour discovery for it. Equivalent to:
+//
+//	ip -n NS neigh replace GW lladdr MAC dev DEV nud permanent
+//	ip -n NS route replace default via GW dev DEV onlink
+func DefaultRoute(ns netns.NsHandle, dev string, gw netip.Addr, mac net.HardwareAddr) error {
+	h, err := handle(ns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	l, err := h.LinkByName(dev)
+	if err != nil {
+		return fmt.Errorf("device %s: %w", dev, err)
+	}
+	family := netlink.FAMILY_V4
+	if gw.Is6() {
+		family = netlink.FAMILY_V6
+	}
+	neigh := &netlink.Neigh{
+		LinkIndex:    l.Attrs().Index,
+		Family:       family,
+		State:        netlink.NUD_PERMANENT,
+		IP:           gw.AsSlice(),
+		HardwareAddr: mac,
+	}
+	if err := h.NeighSet(neigh); err != nil {
+		return fmt.Errorf("add neighbour %s: %w", gw, err)
+	}
+	route := &netlink.Route{
+		LinkIndex: l.Attrs().Index,
+		Gw:        gw.AsSlice(),
+		Flags:     int(netlink.FLAG_ONLINK),
+		Family:    family,
+	}
+	if err := h.RouteReplace(route); err != nil {
+		return fmt.Errorf("add default route via %s: %w", gw, err)
+	}
+	return nil
 }
 
 func up(h *netlink.Handle, name string) (int, error) {

@@ -126,7 +126,7 @@ func (n *NetNS) Exec(args ...string) (string, error) {
 // goes away with its namespaces.
 func Veth(t testing.TB, a *NetNS, nameA string, b *NetNS, nameB string) (ifindexA, ifindexB int) {
 	t.Helper()
-	ifindexA, ifindexB, err := netdev.Veth(a.Handle, nameA, b.Handle, nameB)
+	ifindexA, ifindexB, err := netdev.Veth(netdev.VethPair{NS: a.Handle, Name: nameA, PeerNS: b.Handle, PeerName: nameB})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,488 @@
+package endpoint_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/endpoint"
+	"github.com/sluicedp/sluice/internal/nsrun"
+	"github.com/sluicedp/sluice/internal/testutil"
+)
+
+var (
+	podCIDR4 = netip.MustParsePrefix("198.18.1.0/24")
+	podCIDR6 = netip.MustParsePrefix("fd00:1::/64")
+)
+
+// node is a datapath in a namespace of its own, unloaded when the test ends.
+type node struct {
+	dp *datapath.Datapath
+	ns *testutil.NetNS
+}
+
+func newNode(t testing.TB) *node {
+	t.Helper()
+	testutil.Privileged(t)
+	ns := testutil.NewNetNS(t)
+	dp, err := datapath.Open(context.Background(), datapath.Config{
+		Name:  "node",
+		NetNS: ns.Path,
+		BPFFS: testutil.BPFFS(t),
+		Node:  datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := dp.Unload(); err != nil {
+			t.Error(err)
+		}
+	})
+	return &node{dp: dp, ns: ns}
+}
+
+// spec returns the spec of endpoint i: addresses .10+i and ::10+i, its own
+// new namespace.
+func spec(i int) endpoint.Spec {
+	return endpoint.Spec{
+		ID:       uint16(i),
+		IPv4:     netip.AddrFrom4([4]byte{198, 18, 1, byte(10 + i)}),
+		IPv6:     netip.MustParseAddr(fmt.Sprintf("fd00:1::%x", 0x10+i)),
+		Identity: datapath.Identity(1000 + i),
+		Labels:   map[string]string{"app": fmt.Sprintf("web-%d", i)},
+		NetNS:    testutil.Name("sluice-t-"),
+	}
+}
+
+// create creates an endpoint and deletes it when the test ends.
+func (n *node) create(t testing.TB, s endpoint.Spec) *endpoint.Endpoint {
+	t.Helper()
+	ep, err := endpoint.Create(context.Background(), n.dp, s)
+	if err != nil {
+		t.Fatalf("create endpoint %d: %v", s.ID, err)
+	}
+	t.Cleanup(func() {
+		if err := endpoint.Delete(n.dp, s.ID); err != nil {
+			t.Errorf("delete endpoint %d: %v", s.ID, err)
+		}
+	})
+	return ep
+}
+
+// exec runs a command in the endpoint's namespace.
+func exec(ep *endpoint.Endpoint, args ...string) (string, error) {
+	return (&testutil.NetNS{Name: ep.NetNS, Path: filepath.Join("/run/netns", ep.NetNS)}).Exec(args...)
+}
+
+func ping(from *endpoint.Endpoint, to netip.Addr, extra ...string) error {
+	args := append([]string{"ping", "-c", "1", "-W", "1", "-q"}, extra...)
+	_, err := exec(from, append(args, to.String())...)
+	return err
+}
+
+// inNS runs fn with the calling thread in the endpoint's namespace: sockets
+// made there stay there.
+func inNS(ep *endpoint.Endpoint, fn func() error) error {
+	h, err := netns.GetFromName(ep.NetNS)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	return nsrun.Do(h, fn)
+}
+
+// echoTCPUDP checks that a TCP connection and a UDP datagram from one
+// endpoint reach the other and come back.
+func echoTCPUDP(from, to *endpoint.Endpoint, addr netip.Addr) error {
+	var (
+		ln net.Listener
+		pc net.PacketConn
+	)
+	if err := inNS(to, func() (err error) {
+		if ln, err = net.Listen("tcp", netip.AddrPortFrom(addr, 0).String()); err != nil {
+			return err
+		}
+		pc, err = net.ListenPacket("udp", netip.AddrPortFrom(addr, 0).String())
+		return err
+	}); err != nil {
+		return err
+	}
+	defer ln.Close()
+	defer pc.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			io.Copy(c, c)
+			c.Close()
+		}
+	}()
+	go func() {
+		buf := make([]byte, 64)
+		n, peer, err := pc.ReadFrom(buf)
+		if err == nil {
+			pc.WriteTo(buf[:n], peer)
+		}
+	}()
+
+	var tcp, udp net.Conn
+	if err := inNS(from, func() (err error) {
+		d := net.Dialer{Timeout: 2 * time.Second}
+		if tcp, err = d.Dial("tcp", ln.Addr().String()); err != nil {
+			return err
+		}
+		udp, err = d.Dial("udp", pc.LocalAddr().String())
+		return err
+	}); err != nil {
+		return err
+	}
+	defer tcp.Close()
+	defer udp.Close()
+	for _, c := range []net.Conn{tcp, udp} {
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := c.Write([]byte("hello")); err != nil {
+			return err
+		}
+		buf := make([]byte, 5)
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "hello" {
+			return fmt.Errorf("%s echo: %q, %v", c.LocalAddr().Network(), buf, err)
+		}
+	}
+	return nil
+}
+
+func TestTwoEndpoints(t *testing.T) {
+	n := newNode(t)
+	if out, _ := n.ns.Exec("sysctl", "-n", "net.ipv4.ip_forward"); strings.TrimSpace(out) != "0" {
+		t.Fatalf("the node forwards IPv4 (%q): the test could not tell BPF from the stack", out)
+	}
+	a, b := n.create(t, spec(1)), n.create(t, spec(2))
+
+	for _, pair := range [][2]*endpoint.Endpoint{{a, b}, {b, a}} {
+		from, to := pair[0], pair[1]
+		for _, addr := range []netip.Addr{to.IPv4, to.IPv6} {
+			if err := ping(from, addr); err != nil {
+				t.Errorf("ping %d -> %s: %v", from.ID, addr, err)
+			}
+			if err := echoTCPUDP(from, to, addr); err != nil {
+				t.Errorf("TCP/UDP %d -> %s: %v", from.ID, addr, err)
+			}
+		}
+	}
+
+	// The host ends have no addresses and the node does not forward: only
+	// the datapath's redirect can have delivered these, and it counted them.
+	for _, ep := range []*endpoint.Endpoint{a, b} {
+		c, err := endpoint.ReadCounters(n.dp, ep.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c.PacketsIn < 6 || c.PacketsOut < 6 || c.BytesIn == 0 || c.BytesOut == 0 {
+			t.Errorf("endpoint %d counters %+v: want at least 6 packets each way", ep.ID, c)
+		}
+	}
+	m, err := n.dp.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m[datapath.MetricKey{Reason: datapath.ReasonForwarded, Direction: datapath.Ingress}].Packets < 12 {
+		t.Errorf("forwarded-to-endpoint counter: %v", m)
+	}
+}
+
+func TestTenEndpoints(t *testing.T) {
+	n := newNode(t)
+	var eps []*endpoint.Endpoint
+	for i := 1; i <= 10; i++ {
+		eps = append(eps, n.create(t, spec(i)))
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, len(eps)*len(eps))
+	for _, from := range eps {
+		for _, to := range eps {
+			if from == to {
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := ping(from, to.IPv4); err != nil {
+					errs <- fmt.Errorf("ping %d -> %d: %w", from.ID, to.ID, err)
+				}
+				if err := echoTCPUDP(from, to, to.IPv4); err != nil {
+					errs <- fmt.Errorf("TCP/UDP %d -> %d: %w", from.ID, to.ID, err)
+				}
+			}()
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+func TestSpoofedSource(t *testing.T) {
+	n := newNode(t)
+	a, b := n.create(t, spec(1)), n.create(t, spec(2))
+	if err := ping(a, b.IPv4); err != nil {
+		t.Fatalf("no ping before spoofing: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	events, err := n.dp.Events(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A second address inside the workload, not the endpoint's.
+	spoofed := "198.18.1.200"
+	if _, err := exec(a, "ip", "addr", "add", spoofed+"/32", "dev", "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ping(a, b.IPv4, "-I", spoofed); err == nil {
+		t.Fatal("a ping from a spoofed source got through")
+	}
+	wantDrop(t, events, datapath.ReasonSpoofedSourceIP, a.ID, spoofed+" > "+b.IPv4.String())
+
+	// Another MAC on the workload's interface.
+	if _, err := exec(a, "ip", "link", "set", "eth0", "address", "02:00:00:00:00:99"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ping(a, b.IPv4); err == nil {
+		t.Fatal("a ping from a spoofed MAC got through")
+	}
+	wantDrop(t, events, datapath.ReasonSpoofedSourceMAC, a.ID, "")
+
+	m, err := n.dp.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []datapath.Reason{datapath.ReasonSpoofedSourceIP, datapath.ReasonSpoofedSourceMAC} {
+		if m[datapath.MetricKey{Reason: r, Direction: datapath.Egress}].Packets == 0 {
+			t.Errorf("no %s drop counted: %v", r, m)
+		}
+	}
+}
+
+// wantDrop reads events until a drop with the reason from the endpoint
+// arrives; its summary must contain summary.
+func wantDrop(t *testing.T, events <-chan datapath.Event, reason datapath.Reason, id uint16, summary string) {
+	t.Helper()
+	for ev := range events {
+		if d, ok := ev.(*datapath.DropEvent); ok && d.Reason == reason && d.Endpoint == uint32(id) {
+			if !strings.Contains(d.Summary(), summary) {
+				t.Errorf("drop event %v: want %q in it", d, summary)
+			}
+			return
+		}
+	}
+	t.Errorf("no %s drop event from endpoint %d", reason, id)
+}
+
+func TestGetListUpdate(t *testing.T) {
+	n := newNode(t)
+	a, b := n.create(t, spec(2)), n.create(t, spec(1))
+	got, err := endpoint.Get(n.dp, a.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.IPv4 != a.IPv4 || got.HostIfindex != a.HostIfindex || got.MAC.String() != a.MAC.String() ||
+		got.Labels["app"] != "web-2" || !got.OwnsNetNS || got.Gateway4 != netip.MustParseAddr("198.18.1.1") {
+		t.Errorf("Get = %+v, want %+v", got, a)
+	}
+	list, err := endpoint.List(n.dp)
+	if err != nil || len(list) != 2 || list[0].ID != b.ID || list[1].ID != a.ID {
+		t.Errorf("List = %v, %v", list, err)
+	}
+	if _, err := endpoint.Get(n.dp, 99); !errors.Is(err, datapath.ErrNotFound) {
+		t.Errorf("Get(99): %v, want ErrNotFound", err)
+	}
+
+	up, err := endpoint.Update(n.dp, a.ID, endpoint.Changes{Identity: 5000, Labels: map[string]string{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if up.Identity != 5000 || len(up.Labels) != 0 || up.IPv4 != a.IPv4 {
+		t.Errorf("Update returned %+v", up)
+	}
+	if got, _ := endpoint.Get(n.dp, a.ID); got.Identity != 5000 {
+		t.Errorf("after Update, Get has identity %d", got.Identity)
+	}
+	if _, err := endpoint.Update(n.dp, a.ID, endpoint.Changes{Identity: datapath.IdentityWorld}); !errors.Is(err, datapath.ErrInvalid) {
+		t.Errorf("Update to a reserved identity: %v, want ErrInvalid", err)
+	}
+	if _, err := endpoint.Update(n.dp, a.ID, endpoint.Changes{Labels: map[string]string{"big": strings.Repeat("x", 2000)}}); !errors.Is(err, datapath.ErrInvalid) {
+		t.Errorf("Update with huge labels: %v, want ErrInvalid", err)
+	}
+	if got, _ := endpoint.Get(n.dp, a.ID); got.Identity != 5000 || len(got.Labels) != 0 {
+		t.Errorf("a refused Update changed the endpoint: %+v", got)
+	}
+	if _, err := endpoint.Update(n.dp, 99, endpoint.Changes{Identity: 5000}); !errors.Is(err, datapath.ErrNotFound) {
+		t.Errorf("Update(99): %v, want ErrNotFound", err)
+	}
+	if err := ping(a, b.IPv4); err != nil {
+		t.Errorf("no ping after Update: %v", err)
+	}
+}
+
+// The datapath keeps forwarding after Close, and a re-opened datapath finds
+// its endpoints.
+func TestReopen(t *testing.T) {
+	n := newNode(t)
+	a, b := n.create(t, spec(1)), n.create(t, spec(2))
+	if err := n.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ping(a, b.IPv4); err != nil {
+		t.Errorf("no ping with the datapath closed: %v", err)
+	}
+	again, err := datapath.Open(context.Background(), datapath.Config{
+		Name: "node", NetNS: n.ns.Path, BPFFS: filepath.Dir(n.dp.PinDir()),
+		Node: datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.dp = again // the cleanups delete and unload through it
+	list, err := endpoint.List(again)
+	if err != nil || len(list) != 2 {
+		t.Fatalf("List after re-open = %v, %v", list, err)
+	}
+	if c, err := endpoint.ReadCounters(again, b.ID); err != nil || c.PacketsIn == 0 {
+		t.Errorf("counters after re-open: %+v, %v", c, err)
+	}
+}
+
+func TestCreateErrors(t *testing.T) {
+	n := newNode(t)
+	taken := n.create(t, spec(1))
+	existingNS := testutil.NewNetNS(t)
+	dummyNS := n.ns
+
+	for _, tc := range []struct {
+		name   string
+		mutate func(*endpoint.Spec)
+		want   error
+	}{
+		{"ID 0", func(s *endpoint.Spec) { s.ID = 0 }, datapath.ErrInvalid},
+		{"identity 0", func(s *endpoint.Spec) { s.Identity = 0 }, datapath.ErrInvalid},
+		{"reserved identity", func(s *endpoint.Spec) { s.Identity = datapath.IdentityHost }, datapath.ErrInvalid},
+		{"no address", func(s *endpoint.Spec) { s.IPv4, s.IPv6 = netip.Addr{}, netip.Addr{} }, datapath.ErrInvalid},
+		{"IPv4 outside the pod CIDRs", func(s *endpoint.Spec) { s.IPv4 = netip.MustParseAddr("198.19.0.5") }, datapath.ErrInvalid},
+		{"IPv6 in the IPv4 field", func(s *endpoint.Spec) { s.IPv4 = netip.MustParseAddr("fd00:1::5") }, datapath.ErrInvalid},
+		{"IPv4 in the IPv6 field", func(s *endpoint.Spec) { s.IPv6 = netip.MustParseAddr("198.18.1.5") }, datapath.ErrInvalid},
+		{"the gateway's address", func(s *endpoint.Spec) { s.IPv4 = netip.MustParseAddr("198.18.1.1") }, datapath.ErrInvalid},
+		{"broadcast address", func(s *endpoint.Spec) { s.IPv4 = netip.MustParseAddr("198.18.1.255") }, datapath.ErrInvalid},
+		{"multicast MAC", func(s *endpoint.Spec) { s.MAC = net.HardwareAddr{1, 0, 0, 0, 0, 1} }, datapath.ErrInvalid},
+		{"interface name too long", func(s *endpoint.Spec) { s.IfName = "a-very-long-name0" }, datapath.ErrInvalid},
+		{"host name with a slash", func(s *endpoint.Spec) { s.HostIfName = "a/b" }, datapath.ErrInvalid},
+		{"both NetNS and Interface", func(s *endpoint.Spec) { s.Interface = "x" }, datapath.ErrInvalid},
+		{"neither NetNS nor Interface", func(s *endpoint.Spec) { s.NetNS = "" }, datapath.ErrInvalid},
+		{"MTU too small", func(s *endpoint.Spec) { s.MTU = 10 }, datapath.ErrInvalid},
+		{"huge labels", func(s *endpoint.Spec) { s.Labels = map[string]string{"x": strings.Repeat("y", 1100)} }, datapath.ErrInvalid},
+		{"duplicate ID", func(s *endpoint.Spec) { s.ID = taken.ID }, datapath.ErrExists},
+		{"duplicate IPv4", func(s *endpoint.Spec) { s.IPv4 = taken.IPv4 }, datapath.ErrExists},
+		{"duplicate IPv6", func(s *endpoint.Spec) { s.IPv6 = taken.IPv6 }, datapath.ErrExists},
+		{"host interface taken", func(s *endpoint.Spec) { s.HostIfName = taken.HostIfName }, datapath.ErrExists},
+		{"missing netns path", func(s *endpoint.Spec) { s.NetNS = "/run/netns/sluice-t-missing" }, datapath.ErrNotFound},
+		{"adopt a missing interface", func(s *endpoint.Spec) {
+			s.NetNS, s.Interface, s.MAC = "", "nosuchif", net.HardwareAddr{2, 0, 0, 0, 0, 7}
+		}, datapath.ErrNotFound},
+		{"adopt a non-veth", func(s *endpoint.Spec) {
+			s.NetNS, s.Interface, s.MAC = "", "lo", net.HardwareAddr{2, 0, 0, 0, 0, 7}
+		}, datapath.ErrInvalid},
+		{"adopt without a MAC", func(s *endpoint.Spec) { s.NetNS, s.Interface = "", "lo" }, datapath.ErrInvalid},
+		{"IPv6 with an MTU below 1280", func(s *endpoint.Spec) { s.MTU = 1000 }, datapath.ErrInvalid},
+		{"interface name taken in the netns", func(s *endpoint.Spec) { s.NetNS, s.IfName = existingNS.Path, "lo" }, datapath.ErrExists},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := spec(5)
+			tc.mutate(&s)
+			before := snapshot(t, n, dummyNS)
+			ep, err := endpoint.Create(context.Background(), n.dp, s)
+			if err == nil {
+				endpoint.Delete(n.dp, ep.ID)
+				t.Fatalf("Create accepted it")
+			}
+			if !errors.Is(err, tc.want) {
+				t.Errorf("Create: %v, want %v", err, tc.want)
+			}
+			if after := snapshot(t, n, dummyNS); after != before {
+				t.Errorf("a failed Create left something behind:\nbefore %s\nafter  %s", before, after)
+			}
+		})
+	}
+}
+
+// snapshot describes what Create could leave behind: endpoints, devices of
+// the node, namespaces, link pins.
+func snapshot(t *testing.T, n *node, nodeNS *testutil.NetNS) string {
+	t.Helper()
+	list, err := endpoint.List(n.dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	links, _ := nodeNS.Exec("ip", "-o", "link", "show")
+	var nsNames []string
+	entries, _ := os.ReadDir("/run/netns")
+	for _, e := range entries {
+		nsNames = append(nsNames, e.Name())
+	}
+	pins, _ := os.ReadDir(filepath.Join(n.dp.PinDir(), "links"))
+	return fmt.Sprintf("endpoints=%d devices=%d netns=%v pins=%d", len(list), strings.Count(links, "\n"), nsNames, len(pins))
+}
+
+// Delete leaves no device, namespace, map entry or link; 100 rounds of
+// Create and Delete leak no file descriptor.
+func TestDeleteLeavesNothing(t *testing.T) {
+	n := newNode(t)
+	before := snapshot(t, n, n.ns)
+	fds := openFDs(t)
+	for i := range 100 {
+		s := spec(3)
+		s.ID = uint16(100 + i%3)
+		ep, err := endpoint.Create(context.Background(), n.dp, s)
+		if err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+		if err := endpoint.Delete(n.dp, ep.ID); err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+		if err := endpoint.Delete(n.dp, ep.ID); err != nil {
+			t.Fatalf("round %d: a second Delete: %v", i, err)
+		}
+		if _, err := os.Stat(filepath.Join("/run/netns", s.NetNS)); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("round %d: namespace %s left: %v", i, s.NetNS, err)
+		}
+	}
+	if after := snapshot(t, n, n.ns); after != before {
+		t.Errorf("before %s\nafter  %s", before, after)
+	}
+	if _, err := endpoint.ReadCounters(n.dp, 100); !errors.Is(err, datapath.ErrNotFound) {
+		t.Errorf("counters left after Delete: %v", err)
+	}
+	if got := openFDs(t); got != fds {
+		t.Errorf("%d open files before, %d after 100 rounds", fds, got)
+	}
+}
+
+func openFDs(t *testing.T) int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
+}

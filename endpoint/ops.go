@@ -1,0 +1,480 @@
+package endpoint
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicedp/sluice/bpf"
+	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/internal/attach"
+	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/netdev"
+	"github.com/sluicedp/sluice/internal/nsrun"
+)
+
+// Create provisions an endpoint and connects it to the datapath:
+//
+//   - the workload's namespace (created when spec.NetNS names one that is
+//     missing) and a veth pair: `ip link add HOSTIF type veth peer name eth0
+//     netns NS address MAC`, both ends up;
+//   - inside the workload: the address as a /32 or /128, a default route via
+//     the gateway and a permanent neighbour entry for it
+//     (`ip addr add`, `ip route add default via GW onlink`,
+//     `ip neigh add GW lladdr HOSTMAC nud permanent`);
+//   - the endpoint map and ipcache entries, then the from-endpoint program
+//     on the host end's tcx ingress.
+//
+// Bad input returns a datapath.ErrInvalid error; an ID, address or interface
+// name in use returns datapath.ErrExists; a namespace path that does not
+// exist returns datapath.ErrNotFound. In every error case nothing is left
+// behind: what Create made before failing, it removes.
+func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (_ *Endpoint, err error) {
+	st := core.Of(dp)
+	ep, err := normalize(spec, st.PodCIDRs)
+	if err != nil {
+		return nil, err
+	}
+	// The record must fit; check with the widest values filled in later.
+	trial := *ep
+	trial.HostIfindex, trial.HostMAC, trial.OwnsNetNS = 1<<31-1, ep.MAC, true
+	if _, err := encodeRecord(&trial); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+
+	unlock, err := st.Lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := checkFree(st, ep); err != nil {
+		return nil, err
+	}
+
+	var rollback undo
+	defer func() {
+		if err != nil {
+			if rbErr := rollback.run(); rbErr != nil {
+				err = fmt.Errorf("%w (and rolling back: %w)", err, rbErr)
+			}
+		}
+	}()
+	if ep.Adopted() {
+		err = adopt(st, ep)
+	} else {
+		err = provision(st, ep, &rollback)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := register(st, ep, &rollback); err != nil {
+		return nil, err
+	}
+	if err := st.AttachTC(ep.HostIfindex, attach.Ingress, st.Objs.FromEndpoint, linkKey(ep.ID)); err != nil {
+		return nil, fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
+	}
+	return ep, nil
+}
+
+func linkKey(id uint16) string { return fmt.Sprintf("endpoint-%d", id) }
+
+// checkFree fails with ErrExists when the endpoint's ID, addresses or host
+// interface are taken.
+func checkFree(st *core.State, ep *Endpoint) error {
+	exists := func(format string, args ...any) error {
+		return fmt.Errorf("endpoint %d: %s: %w", ep.ID, fmt.Sprintf(format, args...), datapath.ErrExists)
+	}
+	if _, err := lookup(st, ep.ID); err == nil {
+		return exists("the ID is in use")
+	} else if !errors.Is(err, datapath.ErrNotFound) {
+		return err
+	}
+	var (
+		ifindex uint32
+		info    bpf.DatapathEndpointInfo
+	)
+	it := st.Objs.Endpoints.Iterate()
+	for it.Next(&ifindex, &info) {
+		if ep.IPv4.IsValid() && info.Flags&flagIPv4 != 0 && info.Ipv4 == ipv4Key(ep.IPv4) {
+			return exists("%s belongs to endpoint %d", ep.IPv4, info.Id)
+		}
+		if ep.IPv6.IsValid() && info.Flags&flagIPv6 != 0 && info.Ipv6 == ep.IPv6.As16() {
+			return exists("%s belongs to endpoint %d", ep.IPv6, info.Id)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read endpoints: %w", err)
+	}
+	if !ep.Adopted() {
+		if _, err := netdev.Get(st.NS, ep.HostIfName); err == nil {
+			return exists("interface %s exists", ep.HostIfName)
+		}
+	}
+	return nil
+}
+
+// provision makes the workload's side: namespace, veth pair, addresses,
+// routes.
+func provision(st *core.State, ep *Endpoint, rollback *undo) error {
+	ns, created, err := openNetNS(ep.NetNS)
+	if err != nil {
+		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	defer ns.Close()
+	if created {
+		ep.OwnsNetNS = true
+		rollback.add(func() error { return netns.DeleteNamed(ep.NetNS) })
+	}
+	if _, err := netdev.Get(ns, ep.IfName); err == nil {
+		return fmt.Errorf("endpoint %d: interface %s exists in %s: %w", ep.ID, ep.IfName, ep.NetNS, datapath.ErrExists)
+	}
+
+	hostIfindex, _, err := netdev.Veth(netdev.VethPair{
+		NS: st.NS, Name: ep.HostIfName,
+		PeerNS: ns, PeerName: ep.IfName, PeerMAC: ep.MAC,
+		MTU: ep.MTU,
+	})
+	if errors.Is(err, unix.EEXIST) {
+		return fmt.Errorf("endpoint %d: %w: %w", ep.ID, datapath.ErrExists, err)
+	}
+	if err != nil {
+		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	rollback.add(func() error { return netdev.Delete(st.NS, hostIfindex) })
+	host, err := netdev.Get(st.NS, ep.HostIfName)
+	if err != nil {
+		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	ep.HostIfindex, ep.HostMAC = host.Index, host.MAC
+
+	if err := netdev.SetUp(ns, "lo"); err != nil {
+		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	for _, fam := range []struct{ addr, gw netip.Addr }{{ep.IPv4, ep.Gateway4}, {ep.IPv6, ep.Gateway6}} {
+		if !fam.addr.IsValid() {
+			continue
+		}
+		if err := netdev.AddAddr(ns, ep.IfName, netip.PrefixFrom(fam.addr, fam.addr.BitLen())); err != nil {
+			return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+		}
+		if err := netdev.DefaultRoute(ns, ep.IfName, fam.gw, ep.HostMAC); err != nil {
+			return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+		}
+	}
+	return nil
+}
+
+// adopt takes over a host-side veth the caller made.
+func adopt(st *core.State, ep *Endpoint) error {
+	host, err := netdev.Get(st.NS, ep.Interface)
+	if errors.Is(err, unix.ENODEV) {
+		return fmt.Errorf("endpoint %d: adopt %s: %w", ep.ID, ep.Interface, datapath.ErrNotFound)
+	}
+	if err != nil {
+		return fmt.Errorf("endpoint %d: adopt %s: %w", ep.ID, ep.Interface, err)
+	}
+	if host.Type != "veth" {
+		return fmt.Errorf("endpoint %d: adopt %s: it is a %s device, not a veth: %w", ep.ID, ep.Interface, host.Type, datapath.ErrInvalid)
+	}
+	var info bpf.DatapathEndpointInfo
+	if err := st.Objs.Endpoints.Lookup(uint32(host.Index), &info); err == nil {
+		return fmt.Errorf("endpoint %d: adopt %s: endpoint %d has it: %w", ep.ID, ep.Interface, info.Id, datapath.ErrExists)
+	}
+	ep.HostIfindex, ep.HostMAC = host.Index, host.MAC
+	if err := netdev.SetUp(st.NS, ep.Interface); err != nil {
+		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	return nil
+}
+
+// openNetNS opens the namespace spec names, creating a named one that is
+// missing.
+func openNetNS(spec string) (ns netns.NsHandle, created bool, err error) {
+	if strings.ContainsRune(spec, '/') {
+		ns, err := netns.GetFromPath(spec)
+		if errors.Is(err, unix.ENOENT) {
+			return ns, false, fmt.Errorf("network namespace %s: %w", spec, datapath.ErrNotFound)
+		}
+		return ns, false, err
+	}
+	ns, err = netns.GetFromPath(filepath.Join("/run/netns", spec))
+	if err == nil {
+		return ns, false, nil
+	}
+	if !errors.Is(err, unix.ENOENT) {
+		return ns, false, fmt.Errorf("network namespace %s: %w", spec, err)
+	}
+	ns, err = nsrun.New(spec)
+	return ns, err == nil, err
+}
+
+// Mirrors enum endpoint_flag in bpf/lib/endpoint.h.
+const (
+	flagIPv4 = uint32(bpf.TypesEndpointFlagENDPOINT_F_IPV4)
+	flagIPv6 = uint32(bpf.TypesEndpointFlagENDPOINT_F_IPV6)
+)
+
+// ipv4Key is an IPv4 address as the BPF side stores it: network byte order
+// in a native __be32.
+func ipv4Key(a netip.Addr) uint32 {
+	b := a.As4()
+	return binary.NativeEndian.Uint32(b[:])
+}
+
+func endpointInfo(ep *Endpoint) bpf.DatapathEndpointInfo {
+	info := bpf.DatapathEndpointInfo{
+		Id:       uint32(ep.ID),
+		Identity: uint32(ep.Identity),
+		Ifindex:  uint32(ep.HostIfindex),
+		Mac:      [6]byte(ep.MAC),
+		HostMac:  [6]byte(ep.HostMAC),
+	}
+	if ep.IPv4.IsValid() {
+		info.Flags |= flagIPv4
+		info.Ipv4 = ipv4Key(ep.IPv4)
+	}
+	if ep.IPv6.IsValid() {
+		info.Flags |= flagIPv6
+		info.Ipv6 = ep.IPv6.As16()
+	}
+	return info
+}
+
+func addrs(ep *Endpoint) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range []netip.Addr{ep.IPv4, ep.IPv6} {
+		if a.IsValid() {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
+// register writes the endpoint into the maps: counters, endpoint map,
+// ipcache, and last its record, which makes it visible to Get and List.
+func register(st *core.State, ep *Endpoint, rollback *undo) error {
+	key := uint32(ep.ID)
+	fail := func(err error, what string) error {
+		return core.MapError(err, datapath.ErrMapFull, fmt.Sprintf("endpoint %d: %s", ep.ID, what))
+	}
+	zero := make([]bpf.DatapathEndpointCounters, ebpf.MustPossibleCPU())
+	if err := st.Objs.EpCounters.Update(key, zero, ebpf.UpdateAny); err != nil {
+		return fail(err, "add counters")
+	}
+	rollback.add(func() error { return deleteKey(st.Objs.EpCounters, key) })
+
+	info := endpointInfo(ep)
+	ifindex := uint32(ep.HostIfindex)
+	if err := st.Objs.Endpoints.Update(ifindex, &info, ebpf.UpdateNoExist); err != nil {
+		return fail(err, "add to endpoint map")
+	}
+	rollback.add(func() error { return deleteKey(st.Objs.Endpoints, ifindex) })
+
+	for _, a := range addrs(ep) {
+		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
+		v := bpf.DatapathIpcacheValue{Identity: uint32(ep.Identity), Ifindex: ifindex}
+		if err := st.Objs.Ipcache.Update(&k, &v, ebpf.UpdateAny); err != nil {
+			return fail(err, "add "+a.String()+" to ipcache")
+		}
+		rollback.add(func() error { return deleteKey(st.Objs.Ipcache, &k) })
+	}
+
+	rec, err := encodeRecord(ep)
+	if err != nil {
+		return err
+	}
+	if err := st.Objs.EpRecords.Update(key, &rec, ebpf.UpdateNoExist); err != nil {
+		return fail(err, "add record")
+	}
+	rollback.add(func() error { return deleteKey(st.Objs.EpRecords, key) })
+	return nil
+}
+
+// deleteKey deletes a map entry; a missing one is not an error.
+func deleteKey(m *ebpf.Map, key any) error {
+	if err := m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete from %s: %w", m, err)
+	}
+	return nil
+}
+
+// Get returns the endpoint with the given ID, or an error matching
+// datapath.ErrNotFound.
+func Get(dp *datapath.Datapath, id uint16) (*Endpoint, error) {
+	return lookup(core.Of(dp), id)
+}
+
+// List returns every endpoint of the datapath, by ID.
+func List(dp *datapath.Datapath) ([]*Endpoint, error) {
+	st := core.Of(dp)
+	var (
+		out []*Endpoint
+		id  uint32
+		rec bpf.DatapathEndpointRecord
+	)
+	it := st.Objs.EpRecords.Iterate()
+	for it.Next(&id, &rec) {
+		ep, err := decodeRecord(&rec)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, ep)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	slices.SortFunc(out, func(a, b *Endpoint) int { return int(a.ID) - int(b.ID) })
+	return out, nil
+}
+
+// Update changes an endpoint's identity or labels. A new identity applies
+// to the next packet. It returns the updated endpoint, datapath.ErrNotFound
+// for an unknown ID and datapath.ErrInvalid for a reserved identity or labels
+// too large; on error nothing changed.
+func Update(dp *datapath.Datapath, id uint16, c Changes) (*Endpoint, error) {
+	st := core.Of(dp)
+	unlock, err := st.Lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	ep, err := lookup(st, id)
+	if err != nil {
+		return nil, err
+	}
+	next := *ep
+	if c.Identity != 0 {
+		if c.Identity < datapath.MinIdentity {
+			return nil, fmt.Errorf("endpoint %d: identity %s: identities below %d are reserved: %w", id, c.Identity, datapath.MinIdentity, datapath.ErrInvalid)
+		}
+		next.Identity = c.Identity
+	}
+	if c.Labels != nil {
+		next.Labels = c.Labels
+	}
+	rec, err := encodeRecord(&next)
+	if err != nil {
+		return nil, err
+	}
+
+	// Identity lives in the endpoint map and the ipcache; the record last.
+	// Each write replaces an existing entry, so a failure half-way is undone
+	// by writing the old values back.
+	var rollback undo
+	write := func(e *Endpoint) error {
+		info := endpointInfo(e)
+		if err := st.Objs.Endpoints.Update(uint32(e.HostIfindex), &info, ebpf.UpdateExist); err != nil {
+			return err
+		}
+		for _, a := range addrs(e) {
+			k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
+			v := bpf.DatapathIpcacheValue{Identity: uint32(e.Identity), Ifindex: uint32(e.HostIfindex)}
+			if err := st.Objs.Ipcache.Update(&k, &v, ebpf.UpdateExist); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	rollback.add(func() error { return write(ep) })
+	if err := write(&next); err != nil {
+		return nil, errors.Join(fmt.Errorf("endpoint %d: update: %w", id, err), rollback.run())
+	}
+	if err := st.Objs.EpRecords.Update(uint32(id), &rec, ebpf.UpdateExist); err != nil {
+		return nil, errors.Join(fmt.Errorf("endpoint %d: update record: %w", id, err), rollback.run())
+	}
+	return &next, nil
+}
+
+// Delete detaches the endpoint's program, removes it from the maps, deletes
+// its veth pair (`ip link del HOSTIF`; not an adopted one) and the namespace
+// Create made for it. Deleting an endpoint that does not exist is not an
+// error. On error the endpoint stays listed, and Delete may be called again.
+func Delete(dp *datapath.Datapath, id uint16) error {
+	st := core.Of(dp)
+	unlock, err := st.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	ep, err := lookup(st, id)
+	if errors.Is(err, datapath.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+
+	errs := []error{st.DetachTC(ep.HostIfindex, attach.Ingress, linkKey(id))}
+	for _, a := range addrs(ep) {
+		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
+		errs = append(errs, deleteKey(st.Objs.Ipcache, &k))
+	}
+	errs = append(errs,
+		deleteKey(st.Objs.Endpoints, uint32(ep.HostIfindex)),
+		deleteKey(st.Objs.EpCounters, uint32(id)),
+	)
+	if !ep.Adopted() {
+		// Only the device Create made: the same name and index.
+		if l, err := netdev.Get(st.NS, ep.HostIfName); err == nil && l.Index == ep.HostIfindex {
+			errs = append(errs, netdev.Delete(st.NS, ep.HostIfindex))
+		}
+	}
+	if ep.OwnsNetNS {
+		if err := netns.DeleteNamed(ep.NetNS); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("delete network namespace %s: %w", ep.NetNS, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("endpoint %d: delete: %w", id, err)
+	}
+	return deleteKey(st.Objs.EpRecords, uint32(id))
+}
+
+// ReadCounters returns the endpoint's packet and byte counters, or an error
+// matching datapath.ErrNotFound.
+func ReadCounters(dp *datapath.Datapath, id uint16) (Counters, error) {
+	st := core.Of(dp)
+	var percpu []bpf.DatapathEndpointCounters
+	err := st.Objs.EpCounters.Lookup(uint32(id), &percpu)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return Counters{}, fmt.Errorf("endpoint %d: %w", id, datapath.ErrNotFound)
+	}
+	if err != nil {
+		return Counters{}, fmt.Errorf("endpoint %d: read counters: %w", id, err)
+	}
+	var c Counters
+	for _, v := range percpu {
+		c.PacketsOut += v.PacketsOut
+		c.BytesOut += v.BytesOut
+		c.PacketsIn += v.PacketsIn
+		c.BytesIn += v.BytesIn
+	}
+	return c, nil
+}
+
+// undo collects the steps that reverse what was done so far.
+type undo []func() error
+
+func (u *undo) add(f func() error) { *u = append(*u, f) }
+
+// run reverses in the opposite order, past errors.
+func (u undo) run() error {
+	var errs []error
+	for i := len(u) - 1; i >= 0; i-- {
+		errs = append(errs, u[i]())
+	}
+	return errors.Join(errs...)
+}
