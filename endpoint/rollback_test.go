@@ -57,9 +57,15 @@ func TestCreateRollsBackWhenMapFull(t *testing.T) {
 		t.Error("the veth Create made is still there")
 	}
 	for name, n := range map[string]func() (int, error){
-		"endpoints": func() (int, error) { return count(st.Objs.Endpoints.Iterate(), new(uint32), new(bpf.DatapathEndpointInfo)) },
-		"counters":  func() (int, error) { return count(st.Objs.EpCounters.Iterate(), new(uint32), new([]bpf.DatapathEndpointCounters)) },
-		"records":   func() (int, error) { return count(st.Objs.EpRecords.Iterate(), new(uint32), new(bpf.DatapathEndpointRecord)) },
+		"endpoints": func() (int, error) {
+			return count(st.Objs.Endpoints.Iterate(), new(uint32), new(bpf.DatapathEndpointInfo))
+		},
+		"counters": func() (int, error) {
+			return count(st.Objs.EpCounters.Iterate(), new(uint32), new([]bpf.DatapathEndpointCounters))
+		},
+		"records": func() (int, error) {
+			return count(st.Objs.EpRecords.Iterate(), new(uint32), new(bpf.DatapathEndpointRecord))
+		},
 	} {
 		if got, err := n(); err != nil || got != 0 {
 			t.Errorf("%s map has %d entries (%v), want 0", name, got, err)
