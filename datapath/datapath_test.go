@@ -70,16 +70,11 @@ var testFrame = packet.Build(
 	&packet.TCP{SrcPort: 40000, DstPort: 80, Flags: packet.SYN},
 )
 
-// skbMark is a __sk_buff context that only sets the mark, which the probe
-// program reads as reason | direction << 8 | endpoint << 16.
-type skbCtx struct {
-	Len, PktType, Mark uint32
-	_                  [41]uint32
-}
-
+// runProbe runs the probe program, which reads the mark as
+// reason | direction << 8 | endpoint << 16.
 func runProbe(t *testing.T, prog *ebpf.Program, reason Reason, dir Direction, endpoint uint16) uint32 {
 	t.Helper()
-	ctx := skbCtx{Mark: uint32(reason) | uint32(dir)<<8 | uint32(endpoint)<<16}
+	ctx := progtest.SKB{Mark: uint32(reason) | uint32(dir)<<8 | uint32(endpoint)<<16}
 	r, err := progtest.Run(prog, testFrame, &ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -114,7 +109,7 @@ func TestConfigErrors(t *testing.T) {
 func TestReopenKeepsState(t *testing.T) {
 	dp := open(t, Config{Events: &EventConfig{Drops: true, Traces: true}})
 	probe := loadProbe(t, dp)
-	if v := runProbe(t, probe.ProbeTc, ReasonPolicyDenied, Egress, 7); v != 2 {
+	if v := runProbe(t, probe.ProbeTc, ReasonPolicyDenied, Egress, 7); v != progtest.TCActShot {
 		t.Fatalf("verdict %d, want TC_ACT_SHOT", v)
 	}
 	if err := dp.Close(); err != nil {

@@ -115,3 +115,20 @@ func MeanCost(prog *ebpf.Program, frames [][]byte, ctx any, rounds int) (time.Du
 	}
 	return total / time.Duration(n), nil
 }
+
+// SKB is the leading part of struct __sk_buff, as a BPF_PROG_TEST_RUN
+// context for tc programs. The kernel takes Mark, Priority, IngressIfindex
+// and Ifindex (the device the program sees, resolved in the calling thread's
+// network namespace); the other fields must stay zero.
+type SKB struct {
+	Len, PktType, Mark, QueueMapping, Protocol uint32
+	VlanPresent, VlanTCI, VlanProto, Priority  uint32
+	IngressIfindex, Ifindex                    uint32
+}
+
+// Verdicts of tc programs.
+const (
+	TCActOK       = 0
+	TCActShot     = 2
+	TCActRedirect = 7
+)
