@@ -14,4 +14,4 @@ test:
 	go test -race -count=1 ./...
 
 demo:
-	go run ./examples/arp-blacklist -demo
+	go run ./examples/endpoints

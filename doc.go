@@ -11,7 +11,8 @@
 //     the event stream: Open, Close (keeps running), Unload (tears down),
 //     Metrics, Events.
 //   - [github.com/sluicedp/sluice/endpoint]: workloads on the node (a veth
-//     pair into their own namespace, addresses, a security identity).
+//     pair into their own namespace, addresses, a security identity), with
+//     anti-spoofing and local forwarding by bpf_redirect_peer.
 //   - [github.com/sluicedp/sluice/policy]: ingress and egress rules of an
 //     endpoint.
 //   - [github.com/sluicedp/sluice/service]: virtual addresses balanced over
@@ -22,18 +23,25 @@
 //
 // # Example
 //
-//	dp, err := datapath.Open(ctx, datapath.Config{Name: "node-a"})
+//	dp, err := datapath.Open(ctx, datapath.Config{
+//		Name: "node-a",
+//		Node: datapath.Node{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24")}},
+//	})
 //	if err != nil {
 //		return err
 //	}
 //	defer dp.Close() // the datapath keeps running; dp.Unload() removes it
+//
+//	ep, err := endpoint.Create(ctx, dp, endpoint.Spec{
+//		ID: 7, IPv4: netip.MustParseAddr("198.18.1.7"), Identity: 1001, NetNS: "web-1",
+//	})
 //
 //	events, err := dp.Events(ctx)
 //	if err != nil {
 //		return err
 //	}
 //	for ev := range events {
-//		fmt.Println(ev) // drop POLICY_DENIED ingress ifindex=7 ...: 198.18.0.2 > 198.18.0.3 ICMP echo request
+//		fmt.Println(ev) // drop SPOOFED_SOURCE_IP egress ifindex=2 endpoint=7 len=98: 198.18.1.99 > ...
 //	}
 //
 // # Requirements

@@ -18,6 +18,7 @@ import (
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
+	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
 	"github.com/sluicedp/sluice/internal/testutil"
 )
@@ -485,4 +486,51 @@ func openFDs(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(entries)
+}
+
+// A CNI plugin made the veth pair and configured the workload; the endpoint
+// adopts the host end, forwards for it, and leaves the pair on Delete.
+func TestAdoptInterface(t *testing.T) {
+	n := newNode(t)
+	b := n.create(t, spec(2))
+	workload := testutil.NewNetNS(t)
+	mac := net.HardwareAddr{0x02, 0xcc, 0, 0, 0, 1}
+	hostIf, _, err := netdev.Veth(netdev.VethPair{NS: n.ns.Handle, Name: "cni-host0", PeerNS: workload.Handle, PeerName: "eth0", PeerMAC: mac})
+	if err != nil {
+		t.Fatal(err)
+	}
+	host, err := netdev.Get(n.ns.Handle, "cni-host0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.MustParseAddr("198.18.1.50")
+	if err := netdev.AddAddr(workload.Handle, "eth0", netip.PrefixFrom(addr, 32)); err != nil {
+		t.Fatal(err)
+	}
+	if err := netdev.DefaultRoute(workload.Handle, "eth0", netip.MustParseAddr("198.18.1.1"), host.MAC); err != nil {
+		t.Fatal(err)
+	}
+
+	ep, err := endpoint.Create(context.Background(), n.dp, endpoint.Spec{ID: 50, IPv4: addr, MAC: mac, Identity: 2000, Interface: "cni-host0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ep.Adopted() || ep.HostIfindex != hostIf || ep.Gateway4 != netip.MustParseAddr("198.18.1.1") || ep.HostMAC.String() != host.MAC.String() {
+		t.Errorf("adopted endpoint %+v", ep)
+	}
+	if _, err := workload.Exec("ping", "-c", "1", "-W", "1", "-q", b.IPv4.String()); err != nil {
+		t.Errorf("ping from the adopted workload: %v", err)
+	}
+	if err := ping(b, addr); err != nil {
+		t.Errorf("ping to the adopted workload: %v", err)
+	}
+	if err := endpoint.Delete(n.dp, ep.ID); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := netdev.Get(n.ns.Handle, "cni-host0"); err != nil || l.Index != hostIf {
+		t.Errorf("Delete removed the adopted interface: %v", err)
+	}
+	if _, err := workload.Exec("ping", "-c", "1", "-W", "1", "-q", b.IPv4.String()); err == nil {
+		t.Error("the deleted endpoint's workload still reaches the other endpoint")
+	}
 }
