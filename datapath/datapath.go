@@ -38,8 +38,8 @@ const LayoutVersion = uint32(bpf.TypesLayoutVersionLAYOUT_VERSION)
 type Datapath struct {
 	st *core.State
 
-	mu      sync.Mutex
-	reading bool // an Events reader is running
+	mu         sync.Mutex
+	stopEvents func() // stops the running Events reader and waits for it; nil when none
 }
 
 func init() {
@@ -173,9 +173,18 @@ func (dp *Datapath) Name() string { return dp.st.Name }
 // PinDir returns the directory where the datapath's maps and links are pinned.
 func (dp *Datapath) PinDir() string { return dp.st.Dir }
 
-// Close releases the datapath's handles. The datapath keeps running: its
-// programs stay attached and its maps pinned. Closing twice is a no-op.
-func (dp *Datapath) Close() error { return dp.st.Close() }
+// Close releases the datapath's handles and ends a running Events reader.
+// The datapath keeps running: its programs stay attached and its maps
+// pinned. Closing twice is a no-op.
+func (dp *Datapath) Close() error {
+	dp.mu.Lock()
+	stop := dp.stopEvents
+	dp.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+	return dp.st.Close()
+}
 
 // Unload tears the datapath down: it detaches every program it attached,
 // removes every pin and closes the handles. It goes on past errors and
@@ -192,7 +201,7 @@ func (dp *Datapath) Unload() error {
 	errs = append(errs,
 		attach.DetachAll(st.LinksDir()),
 		nsrun.Do(st.NS, func() error { return attach.RemoveLegacy(st.LegacyPrefix()) }),
-		st.Close(),
+		dp.Close(),
 	)
 	if err := os.RemoveAll(st.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("remove pins: %w", err))

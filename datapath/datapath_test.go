@@ -335,3 +335,23 @@ func TestAttachAndUnload(t *testing.T) {
 		})
 	}
 }
+
+// Close ends a running Events reader before it releases the maps.
+func TestCloseEndsEvents(t *testing.T) {
+	dp := open(t, Config{})
+	events, err := dp.Events(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case _, ok := <-events:
+		if ok {
+			t.Error("an event after Close")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the events channel stayed open after Close")
+	}
+}

@@ -115,14 +115,14 @@ const (
 // lostPoll is how often Events checks the lost-record counters.
 const lostPoll = 250 * time.Millisecond
 
-// Events streams the datapath's events until ctx ends, then closes the
-// channel. Records lost since the call are reported as *LostEvent. One reader
+// Events streams the datapath's events until ctx ends or the datapath is
+// closed, then closes the channel. Records lost since the call are reported as *LostEvent. One reader
 // at a time: a ring buffer hands each record to one consumer, so a second
 // call while one runs returns ErrExists.
 func (dp *Datapath) Events(ctx context.Context) (<-chan Event, error) {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
-	if dp.reading {
+	if dp.stopEvents != nil {
 		return nil, fmt.Errorf("events: a reader is running already: %w", ErrExists)
 	}
 	rd, err := ringbuf.NewReader(dp.st.Objs.Events)
@@ -134,18 +134,22 @@ func (dp *Datapath) Events(ctx context.Context) (<-chan Event, error) {
 		rd.Close()
 		return nil, err
 	}
-	dp.reading = true
 
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	dp.stopEvents = func() { cancel(); <-done }
 	out := make(chan Event, 64)
-	stop := context.AfterFunc(ctx, func() { rd.Close() })
+	stopRead := context.AfterFunc(ctx, func() { rd.Close() })
 	go func() {
 		defer func() {
-			stop()
+			stopRead()
 			rd.Close()
 			close(out)
 			dp.mu.Lock()
-			dp.reading = false
+			dp.stopEvents = nil
 			dp.mu.Unlock()
+			cancel()
+			close(done)
 		}()
 		send := func(ev Event) bool {
 			select {
@@ -166,6 +170,9 @@ func (dp *Datapath) Events(ctx context.Context) (<-chan Event, error) {
 				}
 			case errors.Is(err, os.ErrDeadlineExceeded):
 			default: // closed: ctx ended
+				return
+			}
+			if ctx.Err() != nil {
 				return
 			}
 			if time.Now().Before(nextCheck) {
