@@ -3,10 +3,10 @@ module github.com/sluicedp/sluice
 go 1.26
 
 require (
-	github.com/cilium/ebpf v0.22.0 // indirect
-	github.com/vishvananda/netlink v1.3.1 // indirect
-	github.com/vishvananda/netns v0.0.5 // indirect
-	golang.org/x/sys v0.43.0 // indirect
+	github.com/cilium/ebpf v0.22.0
+	github.com/vishvananda/netlink v1.3.1
+	github.com/vishvananda/netns v0.0.5
+	golang.org/x/sys v0.43.0
 )
 
 tool github.com/cilium/ebpf/cmd/bpf2go

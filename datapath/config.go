@@ -36,13 +36,20 @@ type Config struct {
 }
 
 // AttachMode says how tc programs are attached.
-type AttachMode = attach.Mode
+type AttachMode int
 
 const (
-	AttachAuto   = attach.Auto
-	AttachTCX    = attach.TCX
-	AttachLegacy = attach.Legacy
+	// AttachAuto uses tcx links where the kernel has them (Linux 6.6) and
+	// clsact + cls_bpf otherwise.
+	AttachAuto = AttachMode(attach.Auto)
+	// AttachTCX uses tcx links only.
+	AttachTCX = AttachMode(attach.TCX)
+	// AttachLegacy uses a clsact qdisc with direct-action cls_bpf filters
+	// (`tc filter add ... bpf da`), named sluice/<datapath>/<what>.
+	AttachLegacy = AttachMode(attach.Legacy)
 )
+
+func (m AttachMode) String() string { return attach.Mode(m).String() }
 
 var validName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
 

@@ -115,7 +115,7 @@ func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: cfg.TCAttach, PodCIDRs: cfg.Node.PodCIDRs}
+	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: attach.Mode(cfg.TCAttach), PodCIDRs: cfg.Node.PodCIDRs}
 	err = spec.LoadAndAssign(&st.Objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
 		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)

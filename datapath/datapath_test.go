@@ -355,3 +355,25 @@ func TestCloseEndsEvents(t *testing.T) {
 		t.Fatal("the events channel stayed open after Close")
 	}
 }
+
+// With nobody reading, the ring buffer fills; what does not fit is counted.
+func TestRingFullCounted(t *testing.T) {
+	dp := open(t, Config{Events: &EventConfig{Drops: true}}) // no rate limit
+	probe := loadProbe(t, dp)
+	// 1 MiB of ring holds fewer than 8000 records of 160 bytes and a header.
+	const n = 8000
+	for range n {
+		runProbe(t, probe.ProbeTc, ReasonMalformed, Ingress, 0)
+	}
+	lost, err := dp.Lost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lost.RingFull == 0 || lost.RingFull >= n || lost.RateLimited != 0 {
+		t.Errorf("lost %+v after %d drops into a 1 MiB ring", lost, n)
+	}
+	m, _ := dp.Metrics()
+	if got := m[MetricKey{ReasonMalformed, Ingress}].Packets; got != n {
+		t.Errorf("counted %d drops, want %d", got, n)
+	}
+}

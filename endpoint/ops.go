@@ -39,7 +39,7 @@ import (
 // name in use returns datapath.ErrExists; a namespace path that does not
 // exist returns datapath.ErrNotFound. In every error case nothing is left
 // behind: what Create made before failing, it removes.
-func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (_ *Endpoint, err error) {
+func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (*Endpoint, error) {
 	st := core.Of(dp)
 	ep, err := normalize(spec, st.PodCIDRs)
 	if err != nil {
@@ -63,7 +63,15 @@ func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (_ *Endpoint,
 	if err := checkFree(st, ep); err != nil {
 		return nil, err
 	}
+	if err := connect(st, ep); err != nil {
+		return nil, err
+	}
+	return ep, nil
+}
 
+// connect makes the endpoint's devices, registers it and attaches the
+// program; when a step fails it undoes the steps before.
+func connect(st *core.State, ep *Endpoint) (err error) {
 	var rollback undo
 	defer func() {
 		if err != nil {
@@ -78,15 +86,15 @@ func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (_ *Endpoint,
 		err = provision(st, ep, &rollback)
 	}
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if err := register(st, ep, &rollback); err != nil {
-		return nil, err
+		return err
 	}
 	if err := st.AttachTC(ep.HostIfindex, attach.Ingress, st.Objs.FromEndpoint, linkKey(ep.ID)); err != nil {
-		return nil, fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
+		return fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
 	}
-	return ep, nil
+	return nil
 }
 
 func linkKey(id uint16) string { return fmt.Sprintf("endpoint-%d", id) }
