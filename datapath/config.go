@@ -30,6 +30,10 @@ type Config struct {
 	TCAttach AttachMode
 	// Node describes the local node.
 	Node Node
+	// MustExist makes Open fail with ErrNotFound, instead of creating the
+	// datapath, when none is pinned under this name: for tools that only
+	// inspect.
+	MustExist bool
 	// Events configures drop and trace events. Nil keeps the settings of a
 	// datapath that is re-opened and applies DefaultEventConfig to a new one.
 	Events *EventConfig

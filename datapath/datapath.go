@@ -94,10 +94,15 @@ func openNetNS(spec string) (netns.NsHandle, error) {
 }
 
 func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
+	dir := filepath.Join(cfg.BPFFS, cfg.Name)
+	if cfg.MustExist {
+		if _, err := os.Stat(filepath.Join(dir, "layout")); err != nil {
+			return nil, fmt.Errorf("no datapath pinned in %s: %w", dir, ErrNotFound)
+		}
+	}
 	if err := bpffs.Ensure(cfg.BPFFS); err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(cfg.BPFFS, cfg.Name)
 	if err := os.MkdirAll(filepath.Join(dir, "links"), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory: %w", err)
 	}

@@ -101,6 +101,10 @@ func TestConfigErrors(t *testing.T) {
 	if !errors.Is(err, ErrNotFound) {
 		t.Errorf("Open with a missing netns = %v, want ErrNotFound", err)
 	}
+	_, err = Open(context.Background(), Config{Name: "x", BPFFS: bpffs, MustExist: true})
+	if !errors.Is(err, ErrNotFound) {
+		t.Errorf("Open with MustExist of a datapath that is not there = %v, want ErrNotFound", err)
+	}
 	if _, err := os.Stat(filepath.Join(bpffs, "x")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("a failed Open left pins behind: %v", err)
 	}

@@ -22,7 +22,8 @@ func IsMounted(path string) (bool, error) {
 }
 
 // Ensure mounts a BPF filesystem at path unless one is there already,
-// creating the directory if needed. Equivalent to: `mount -t bpf bpf PATH`.
+// creating the directory if needed. It refuses to mount over a directory
+// that has anything in it. Equivalent to: `mount -t bpf bpf PATH`.
 func Ensure(path string) error {
 	ok, err := IsMounted(path)
 	if err != nil || ok {
@@ -30,6 +31,9 @@ func Ensure(path string) error {
 	}
 	if err := os.MkdirAll(path, 0o755); err != nil {
 		return fmt.Errorf("create bpffs mount point: %w", err)
+	}
+	if entries, err := os.ReadDir(path); err != nil || len(entries) > 0 {
+		return fmt.Errorf("%s is not a BPF filesystem, and not an empty directory to mount one on (%v)", path, err)
 	}
 	if err := unix.Mount("bpf", path, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mount bpffs at %s: %w", path, err)

@@ -1,0 +1,199 @@
+// Command sluice inspects a running sluice datapath: why packets were
+// dropped, how many, and what the datapath holds.
+//
+//	sluice [-bpffs DIR] [-name NAME] COMMAND
+//
+//	reasons      the drop reasons: number, name, meaning
+//	metrics      packets and bytes by direction and reason
+//	events       drop events as they happen (-traces: trace points too)
+//	endpoints    endpoints with their addresses and counters
+//	lost         event records the datapath could not send
+//
+// It opens the datapath read-mostly: it never creates one (the name must be
+// pinned), and `events -traces` restores the event settings when it stops.
+// A ring buffer hands each record to one reader, so while `sluice events`
+// runs, the program that owns the datapath gets no events.
+package main
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"maps"
+	"os"
+	"os/signal"
+	"slices"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/endpoint"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "sluice:", err)
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, args []string, out io.Writer) error {
+	fs := flag.NewFlagSet("sluice", flag.ContinueOnError)
+	fs.SetOutput(out)
+	bpffs := fs.String("bpffs", datapath.DefaultBPFFS, "BPF filesystem the datapath is pinned in")
+	name := fs.String("name", "", "datapath name (required unless there is exactly one)")
+	traces := fs.Bool("traces", false, "events: report trace points too")
+	fs.Usage = func() {
+		fmt.Fprintln(out, "usage: sluice [-bpffs DIR] [-name NAME] reasons|metrics|events|endpoints|lost")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		fs.Usage()
+		return errors.New("want exactly one command")
+	}
+	cmd := fs.Arg(0)
+	if cmd == "reasons" {
+		return reasons(out)
+	}
+	switch cmd {
+	case "metrics", "events", "endpoints", "lost":
+	default:
+		fs.Usage()
+		return fmt.Errorf("unknown command %q", cmd)
+	}
+
+	if *name == "" {
+		n, err := onlyDatapath(*bpffs)
+		if err != nil {
+			return err
+		}
+		*name = n
+	}
+	dp, err := datapath.Open(ctx, datapath.Config{Name: *name, BPFFS: *bpffs, MustExist: true})
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+
+	switch cmd {
+	case "metrics":
+		return metrics(dp, out)
+	case "events":
+		return events(ctx, dp, *traces, out)
+	case "endpoints":
+		return endpoints(dp, out)
+	default:
+		lost, err := dp.Lost()
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "ring full: %d\nrate limited: %d\n", lost.RingFull, lost.RateLimited)
+		return nil
+	}
+}
+
+// onlyDatapath returns the name of the one datapath pinned in bpffs.
+func onlyDatapath(bpffs string) (string, error) {
+	entries, err := os.ReadDir(bpffs)
+	if err != nil {
+		return "", err
+	}
+	var names []string
+	for _, e := range entries {
+		if _, err := os.Stat(bpffs + "/" + e.Name() + "/layout"); err == nil {
+			names = append(names, e.Name())
+		}
+	}
+	switch len(names) {
+	case 0:
+		return "", fmt.Errorf("no datapath pinned in %s", bpffs)
+	case 1:
+		return names[0], nil
+	}
+	return "", fmt.Errorf("several datapaths in %s (%s): choose one with -name", bpffs, strings.Join(names, ", "))
+}
+
+func reasons(out io.Writer) error {
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "CODE\tREASON\tMEANING")
+	for _, r := range datapath.Reasons() {
+		fmt.Fprintf(w, "%d\t%s\t%s\n", r, r, r.Doc())
+	}
+	return w.Flush()
+}
+
+func metrics(dp *datapath.Datapath, out io.Writer) error {
+	m, err := dp.Metrics()
+	if err != nil {
+		return err
+	}
+	keys := slices.SortedFunc(maps.Keys(m), func(a, b datapath.MetricKey) int {
+		return cmp.Or(cmp.Compare(a.Direction, b.Direction), cmp.Compare(a.Reason, b.Reason))
+	})
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(w, "DIRECTION\tREASON\tPACKETS\tBYTES\t")
+	for _, k := range keys {
+		fmt.Fprintf(w, "%s\t%s\t%d\t%d\t\n", k.Direction, k.Reason, m[k].Packets, m[k].Bytes)
+	}
+	return w.Flush()
+}
+
+func events(ctx context.Context, dp *datapath.Datapath, traces bool, out io.Writer) error {
+	if traces {
+		was, err := dp.EventConfig()
+		if err != nil {
+			return err
+		}
+		now := was
+		now.Traces = true
+		if err := dp.SetEventConfig(now); err != nil {
+			return err
+		}
+		defer dp.SetEventConfig(was)
+	}
+	evs, err := dp.Events(ctx)
+	if err != nil {
+		return err
+	}
+	for ev := range evs {
+		fmt.Fprintln(out, ev)
+	}
+	return nil
+}
+
+func endpoints(dp *datapath.Datapath, out io.Writer) error {
+	list, err := endpoint.List(dp)
+	if err != nil {
+		return err
+	}
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "ID\tIDENTITY\tIPV4\tIPV6\tHOST IF\tNETNS\tPKTS OUT\tPKTS IN\tLABELS")
+	for _, ep := range list {
+		c, err := endpoint.ReadCounters(dp, ep.ID)
+		if err != nil {
+			return err
+		}
+		var labels []string
+		for _, k := range slices.Sorted(maps.Keys(ep.Labels)) {
+			labels = append(labels, k+"="+ep.Labels[k])
+		}
+		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", ep.ID, ep.Identity, addr(ep.IPv4.String(), ep.IPv4.IsValid()),
+			addr(ep.IPv6.String(), ep.IPv6.IsValid()), ep.HostIfName, cmp.Or(ep.NetNS, "-"), c.PacketsOut, c.PacketsIn, strings.Join(labels, ","))
+	}
+	return w.Flush()
+}
+
+func addr(s string, ok bool) string {
+	if ok {
+		return s
+	}
+	return "-"
+}
