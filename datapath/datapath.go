@@ -191,13 +191,17 @@ func (dp *Datapath) Close() error {
 	return dp.st.Close()
 }
 
-// Unload tears the datapath down: it detaches every program it attached,
-// removes every pin and closes the handles. It goes on past errors and
-// returns all of them. Endpoints' devices and namespaces are not removed:
-// delete the endpoints first for that.
+// Unload tears the datapath down: it deletes its endpoints (their veth
+// pairs, and the namespaces Create made), detaches every program it
+// attached, removes every pin and closes the handles. It goes on past errors
+// and returns all of them. Unloading a closed Datapath fails with an error
+// matching os.ErrClosed and changes nothing: open it again to unload it.
 func (dp *Datapath) Unload() error {
 	st := dp.st
-	var errs []error
+	if st.Closed() {
+		return fmt.Errorf("unload datapath %s: %w", st.Name, os.ErrClosed)
+	}
+	errs := []error{st.Teardown()}
 	if unlock, err := core.LockDir(st.Dir); err != nil {
 		errs = append(errs, err)
 	} else {

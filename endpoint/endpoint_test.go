@@ -47,12 +47,13 @@ func newNode(t testing.TB) *node {
 	if err != nil {
 		t.Fatal(err)
 	}
+	n := &node{dp: dp, ns: ns}
 	t.Cleanup(func() {
-		if err := dp.Unload(); err != nil {
+		if err := n.dp.Unload(); err != nil { // n.dp: a test may re-open it
 			t.Error(err)
 		}
 	})
-	return &node{dp: dp, ns: ns}
+	return n
 }
 
 // spec returns the spec of endpoint i: addresses .10+i and ::10+i, its own
@@ -291,6 +292,46 @@ func wantDrop(t *testing.T, events <-chan datapath.Event, reason datapath.Reason
 		}
 	}
 	t.Errorf("no %s drop event from endpoint %d", reason, id)
+}
+
+// Unload deletes the endpoints with the datapath; endpoints made in legacy
+// tc mode forward as in tcx mode.
+func TestLegacyModeAndUnload(t *testing.T) {
+	testutil.Privileged(t)
+	ns := testutil.NewNetNS(t)
+	dp, err := datapath.Open(context.Background(), datapath.Config{
+		Name: "node", NetNS: ns.Path, BPFFS: testutil.BPFFS(t), TCAttach: datapath.AttachLegacy,
+		Node: datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var eps []*endpoint.Endpoint
+	for i := 1; i <= 2; i++ {
+		ep, err := endpoint.Create(context.Background(), dp, spec(i))
+		if err != nil {
+			dp.Unload()
+			t.Fatal(err)
+		}
+		eps = append(eps, ep)
+	}
+	if err := ping(eps[0], eps[1].IPv4); err != nil {
+		t.Errorf("ping in legacy mode: %v", err)
+	}
+	if out, _ := ns.Exec("tc", "filter", "show", "dev", eps[0].HostIfName, "ingress"); !strings.Contains(out, "sluice/node/endpoint-1") {
+		t.Errorf("no legacy filter on %s: %s", eps[0].HostIfName, out)
+	}
+	if err := dp.Unload(); err != nil {
+		t.Fatal(err)
+	}
+	for _, ep := range eps {
+		if _, err := os.Stat(filepath.Join("/run/netns", ep.NetNS)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("namespace %s left after Unload", ep.NetNS)
+		}
+		if _, err := netdev.Get(ns.Handle, ep.HostIfName); err == nil {
+			t.Errorf("device %s left after Unload", ep.HostIfName)
+		}
+	}
 }
 
 func TestGetListUpdate(t *testing.T) {

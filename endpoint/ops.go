@@ -406,12 +406,35 @@ func Update(dp *datapath.Datapath, id uint16, c Changes) (*Endpoint, error) {
 	return &next, nil
 }
 
+func init() { core.OnUnload(deleteAll) }
+
+// deleteAll deletes every endpoint, for datapath.Unload.
+func deleteAll(st *core.State) error {
+	var (
+		ids []uint16
+		id  uint32
+		rec bpf.DatapathEndpointRecord
+	)
+	it := st.Objs.EpRecords.Iterate()
+	for it.Next(&id, &rec) {
+		ids = append(ids, uint16(id))
+	}
+	errs := []error{it.Err()}
+	for _, id := range ids {
+		errs = append(errs, remove(st, id))
+	}
+	return errors.Join(errs...)
+}
+
 // Delete detaches the endpoint's program, removes it from the maps, deletes
 // its veth pair (`ip link del HOSTIF`; not an adopted one) and the namespace
 // Create made for it. Deleting an endpoint that does not exist is not an
 // error. On error the endpoint stays listed, and Delete may be called again.
 func Delete(dp *datapath.Datapath, id uint16) error {
-	st := core.Of(dp)
+	return remove(core.Of(dp), id)
+}
+
+func remove(st *core.State, id uint16) error {
 	unlock, err := st.Lock()
 	if err != nil {
 		return err

@@ -34,7 +34,24 @@ type State struct {
 	closed bool
 }
 
-var of func(any) *State
+var (
+	of        func(any) *State
+	teardowns []func(*State) error
+)
+
+// OnUnload registers what an object package must undo when its datapath is
+// unloaded (the endpoint package: delete every endpoint's devices and
+// namespace, which no pin would point to any more).
+func OnUnload(f func(*State) error) { teardowns = append(teardowns, f) }
+
+// Teardown runs the functions registered with OnUnload, past errors.
+func (s *State) Teardown() error {
+	var errs []error
+	for _, f := range teardowns {
+		errs = append(errs, f(s))
+	}
+	return errors.Join(errs...)
+}
 
 // Register lets the datapath package tell Of how to reach a Datapath's State.
 func Register(f func(any) *State) { of = f }
@@ -57,6 +74,13 @@ func (s *State) Lock() (unlock func(), err error) {
 		return nil, err
 	}
 	return func() { unlockDir(); s.mu.Unlock() }, nil
+}
+
+// Closed reports whether Close was called.
+func (s *State) Closed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
 }
 
 // Close releases the handles; it is a no-op the second time.
