@@ -34,16 +34,16 @@ static __always_inline int to_endpoint(struct __sk_buff *skb, __u32 ifindex, __u
 	return TC_ACT_REDIRECT;
 }
 
-/* ttl_decrement lowers the IPv4 TTL by one, fixing the header checksum, as a
- * router hop does. */
-static __always_inline int ttl_decrement(struct __sk_buff *skb, struct iphdr *ip)
+/* ttl_decrement lowers the IPv4 TTL by one as a router hop does. The TTL is
+ * the high byte of its 16-bit checksum word, so the checksum grows by 0x0100
+ * (RFC 1624 incremental update, as the kernel's ip_decrease_ttl does). */
+static __always_inline void ttl_decrement(struct iphdr *ip)
 {
-	__u16 old = *(__u16 *)&ip->ttl, new;
-	__u32 off = sizeof(struct ethhdr) + __builtin_offsetof(struct iphdr, check);
+	__u32 check = ip->check;
 
+	check += bpf_htons(0x0100);
+	ip->check = (__u16)(check + (check >= 0xffff));
 	ip->ttl--;
-	new = *(__u16 *)&ip->ttl;
-	return bpf_l3_csum_replace(skb, off, old, new, sizeof(__u16));
 }
 
 static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endpoint_info *src)
@@ -58,8 +58,7 @@ static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endp
 
 	dst = ipcache_lookup4(ip->daddr);
 	if (dst && dst->ifindex && ip->ttl > 1) {
-		if (ttl_decrement(skb, ip) < 0)
-			return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
+		ttl_decrement(ip);
 		return to_endpoint(skb, dst->ifindex, src->id);
 	}
 	trace(skb, TRACE_TO_STACK, DIR_EGRESS, src->id);
