@@ -116,6 +116,17 @@ func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
+	dp, err := loadPinned(cfg, ns, dir, fresh)
+	if err != nil && fresh {
+		// Leave nothing of a datapath that never worked.
+		err = errors.Join(err, os.RemoveAll(dir))
+	}
+	return dp, err
+}
+
+// loadPinned loads the objects with their maps pinned in dir and stamps the
+// layout version.
+func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapath, error) {
 	spec, err := bpf.LoadDatapath()
 	if err != nil {
 		return nil, err
@@ -166,6 +177,9 @@ func checkLayout(dir string) (fresh bool, err error) {
 		return false, fmt.Errorf("%w: read layout stamp: %v", ErrIncompatible, err)
 	}
 	version := binary.NativeEndian.Uint32(raw)
+	if version == 0 {
+		return true, nil // an Open that failed before stamping it
+	}
 	if version != LayoutVersion {
 		return false, fmt.Errorf("%w: pins in %s have layout version %d, this build has %d", ErrIncompatible, dir, version, LayoutVersion)
 	}

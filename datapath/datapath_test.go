@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/bpf"
 	"github.com/sluicedp/sluice/internal/attach"
@@ -217,13 +219,19 @@ func TestEventsSwitchAndRateLimit(t *testing.T) {
 	}
 
 	runProbe(t, probe.ProbeTc, ReasonMalformed, Ingress, 0)
-	// Rate 1/s with a burst of 3: of 10 drops in a burst, 3 are sent.
+	// Rate 1/s with a burst of 3: of 10 drops in a burst on one CPU, 3 are
+	// sent. (The limiter is per CPU, so the runs stay on CPU 0.)
 	if err := dp.SetEventConfig(EventConfig{Drops: true, RatePerCPU: 1, Burst: 3}); err != nil {
 		t.Fatal(err)
 	}
-	for range 10 {
-		runProbe(t, probe.ProbeTc, ReasonPolicyDenied, Ingress, 0)
-	}
+	onCPU0(t, func() error {
+		for range 10 {
+			if _, err := progtest.Run(probe.ProbeTc, testFrame, &progtest.SKB{Mark: uint32(ReasonPolicyDenied)}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 
 	var drops, limited uint64
 	for drops+limited < 10 {
@@ -383,5 +391,24 @@ func TestRingFullCounted(t *testing.T) {
 	m, _ := dp.Metrics()
 	if got := m[MetricKey{ReasonMalformed, Ingress}].Packets; got != n {
 		t.Errorf("counted %d drops, want %d", got, n)
+	}
+}
+
+// onCPU0 runs fn on a thread bound to CPU 0; the thread is retired after.
+func onCPU0(t *testing.T, fn func() error) {
+	t.Helper()
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread dies with its affinity
+		var set unix.CPUSet
+		set.Set(0)
+		if err := unix.SchedSetaffinity(0, &set); err != nil {
+			errc <- err
+			return
+		}
+		errc <- fn()
+	}()
+	if err := <-errc; err != nil {
+		t.Fatal(err)
 	}
 }

@@ -110,21 +110,22 @@ func checkFree(st *core.State, ep *Endpoint) error {
 	} else if !errors.Is(err, datapath.ErrNotFound) {
 		return err
 	}
-	var (
-		ifindex uint32
-		info    bpf.DatapathEndpointInfo
-	)
-	it := st.Objs.Endpoints.Iterate()
-	for it.Next(&ifindex, &info) {
-		if ep.IPv4.IsValid() && info.Flags&flagIPv4 != 0 && info.Ipv4 == ipv4Key(ep.IPv4) {
-			return exists("%s belongs to endpoint %d", ep.IPv4, info.Id)
+	// A local endpoint's address is in the ipcache as a host prefix with
+	// its interface; a covering prefix of a remote node has none.
+	for _, a := range addrs(ep) {
+		var v bpf.DatapathIpcacheValue
+		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
+		err := st.Objs.Ipcache.Lookup(&k, &v)
+		if err == nil && v.Ifindex != 0 {
+			var owner bpf.DatapathEndpointInfo
+			if st.Objs.Endpoints.Lookup(v.Ifindex, &owner) == nil {
+				return exists("%s belongs to endpoint %d", a, owner.Id)
+			}
+			return exists("%s belongs to another endpoint", a)
 		}
-		if ep.IPv6.IsValid() && info.Flags&flagIPv6 != 0 && info.Ipv6 == ep.IPv6.As16() {
-			return exists("%s belongs to endpoint %d", ep.IPv6, info.Id)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("look up %s: %w", a, err)
 		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read endpoints: %w", err)
 	}
 	if !ep.Adopted() {
 		if _, err := netdev.Get(st.NS, ep.HostIfName); err == nil {
