@@ -576,3 +576,29 @@ func TestAdoptInterface(t *testing.T) {
 		t.Error("the deleted endpoint's workload still reaches the other endpoint")
 	}
 }
+
+// Creates from many goroutines take turns; each gets its endpoint.
+func TestConcurrentCreate(t *testing.T) {
+	n := newNode(t)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for i := 1; i <= 8; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := endpoint.Create(context.Background(), n.dp, spec(i)); err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	list, err := endpoint.List(n.dp)
+	if err != nil || len(list) != 8 {
+		t.Fatalf("List after 8 concurrent creates: %d endpoints, %v", len(list), err)
+	}
+	// Unload (the test's cleanup) deletes them.
+}
