@@ -9,21 +9,9 @@
 #include <linux/if_ether.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include "../../bpf/lib/arp.h"
 
 #define MAX_BLACKLIST 100000
-
-/* ARP for Ethernet and IPv4 (RFC 826), as it follows the Ethernet header. */
-struct arp_ipv4 {
-	__be16 htype;
-	__be16 ptype;
-	__u8 hlen;
-	__u8 plen;
-	__be16 op;
-	__u8 sha[ETH_ALEN];
-	__be32 spa;
-	__u8 tha[ETH_ALEN];
-	__be32 tpa;
-} __attribute__((packed));
 
 /* Key: IPv4 address in network byte order. Value: packets dropped for it. */
 struct {
@@ -62,7 +50,7 @@ int arp_blacklist(struct xdp_md *ctx)
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
-	struct arp_ipv4 *arp = data + sizeof(*eth);
+	struct arp_eth_ipv4 *arp = data + sizeof(*eth);
 	__u64 *drops;
 
 	if ((void *)(arp + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_ARP))

@@ -118,15 +118,12 @@ func Delete(ns netns.NsHandle, ifindex int) error {
 //	ip -n NS neigh replace GW lladdr MAC dev DEV nud permanent
 //	ip -n NS route replace default via GW dev DEV onlink
 func DefaultRoute(ns netns.NsHandle, dev string, gw netip.Addr, mac net.HardwareAddr) error {
-	h, err := handle(ns)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	l, err := h.LinkByName(dev)
-	if err != nil {
-		return fmt.Errorf("device %s: %w", dev, err)
-	}
+	return onDevice(ns, dev, func(h *netlink.Handle, l netlink.Link) error {
+		return defaultRoute(h, l, gw, mac)
+	})
+}
+
+func defaultRoute(h *netlink.Handle, l netlink.Link, gw netip.Addr, mac net.HardwareAddr) error {
 	family := netlink.FAMILY_V4
 	if gw.Is6() {
 		family = netlink.FAMILY_V6
@@ -165,6 +162,31 @@ func up(h *netlink.Handle, name string) (int, error) {
 // without duplicate address detection. Equivalent to:
 // `ip -n NS addr add PREFIX dev DEV nodad`.
 func AddAddr(ns netns.NsHandle, dev string, prefix netip.Prefix) error {
+	return onDevice(ns, dev, func(h *netlink.Handle, l netlink.Link) error {
+		addr, err := netlink.ParseAddr(prefix.String())
+		if err != nil {
+			return err
+		}
+		addr.Flags = unix.IFA_F_NODAD
+		if err := h.AddrAdd(l, addr); err != nil {
+			return fmt.Errorf("add %s to %s: %w", prefix, dev, err)
+		}
+		return nil
+	})
+}
+
+// SetUp sets device dev in ns up. Equivalent to: `ip -n NS link set DEV up`.
+func SetUp(ns netns.NsHandle, dev string) error {
+	return onDevice(ns, dev, func(h *netlink.Handle, l netlink.Link) error {
+		if err := h.LinkSetUp(l); err != nil {
+			return fmt.Errorf("set %s up: %w", dev, err)
+		}
+		return nil
+	})
+}
+
+// onDevice runs fn with a handle in ns and the device dev found there.
+func onDevice(ns netns.NsHandle, dev string, fn func(*netlink.Handle, netlink.Link) error) error {
 	h, err := handle(ns)
 	if err != nil {
 		return err
@@ -174,24 +196,5 @@ func AddAddr(ns netns.NsHandle, dev string, prefix netip.Prefix) error {
 	if err != nil {
 		return fmt.Errorf("device %s: %w", dev, err)
 	}
-	addr, err := netlink.ParseAddr(prefix.String())
-	if err != nil {
-		return err
-	}
-	addr.Flags = unix.IFA_F_NODAD
-	if err := h.AddrAdd(l, addr); err != nil {
-		return fmt.Errorf("add %s to %s: %w", prefix, dev, err)
-	}
-	return nil
-}
-
-// SetUp sets device dev in ns up. Equivalent to: `ip -n NS link set DEV up`.
-func SetUp(ns netns.NsHandle, dev string) error {
-	h, err := handle(ns)
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	_, err = up(h, dev)
-	return err
+	return fn(h, l)
 }
