@@ -13,7 +13,7 @@
 /* to_endpoint delivers a packet to a local endpoint: it becomes a frame from
  * the endpoint's gateway to the endpoint, and crosses straight into the
  * endpoint's namespace (bpf_redirect_peer), without the host stack. */
-static __always_inline int to_endpoint(struct __sk_buff *skb, __u32 ifindex, __u32 from_id)
+static __always_inline int to_endpoint(struct __sk_buff *skb, __u32 ifindex)
 {
 	struct endpoint_info *dst = bpf_map_lookup_elem(&endpoints, &ifindex);
 	struct ethhdr *eth;
@@ -59,7 +59,7 @@ static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endp
 	dst = ipcache_lookup4(ip->daddr);
 	if (dst && dst->ifindex && ip->ttl > 1) {
 		ttl_decrement(ip);
-		return to_endpoint(skb, dst->ifindex, src->id);
+		return to_endpoint(skb, dst->ifindex);
 	}
 	trace(skb, TRACE_TO_STACK, DIR_EGRESS, src->id);
 	return TC_ACT_OK;
@@ -83,7 +83,7 @@ static __always_inline int from_endpoint_ipv6(struct __sk_buff *skb, struct endp
 	dst = ipcache_lookup6(ip->daddr.in6_u.u6_addr8);
 	if (dst && dst->ifindex && ip->hop_limit > 1) {
 		ip->hop_limit--; /* no checksum in the IPv6 header */
-		return to_endpoint(skb, dst->ifindex, src->id);
+		return to_endpoint(skb, dst->ifindex);
 	}
 	trace(skb, TRACE_TO_STACK, DIR_EGRESS, src->id);
 	return TC_ACT_OK;

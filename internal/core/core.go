@@ -154,7 +154,8 @@ func IPCacheKey(p netip.Prefix) bpf.DatapathIpcacheKey {
 // MapError wraps an error of a map update, so that a full map matches
 // datapath.ErrMapFull (passed as full, since this package cannot import it).
 func MapError(err, full error, what string) error {
-	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) || errors.Is(err, unix.ENOMEM) {
+	// A full hash map answers E2BIG, a full LPM trie ENOSPC.
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) {
 		return fmt.Errorf("%s: %w: %w", what, full, err)
 	}
 	return fmt.Errorf("%s: %w", what, err)
