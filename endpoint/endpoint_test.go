@@ -9,11 +9,13 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
 	"github.com/sluicedp/sluice/datapath"
@@ -84,15 +86,26 @@ func (n *node) create(t testing.TB, s endpoint.Spec) *endpoint.Endpoint {
 	return ep
 }
 
-// exec runs a command in the endpoint's namespace.
-func exec(ep *endpoint.Endpoint, args ...string) (string, error) {
-	return (&testutil.NetNS{Name: ep.NetNS, Path: filepath.Join("/run/netns", ep.NetNS)}).Exec(args...)
+// ping sends one echo request from the endpoint's namespace to `to` and
+// reports whether the reply came back.
+func ping(t testing.TB, from *endpoint.Endpoint, to netip.Addr) bool {
+	t.Helper()
+	return pingFrom(t, from, netip.Addr{}, to)
 }
 
-func ping(from *endpoint.Endpoint, to netip.Addr, extra ...string) error {
-	args := append([]string{"ping", "-c", "1", "-W", "1", "-q"}, extra...)
-	_, err := exec(from, append(args, to.String())...)
-	return err
+// pingFrom is ping from the source address src (the route's when invalid).
+// A failure to send at all fails the test.
+func pingFrom(t testing.TB, from *endpoint.Endpoint, src, to netip.Addr) bool {
+	t.Helper()
+	// Opened for each ping: a handle kept open would keep the namespace,
+	// and the endpoint's veth pair with it, alive after Delete.
+	ns, err := netns.GetFromName(from.NetNS)
+	if err != nil {
+		t.Errorf("ping from endpoint %d: %v", from.ID, err)
+		return false
+	}
+	defer ns.Close()
+	return testutil.Ping(t, ns, to, testutil.PingOptions{Src: src}) > 0
 }
 
 // inNS runs fn with the calling thread in the endpoint's namespace: sockets
@@ -141,7 +154,7 @@ func echoTCPUDP(from, to *endpoint.Endpoint, addr netip.Addr) error {
 
 	var tcp, udp net.Conn
 	if err := inNS(from, func() (err error) {
-		d := net.Dialer{Timeout: 2 * time.Second}
+		d := net.Dialer{Timeout: 10 * time.Second}
 		if tcp, err = d.Dial("tcp", ln.Addr().String()); err != nil {
 			return err
 		}
@@ -153,7 +166,7 @@ func echoTCPUDP(from, to *endpoint.Endpoint, addr netip.Addr) error {
 	defer tcp.Close()
 	defer udp.Close()
 	for _, c := range []net.Conn{tcp, udp} {
-		c.SetDeadline(time.Now().Add(2 * time.Second))
+		c.SetDeadline(time.Now().Add(10 * time.Second))
 		if _, err := c.Write([]byte("hello")); err != nil {
 			return err
 		}
@@ -167,16 +180,21 @@ func echoTCPUDP(from, to *endpoint.Endpoint, addr netip.Addr) error {
 
 func TestTwoEndpoints(t *testing.T) {
 	n := newNode(t)
-	if out, _ := n.ns.Exec("sysctl", "-n", "net.ipv4.ip_forward"); strings.TrimSpace(out) != "0" {
-		t.Fatalf("the node forwards IPv4 (%q): the test could not tell BPF from the stack", out)
+	var forward []byte
+	n.ns.Do(t, func() (err error) {
+		forward, err = os.ReadFile("/proc/sys/net/ipv4/ip_forward")
+		return err
+	})
+	if strings.TrimSpace(string(forward)) != "0" {
+		t.Fatalf("the node forwards IPv4 (%q): the test could not tell BPF from the stack", forward)
 	}
 	a, b := n.create(t, spec(1)), n.create(t, spec(2))
 
 	for _, pair := range [][2]*endpoint.Endpoint{{a, b}, {b, a}} {
 		from, to := pair[0], pair[1]
 		for _, addr := range []netip.Addr{to.IPv4, to.IPv6} {
-			if err := ping(from, addr); err != nil {
-				t.Errorf("ping %d -> %s: %v", from.ID, addr, err)
+			if !ping(t, from, addr) {
+				t.Errorf("ping %d -> %s: no reply", from.ID, addr)
 			}
 			if err := echoTCPUDP(from, to, addr); err != nil {
 				t.Errorf("TCP/UDP %d -> %s: %v", from.ID, addr, err)
@@ -220,8 +238,8 @@ func TestTenEndpoints(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if err := ping(from, to.IPv4); err != nil {
-					errs <- fmt.Errorf("ping %d -> %d: %w", from.ID, to.ID, err)
+				if !ping(t, from, to.IPv4) {
+					errs <- fmt.Errorf("ping %d -> %d: no reply", from.ID, to.ID)
 				}
 				if err := echoTCPUDP(from, to, to.IPv4); err != nil {
 					errs <- fmt.Errorf("TCP/UDP %d -> %d: %w", from.ID, to.ID, err)
@@ -239,8 +257,8 @@ func TestTenEndpoints(t *testing.T) {
 func TestSpoofedSource(t *testing.T) {
 	n := newNode(t)
 	a, b := n.create(t, spec(1)), n.create(t, spec(2))
-	if err := ping(a, b.IPv4); err != nil {
-		t.Fatalf("no ping before spoofing: %v", err)
+	if !ping(t, a, b.IPv4) {
+		t.Fatal("no ping before spoofing")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -250,20 +268,23 @@ func TestSpoofedSource(t *testing.T) {
 	}
 
 	// A second address inside the workload, not the endpoint's.
-	spoofed := "198.18.1.200"
-	if _, err := exec(a, "ip", "addr", "add", spoofed+"/32", "dev", "eth0"); err != nil {
-		t.Fatal(err)
-	}
-	if err := ping(a, b.IPv4, "-I", spoofed); err == nil {
+	workload := testutil.OpenNetNS(t, a.NetNS)
+	spoofed := netip.MustParseAddr("198.18.1.200")
+	workload.AddAddr(t, "eth0", spoofed.String()+"/32")
+	if pingFrom(t, a, spoofed, b.IPv4) {
 		t.Fatal("a ping from a spoofed source got through")
 	}
-	wantDrop(t, events, datapath.ReasonSpoofedSourceIP, a.ID, spoofed+" > "+b.IPv4.String())
+	wantDrop(t, events, datapath.ReasonSpoofedSourceIP, a.ID, spoofed.String()+" > "+b.IPv4.String())
 
 	// Another MAC on the workload's interface.
-	if _, err := exec(a, "ip", "link", "set", "eth0", "address", "02:00:00:00:00:99"); err != nil {
-		t.Fatal(err)
-	}
-	if err := ping(a, b.IPv4); err == nil {
+	workload.Do(t, func() error {
+		eth0, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		return netlink.LinkSetHardwareAddr(eth0, net.HardwareAddr{0x02, 0, 0, 0, 0, 0x99})
+	})
+	if ping(t, a, b.IPv4) {
 		t.Fatal("a ping from a spoofed MAC got through")
 	}
 	wantDrop(t, events, datapath.ReasonSpoofedSourceMAC, a.ID, "")
@@ -294,9 +315,10 @@ func wantDrop(t *testing.T, events <-chan datapath.Event, reason datapath.Reason
 	t.Errorf("no %s drop event from endpoint %d", reason, id)
 }
 
-// Unload deletes the endpoints with the datapath; endpoints made in legacy
-// tc mode forward as in tcx mode.
-func TestLegacyModeAndUnload(t *testing.T) {
+// openLegacy opens a datapath in legacy tc mode in a namespace of its own;
+// the caller unloads it.
+func openLegacy(t *testing.T) (*datapath.Datapath, *testutil.NetNS) {
+	t.Helper()
 	testutil.Privileged(t)
 	ns := testutil.NewNetNS(t)
 	dp, err := datapath.Open(context.Background(), datapath.Config{
@@ -306,6 +328,13 @@ func TestLegacyModeAndUnload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return dp, ns
+}
+
+// Unload deletes the endpoints with the datapath; endpoints made in legacy
+// tc mode forward as in tcx mode.
+func TestLegacyModeAndUnload(t *testing.T) {
+	dp, ns := openLegacy(t)
 	var eps []*endpoint.Endpoint
 	for i := 1; i <= 2; i++ {
 		ep, err := endpoint.Create(context.Background(), dp, spec(i))
@@ -315,11 +344,21 @@ func TestLegacyModeAndUnload(t *testing.T) {
 		}
 		eps = append(eps, ep)
 	}
-	if err := ping(eps[0], eps[1].IPv4); err != nil {
-		t.Errorf("ping in legacy mode: %v", err)
+	if !ping(t, eps[0], eps[1].IPv4) {
+		t.Error("no ping in legacy mode")
 	}
-	if out, _ := ns.Exec("tc", "filter", "show", "dev", eps[0].HostIfName, "ingress"); !strings.Contains(out, "sluice/node/endpoint-1") {
-		t.Errorf("no legacy filter on %s: %s", eps[0].HostIfName, out)
+	var names []string
+	ns.Do(t, func() error {
+		filters, err := netlink.FilterList(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: eps[0].HostIfindex}}, netlink.HANDLE_MIN_INGRESS)
+		for _, f := range filters {
+			if bf, ok := f.(*netlink.BpfFilter); ok {
+				names = append(names, bf.Name)
+			}
+		}
+		return err
+	})
+	if !slices.Contains(names, "sluice/node/endpoint-1") {
+		t.Errorf("no legacy filter on %s, only %q", eps[0].HostIfName, names)
 	}
 	if err := dp.Unload(); err != nil {
 		t.Fatal(err)
@@ -375,8 +414,8 @@ func TestGetListUpdate(t *testing.T) {
 	if _, err := endpoint.Update(n.dp, 99, endpoint.Changes{Identity: 5000}); !errors.Is(err, datapath.ErrNotFound) {
 		t.Errorf("Update(99): %v, want ErrNotFound", err)
 	}
-	if err := ping(a, b.IPv4); err != nil {
-		t.Errorf("no ping after Update: %v", err)
+	if !ping(t, a, b.IPv4) {
+		t.Error("no ping after Update")
 	}
 }
 
@@ -388,8 +427,8 @@ func TestReopen(t *testing.T) {
 	if err := n.dp.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := ping(a, b.IPv4); err != nil {
-		t.Errorf("no ping with the datapath closed: %v", err)
+	if !ping(t, a, b.IPv4) {
+		t.Error("no ping with the datapath closed")
 	}
 	again, err := datapath.Open(context.Background(), datapath.Config{
 		Name: "node", NetNS: n.ns.Path, BPFFS: filepath.Dir(n.dp.PinDir()),
@@ -483,9 +522,13 @@ func snapshot(t *testing.T, n *node, nodeNS *testutil.NetNS) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	links, _ := nodeNS.Exec("ip", "-o", "link", "show")
+	var links []netlink.Link
+	nodeNS.Do(t, func() (err error) {
+		links, err = netlink.LinkList()
+		return err
+	})
 	pins, _ := os.ReadDir(filepath.Join(n.dp.PinDir(), "links"))
-	return fmt.Sprintf("endpoints=%d devices=%d pins=%d", len(list), strings.Count(links, "\n"), len(pins))
+	return fmt.Sprintf("endpoints=%d devices=%d pins=%d", len(list), len(links), len(pins))
 }
 
 // Delete leaves no device, namespace, map entry or link; 100 rounds of
@@ -560,11 +603,11 @@ func TestAdoptInterface(t *testing.T) {
 	if !ep.Adopted() || ep.HostIfindex != hostIf || ep.Gateway4 != netip.MustParseAddr("198.18.1.1") || ep.HostMAC.String() != host.MAC.String() {
 		t.Errorf("adopted endpoint %+v", ep)
 	}
-	if _, err := workload.Exec("ping", "-c", "1", "-W", "1", "-q", b.IPv4.String()); err != nil {
-		t.Errorf("ping from the adopted workload: %v", err)
+	if testutil.Ping(t, workload.Handle, b.IPv4, testutil.PingOptions{}) == 0 {
+		t.Error("no ping from the adopted workload")
 	}
-	if err := ping(b, addr); err != nil {
-		t.Errorf("ping to the adopted workload: %v", err)
+	if !ping(t, b, addr) {
+		t.Error("no ping to the adopted workload")
 	}
 	if err := endpoint.Delete(n.dp, ep.ID); err != nil {
 		t.Fatal(err)
@@ -572,7 +615,7 @@ func TestAdoptInterface(t *testing.T) {
 	if l, err := netdev.Get(n.ns.Handle, "cni-host0"); err != nil || l.Index != hostIf {
 		t.Errorf("Delete removed the adopted interface: %v", err)
 	}
-	if _, err := workload.Exec("ping", "-c", "1", "-W", "1", "-q", b.IPv4.String()); err == nil {
+	if testutil.Ping(t, workload.Handle, b.IPv4, testutil.PingOptions{}) != 0 {
 		t.Error("the deleted endpoint's workload still reaches the other endpoint")
 	}
 }

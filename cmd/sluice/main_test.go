@@ -50,7 +50,8 @@ func TestCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer endpoint.Delete(dp, b.ID)
-	ns := &testutil.NetNS{Path: "/run/netns/" + a.NetNS}
+	workload := testutil.OpenNetNS(t, a.NetNS)
+	workload.AddAddr(t, "eth0", "198.18.1.99/32")
 
 	// A spoofed ping while `sluice events` runs.
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
@@ -59,8 +60,9 @@ func TestCommands(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- run(ctx, []string{"-bpffs", bpffs, "events"}, &events) }()
 	time.Sleep(300 * time.Millisecond)
-	ns.Exec("ip", "addr", "add", "198.18.1.99/32", "dev", "eth0")
-	ns.Exec("ping", "-c", "1", "-W", "1", "-I", "198.18.1.99", b.IPv4.String())
+	if testutil.Ping(t, workload.Handle, b.IPv4, testutil.PingOptions{Src: netip.MustParseAddr("198.18.1.99")}) != 0 {
+		t.Error("a ping from a spoofed source got through")
+	}
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}

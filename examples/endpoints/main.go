@@ -15,8 +15,6 @@ import (
 	"maps"
 	"net/netip"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"time"
 
@@ -26,6 +24,8 @@ import (
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
 	"github.com/sluicedp/sluice/internal/bpffs"
+	"github.com/sluicedp/sluice/internal/icmpecho"
+	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
@@ -103,21 +103,29 @@ func run() (err error) {
 		return err
 	}
 
+	webNS, err := netns.GetFromName(web.NetNS)
+	if err != nil {
+		return err
+	}
+	defer webNS.Close()
+
 	fmt.Println("\n# web pings db, over IPv4 and IPv6: forwarded by bpf_redirect_peer")
 	for _, to := range []netip.Addr{db.IPv4, db.IPv6} {
-		fmt.Printf("$ ping %s: %s\n", to, outcome(inNS(web, "ping", "-c", "3", "-i", "0.2", "-W", "1", "-q", to.String())))
+		if err := ping(webNS, to, icmpecho.Options{Count: 3}, 3); err != nil {
+			return err
+		}
 	}
 
 	fmt.Println("\n# web claims an address that is not its own")
-	if err := inNS(web, "ip", "addr", "add", "198.18.1.99/32", "dev", "eth0"); err != nil {
+	spoofed := netip.MustParseAddr("198.18.1.99")
+	if err := netdev.AddAddr(webNS, "eth0", netip.PrefixFrom(spoofed, 32)); err != nil {
 		return err
 	}
-	fmt.Printf("$ ping -I 198.18.1.99 %s: %s\n", db.IPv4, outcome(inNS(web, "ping", "-c", "1", "-W", "1", "-q", "-I", "198.18.1.99", db.IPv4.String())))
-	select {
-	case ev := <-events:
-		fmt.Println("event:", ev)
-	case <-time.After(2 * time.Second):
-		fmt.Println("event: none arrived")
+	if err := ping(webNS, db.IPv4, icmpecho.Options{Src: spoofed}, 0); err != nil {
+		return err
+	}
+	if err := awaitDrop(events, datapath.ReasonSpoofedSourceIP, web.ID); err != nil {
+		return err
 	}
 
 	fmt.Println("\n# counters")
@@ -143,19 +151,40 @@ func run() (err error) {
 	return nil
 }
 
-// inNS runs a command inside the endpoint's namespace.
-func inNS(ep *endpoint.Endpoint, args ...string) error {
-	cmd := exec.Command("nsenter", append([]string{"--net=" + filepath.Join("/run/netns", ep.NetNS), "--"}, args...)...)
-	out, err := cmd.CombinedOutput()
+// ping sends echo requests from the namespace ns, prints how many replies
+// came back and fails unless that is want.
+func ping(ns netns.NsHandle, dst netip.Addr, opts icmpecho.Options, want int) error {
+	replies, err := icmpecho.Ping(ns, dst, opts)
 	if err != nil {
-		return fmt.Errorf("%v: %s", err, out)
+		return err
+	}
+	from := ""
+	if opts.Src.IsValid() {
+		from = " from " + opts.Src.String()
+	}
+	fmt.Printf("ping %s%s: %d of %d replied\n", dst, from, replies, max(opts.Count, 1))
+	if replies != want {
+		return fmt.Errorf("ping %s%s: %d replies, want %d", dst, from, replies, want)
 	}
 	return nil
 }
 
-func outcome(err error) string {
-	if err != nil {
-		return "no reply"
+// awaitDrop prints events until a drop for reason from the endpoint id
+// arrives, and fails when none does within two seconds.
+func awaitDrop(events <-chan datapath.Event, reason datapath.Reason, id uint16) error {
+	timeout := time.After(2 * time.Second)
+	for {
+		select {
+		case ev, ok := <-events:
+			if !ok {
+				return fmt.Errorf("events ended before a %s drop from endpoint %d", reason, id)
+			}
+			fmt.Println("event:", ev)
+			if d, ok := ev.(*datapath.DropEvent); ok && d.Reason == reason && d.Endpoint == uint32(id) {
+				return nil
+			}
+		case <-timeout:
+			return fmt.Errorf("no %s drop event from endpoint %d", reason, id)
+		}
 	}
-	return "replies"
 }

@@ -2,18 +2,84 @@ package attach_test
 
 import (
 	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"github.com/sluicedp/sluice/internal/attach"
+	"github.com/sluicedp/sluice/internal/icmpecho"
 	"github.com/sluicedp/sluice/internal/nsrun"
 	"github.com/sluicedp/sluice/internal/testutil"
 )
+
+// pingChildEnv, when set to "NETNS-PATH ADDRESS", makes the test binary a
+// child that pings ADDRESS once from the namespace and exits: 0 for a
+// reply, 1 for none, 2 when it could not ping.
+const pingChildEnv = "SLUICE_ATTACH_TEST_PING"
+
+func TestMain(m *testing.M) {
+	if arg := os.Getenv(pingChildEnv); arg != "" {
+		os.Exit(pingChild(arg))
+	}
+	os.Exit(m.Run())
+}
+
+func pingChild(arg string) int {
+	path, dst, _ := strings.Cut(arg, " ")
+	ns, err := netns.GetFromPath(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	replies, err := icmpecho.Ping(ns, netip.MustParseAddr(dst), icmpecho.Options{})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	if replies == 0 {
+		return 1
+	}
+	return 0
+}
+
+// cgroupPing pings dst once from the network namespace at nsPath in a
+// process that starts inside the cgroup (clone3 with CLONE_INTO_CGROUP):
+// this test binary again, as pingChild. The test process itself stays out
+// of the cgroup, and a cgroup v2 domain takes only whole processes.
+func cgroupPing(cgroup, nsPath string, dst netip.Addr) (bool, error) {
+	dir, err := os.Open(cgroup)
+	if err != nil {
+		return false, err
+	}
+	defer dir.Close()
+	exe, err := os.Executable()
+	if err != nil {
+		return false, err
+	}
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), pingChildEnv+"="+nsPath+" "+dst.String())
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	switch {
+	case err == nil:
+		return true, nil
+	case errors.As(err, &exit) && exit.ExitCode() == 1:
+		return false, nil
+	}
+	return false, fmt.Errorf("ping %s from cgroup %s: %w: %s", dst, cgroup, err, out)
+}
 
 // constProg returns a program of type typ that always returns verdict.
 func constProg(t *testing.T, typ ebpf.ProgramType, attachType ebpf.AttachType, verdict int32) *ebpf.Program {
@@ -59,7 +125,7 @@ func TestTC(t *testing.T) {
 					return err
 				})
 				if errors.Is(err, ebpf.ErrNotSupported) {
-					testutil.Require(t, mode.String(), err)
+					testutil.RequireSince(t, "tcx", 6, 6, err)
 				}
 				if err != nil {
 					t.Fatal(err)
@@ -128,10 +194,14 @@ func TestCgroup(t *testing.T) {
 	pin := filepath.Join(testutil.BPFFS(t), "cgroup")
 	deny := constProg(t, ebpf.CGroupSKB, ebpf.AttachCGroupInetEgress, 0)
 
-	// ping from inside the private cgroup
+	// ping from a process started inside the private cgroup
 	pingInCgroup := func() bool {
-		_, err := p.A.Exec("sh", "-c", "echo $$ > "+cg+"/cgroup.procs && exec ping -c 1 -W 1 -q "+p.IPB.String())
-		return err == nil
+		t.Helper()
+		replied, err := cgroupPing(cg, p.A.Path, p.IPB)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return replied
 	}
 	if !pingInCgroup() {
 		t.Fatal("no ping from the cgroup before attaching")

@@ -38,7 +38,7 @@ func Privileged(t testing.TB) {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("CI is set, but %s", msg)
 		}
-		t.Skipf("skipping: %s (run as root on Linux >= 6.6)", msg)
+		t.Skipf("skipping: %s (run as root on Linux >= 6.1)", msg)
 	}
 	if os.Geteuid() != 0 {
 		unavailable("the test needs root")
@@ -101,6 +101,19 @@ func NewNetNS(t testing.TB) *NetNS {
 	return ns
 }
 
+// OpenNetNS opens the existing namespace named name, one the code under
+// test made, and closes the handle when the test ends; the namespace itself
+// it leaves alone.
+func OpenNetNS(t testing.TB, name string) *NetNS {
+	t.Helper()
+	h, err := netns.GetFromName(name)
+	if err != nil {
+		t.Fatalf("open netns %s: %v", name, err)
+	}
+	t.Cleanup(func() { h.Close() })
+	return &NetNS{Name: name, Path: filepath.Join("/run/netns", name), Handle: h}
+}
+
 // Do runs fn inside the namespace and fails the test on error.
 func (n *NetNS) Do(t testing.TB, fn func() error) {
 	t.Helper()
@@ -111,8 +124,14 @@ func (n *NetNS) Do(t testing.TB, fn func() error) {
 
 // Exec runs a command inside the namespace and returns its combined output.
 // It uses nsenter, not `ip netns exec`, which would hide the host's cgroup
-// mounts behind a fresh /sys.
+// mounts behind a fresh /sys. A missing command, nsenter or the one asked
+// for, is named in the error.
 func (n *NetNS) Exec(args ...string) (string, error) {
+	for _, tool := range []string{"nsenter", args[0]} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return "", fmt.Errorf("%s: the test needs the %s command: %w", strings.Join(args, " "), tool, err)
+		}
+	}
 	cmd := exec.Command("nsenter", append([]string{"--net=" + n.Path, "--"}, args...)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -200,6 +219,8 @@ type Pair struct {
 	IfA, IfB   int // interface indexes, each in its own namespace
 	IPA, IPB   netip.Addr
 	IP6A, IP6B netip.Addr
+
+	t testing.TB // the test Ping reports to
 }
 
 // NewPair builds a Pair.
@@ -209,6 +230,7 @@ func NewPair(t testing.TB) *Pair {
 		A: NewNetNS(t), B: NewNetNS(t),
 		IPA: netip.MustParseAddr("198.18.0.1"), IPB: netip.MustParseAddr("198.18.0.2"),
 		IP6A: netip.MustParseAddr("fd00::1"), IP6B: netip.MustParseAddr("fd00::2"),
+		t: t,
 	}
 	p.IfA, p.IfB = Veth(t, p.A, "veth0", p.B, "veth1")
 	p.A.AddAddr(t, "veth0", "198.18.0.1/24")
@@ -218,10 +240,9 @@ func NewPair(t testing.TB) *Pair {
 	return p
 }
 
-// Ping sends count pings from A to B's IPv4 address and reports whether
-// any answer came back.
-func (p *Pair) Ping(count int, extra ...string) bool {
-	args := append([]string{"ping", "-c", fmt.Sprint(count), "-i", "0.01", "-W", "1", "-q"}, extra...)
-	_, err := p.A.Exec(append(args, p.IPB.String())...)
-	return err == nil
+// Ping sends count echo requests from A to B's IPv4 address and reports
+// whether any reply came back. A failure to send at all fails the test.
+func (p *Pair) Ping(count int) bool {
+	p.t.Helper()
+	return Ping(p.t, p.A.Handle, p.IPB, PingOptions{Count: count}) > 0
 }

@@ -1,0 +1,39 @@
+package testutil
+
+import (
+	"fmt"
+	"os"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// KernelAtLeast reports whether the running kernel's version is at least
+// major.minor.
+func KernelAtLeast(major, minor int) bool {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return false
+	}
+	var maj, min int
+	fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &maj, &min)
+	return maj > major || (maj == major && min >= minor)
+}
+
+// RequireSince skips the test when err says the kernel lacks a feature that
+// came with Linux major.minor and the kernel is older than that, saying so.
+// On a kernel that should have the feature it fails when the CI environment
+// variable is set, and skips otherwise (see Require).
+func RequireSince(t testing.TB, feature string, major, minor int, err error) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	if !KernelAtLeast(major, minor) {
+		t.Skipf("skipping: %s needs Linux %d.%d: %v", feature, major, minor, err)
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("CI is set, and Linux %d.%d or later should have %s, but: %v", major, minor, feature, err)
+	}
+	t.Skipf("skipping: the kernel lacks %s: %v", feature, err)
+}
