@@ -1,7 +1,9 @@
 # The one place that pins how BPF objects are built.
 BPF_CLANG ?= clang-19
 BPF_STRIP ?= llvm-strip-19
-BPF_CFLAGS := -O2 -g -Wall -Werror -I/usr/include/$(shell uname -m)-linux-gnu
+# -nostdinc: the programs use only bpf/include, never the build host's headers.
+# -mcpu=v3: the instruction set every supported kernel (Linux 6.1 on) accepts.
+BPF_CFLAGS := -O2 -g -Wall -Werror -nostdinc -mcpu=v3
 
 .PHONY: generate test demo
 

@@ -16,6 +16,7 @@ enum event_flag *_event_flag __attribute__((unused));
 enum event_lost_cause *_event_lost_cause __attribute__((unused));
 enum direction *_direction __attribute__((unused));
 enum layout_version *_layout_version __attribute__((unused));
+enum event_version *_event_version __attribute__((unused));
 enum endpoint_flag *_endpoint_flag __attribute__((unused));
 
 char __license[] SEC("license") = "GPL";

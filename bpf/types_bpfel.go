@@ -33,26 +33,32 @@ const (
 	TypesDropReasonREASON_NO_BACKEND         TypesDropReason = 7
 	TypesDropReasonREASON_PREFILTER_DENIED   TypesDropReason = 8
 	TypesDropReasonREASON_REDIRECT_FAILED    TypesDropReason = 9
+	TypesDropReasonREASON_VLAN_TAGGED        TypesDropReason = 10
+	TypesDropReasonREASON_TUNNELED           TypesDropReason = 11
+	TypesDropReasonREASON_ENDPOINT_NOT_READY TypesDropReason = 12
 	TypesDropReasonREASON_MAX                TypesDropReason = 255
 )
 
 type TypesEndpointFlag uint32
 
 const (
-	TypesEndpointFlagENDPOINT_F_IPV4 TypesEndpointFlag = 1
-	TypesEndpointFlagENDPOINT_F_IPV6 TypesEndpointFlag = 2
+	TypesEndpointFlagENDPOINT_F_IPV4  TypesEndpointFlag = 1
+	TypesEndpointFlagENDPOINT_F_IPV6  TypesEndpointFlag = 2
+	TypesEndpointFlagENDPOINT_F_READY TypesEndpointFlag = 4
 )
 
 type TypesEvent struct {
 	_        structs.HostLayout
+	Version  uint8
 	Type     uint8
 	Code     uint8
 	Dir      uint8
-	CapLen   uint8
 	Ifindex  uint32
 	PktLen   uint32
 	Endpoint uint32
 	TimeNs   uint64
+	CapLen   uint32
+	Reserved uint32
 	Packet   [128]uint8
 }
 
@@ -77,10 +83,16 @@ const (
 	TypesEventTypeEVENT_TRACE TypesEventType = 2
 )
 
+type TypesEventVersion uint32
+
+const (
+	TypesEventVersionEVENT_VERSION TypesEventVersion = 1
+)
+
 type TypesLayoutVersion uint32
 
 const (
-	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 1
+	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 2
 )
 
 type TypesTracePoint uint32
@@ -115,6 +127,7 @@ const (
 	TypesVarEventFlag      = "_event_flag"
 	TypesVarEventLostCause = "_event_lost_cause"
 	TypesVarEventType      = "_event_type"
+	TypesVarEventVersion   = "_event_version"
 	TypesVarLayoutVersion  = "_layout_version"
 	TypesVarTracePoint     = "_trace_point"
 )
@@ -189,6 +202,7 @@ type TypesVariableSpecs struct {
 	EventFlag      *ebpf.VariableSpec `ebpf:"_event_flag"`
 	EventLostCause *ebpf.VariableSpec `ebpf:"_event_lost_cause"`
 	EventType      *ebpf.VariableSpec `ebpf:"_event_type"`
+	EventVersion   *ebpf.VariableSpec `ebpf:"_event_version"`
 	LayoutVersion  *ebpf.VariableSpec `ebpf:"_layout_version"`
 	TracePoint     *ebpf.VariableSpec `ebpf:"_trace_point"`
 }
@@ -249,6 +263,7 @@ type TypesVariables struct {
 	EventFlag      *ebpf.Variable `ebpf:"_event_flag"`
 	EventLostCause *ebpf.Variable `ebpf:"_event_lost_cause"`
 	EventType      *ebpf.Variable `ebpf:"_event_type"`
+	EventVersion   *ebpf.Variable `ebpf:"_event_version"`
 	LayoutVersion  *ebpf.Variable `ebpf:"_layout_version"`
 	TracePoint     *ebpf.Variable `ebpf:"_trace_point"`
 }

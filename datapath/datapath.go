@@ -132,6 +132,14 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 	if err != nil {
 		return nil, err
 	}
+	events := cfg.Events
+	if events == nil && fresh {
+		def := DefaultEventConfig()
+		events = &def
+	}
+	if err := sizeRing(spec.Maps[bpf.DatapathMapEvents], dir, events); err != nil {
+		return nil, err
+	}
 	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: attach.Mode(cfg.TCAttach), PodCIDRs: slices.Clone(cfg.Node.PodCIDRs)}
 	err = spec.LoadAndAssign(&st.Objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
@@ -146,11 +154,6 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 		st.Objs.Close()
 		return nil, fmt.Errorf("stamp layout version: %w", err)
 	}
-	events := cfg.Events
-	if events == nil && fresh {
-		def := DefaultEventConfig()
-		events = &def
-	}
 	if events != nil {
 		if err := dp.SetEventConfig(*events); err != nil {
 			st.Objs.Close()
@@ -158,6 +161,25 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 		}
 	}
 	return dp, nil
+}
+
+// sizeRing sets the size of the event ring buffer: a pinned ring keeps its
+// size, a new one is sized for the event config (see ringBytes).
+func sizeRing(spec *ebpf.MapSpec, dir string, events *EventConfig) error {
+	pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, spec.Name), &ebpf.LoadPinOptions{ReadOnly: true})
+	switch {
+	case err == nil:
+		spec.MaxEntries = pinned.MaxEntries()
+		return pinned.Close()
+	case !errors.Is(err, os.ErrNotExist):
+		return fmt.Errorf("%w: load pinned %s: %w", ErrIncompatible, spec.Name, err)
+	}
+	cfg := DefaultEventConfig()
+	if events != nil {
+		cfg = *events
+	}
+	spec.MaxEntries = uint32(ringBytes(cfg, cpus()))
+	return nil
 }
 
 // checkLayout reports whether dir holds no datapath yet, and fails with

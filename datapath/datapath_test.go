@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/bpf"
@@ -302,7 +303,12 @@ func TestAttachAndUnload(t *testing.T) {
 				t.Fatal(err)
 			}
 			probe := loadProbe(t, dp)
-			if err := dp.st.AttachTC(p.IfB, attach.Ingress, probe.ProbeTc, "veth1-ingress"); err != nil {
+			err = dp.st.AttachTC(p.IfB, attach.Ingress, probe.ProbeTc, "veth1-ingress")
+			if mode == AttachTCX && errors.Is(err, ebpf.ErrNotSupported) {
+				dp.Unload()
+				testutil.RequireSince(t, "tcx", 6, 6, err)
+			}
+			if err != nil {
 				t.Fatal(err)
 			}
 			if !p.Ping(3) {
@@ -318,16 +324,27 @@ func TestAttachAndUnload(t *testing.T) {
 			noPrograms := func(when string) {
 				t.Helper()
 				p.B.Do(t, func() error {
+					if !testutil.KernelAtLeast(6, 6) {
+						return nil // no tcx to ask
+					}
 					res, err := link.QueryPrograms(link.QueryOptions{Target: p.IfB, Attach: ebpf.AttachTCXIngress})
 					if err == nil && len(res.Programs) != 0 {
 						t.Errorf("tcx programs left %s: %v", when, res.Programs)
 					}
 					return err
 				})
-				out, _ := p.B.Exec("tc", "filter", "show", "dev", "veth1", "ingress")
-				if strings.Contains(out, "sluice") {
-					t.Errorf("legacy filter left %s: %s", when, out)
-				}
+				p.B.Do(t, func() error {
+					filters, err := netlink.FilterList(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: p.IfB}}, netlink.HANDLE_MIN_INGRESS)
+					for _, f := range filters {
+						if bf, ok := f.(*netlink.BpfFilter); ok && strings.Contains(bf.Name, "sluice") {
+							t.Errorf("legacy filter %s left %s", bf.Name, when)
+						}
+					}
+					if errors.Is(err, unix.EINVAL) { // no clsact qdisc: no filters
+						return nil
+					}
+					return err
+				})
 			}
 			if err := dp.st.DetachTC(p.IfB, attach.Ingress, "veth1-ingress"); err != nil {
 				t.Fatal(err)
@@ -410,5 +427,26 @@ func onCPU0(t *testing.T, fn func() error) {
 	}()
 	if err := <-errc; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// The ring buffer is sized at the first Open for every CPU's burst and
+// 100 ms of its rate; a later config that could overflow it is refused.
+func TestRingSizedForRate(t *testing.T) {
+	big := EventConfig{Drops: true, RatePerCPU: 100_000, Burst: 10_000}
+	dp := open(t, Config{Events: &big})
+	if got, need := uint64(dp.st.Objs.Events.MaxEntries()), uint64(cpus())*(10_000+10_000)*recordBytes; got < need {
+		t.Errorf("ring of %d bytes for %+v on %d CPUs, want at least %d", got, big, cpus(), need)
+	}
+
+	small := open(t, Config{Name: "small"})
+	if got, want := uint64(small.st.Objs.Events.MaxEntries()), ringBytes(DefaultEventConfig(), cpus()); got != want {
+		t.Errorf("ring of %d bytes for the default config, want %d", got, want)
+	}
+	if err := small.SetEventConfig(big); !errors.Is(err, ErrInvalid) {
+		t.Errorf("a config the ring cannot hold: %v, want ErrInvalid", err)
+	}
+	if err := small.SetEventConfig(DefaultEventConfig()); err != nil {
+		t.Error(err)
 	}
 }

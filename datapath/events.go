@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/sluicedp/sluice/bpf"
@@ -74,10 +76,17 @@ func (e *LostEvent) String() string {
 func (*LostEvent) event() {}
 
 // SetEventConfig switches events on or off and sets their rate limit, for
-// packets from now on. It returns ErrInvalid for a bad config.
+// packets from now on. It returns ErrInvalid for a bad config, and for a
+// rate and burst whose records could overflow the datapath's ring buffer
+// (sized at its first Open from the CPU count and the event config then).
 func (dp *Datapath) SetEventConfig(cfg EventConfig) error {
 	if err := cfg.validate(); err != nil {
 		return err
+	}
+	ring := uint64(dp.st.Objs.Events.MaxEntries())
+	if need := ringBytes(cfg, cpus()); cfg.RatePerCPU != 0 && need > ring {
+		return fmt.Errorf("events at %d/s and bursts of %d per CPU on %d CPUs need a ring of %d bytes, this datapath's has %d: %w",
+			cfg.RatePerCPU, cfg.Burst, cpus(), need, ring, ErrInvalid)
 	}
 	var v bpf.DatapathEventSettings
 	if cfg.Drops {
@@ -105,6 +114,39 @@ func (dp *Datapath) EventConfig() (EventConfig, error) {
 		RatePerCPU: v.Rate,
 		Burst:      v.Burst,
 	}, nil
+}
+
+const eventVersion = uint8(bpf.TypesEventVersionEVENT_VERSION)
+
+// The ring buffer's size: a power of two from minRing to maxRing bytes.
+const (
+	minRing = 1 << 20
+	maxRing = 1 << 28
+)
+
+// recordBytes is what one event takes in the ring buffer: the record and
+// the ring's 8-byte header, rounded up to 8 bytes.
+var recordBytes = uint64(binary.Size(bpf.TypesEvent{})+8+7) &^ 7
+
+// ringBytes is the ring size that holds what cfg lets ncpu CPUs send before
+// a reader catches up: every CPU's burst at once, and 100 ms of every
+// CPU's rate.
+func ringBytes(cfg EventConfig, ncpu int) uint64 {
+	need := uint64(ncpu) * (uint64(cfg.Burst) + uint64(cfg.RatePerCPU)/10) * recordBytes
+	size := uint64(minRing)
+	for size < need && size < maxRing {
+		size <<= 1
+	}
+	return size
+}
+
+// cpus is how many CPUs the kernel may run programs on.
+func cpus() int {
+	n, err := ebpf.PossibleCPU()
+	if err != nil {
+		return runtime.NumCPU()
+	}
+	return n
 }
 
 const (
@@ -219,6 +261,9 @@ func decodeEvent(raw []byte) (Event, error) {
 	var rec bpf.TypesEvent
 	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &rec); err != nil {
 		return nil, fmt.Errorf("decode event: %w", err)
+	}
+	if rec.Version != eventVersion {
+		return nil, fmt.Errorf("decode event: record version %d, this build reads %d: %w", rec.Version, eventVersion, ErrIncompatible)
 	}
 	p := Packet{
 		Direction: Direction(rec.Dir),

@@ -22,6 +22,9 @@ const (
 	ReasonNoBackend        = Reason(bpf.TypesDropReasonREASON_NO_BACKEND)
 	ReasonPrefilterDenied  = Reason(bpf.TypesDropReasonREASON_PREFILTER_DENIED)
 	ReasonRedirectFailed   = Reason(bpf.TypesDropReasonREASON_REDIRECT_FAILED)
+	ReasonVLANTagged       = Reason(bpf.TypesDropReasonREASON_VLAN_TAGGED)
+	ReasonTunneled         = Reason(bpf.TypesDropReasonREASON_TUNNELED)
+	ReasonEndpointNotReady = Reason(bpf.TypesDropReasonREASON_ENDPOINT_NOT_READY)
 )
 
 // reasonNames holds every reason's name and what it means; a test checks it
@@ -36,7 +39,10 @@ var reasonNames = map[Reason]struct{ name, doc string }{
 	ReasonPolicyDenied:     {"POLICY_DENIED", "no policy rule allows it, or a deny rule matched"},
 	ReasonNoBackend:        {"NO_BACKEND", "service has no usable backend"},
 	ReasonPrefilterDenied:  {"PREFILTER_DENIED", "source is in the CIDR prefilter"},
-	ReasonRedirectFailed:   {"REDIRECT_FAILED", "the kernel refused to redirect the packet"},
+	ReasonRedirectFailed:   {"REDIRECT_FAILED", "the destination's interface is gone"},
+	ReasonVLANTagged:       {"VLAN_TAGGED", "a VLAN-tagged frame from an endpoint"},
+	ReasonTunneled:         {"TUNNELED", "IP-in-IP, IPv6-in-IP or GRE from an endpoint (the inner source cannot be checked)"},
+	ReasonEndpointNotReady: {"ENDPOINT_NOT_READY", "the destination endpoint is being created or deleted"},
 }
 
 // String returns the reason's stable name, such as "POLICY_DENIED".

@@ -6,7 +6,10 @@
 //
 // What the datapath does with an endpoint's packets:
 //   - anti-spoofing: a packet whose source MAC or IP is not the endpoint's is
-//     dropped (SPOOFED_SOURCE_MAC, SPOOFED_SOURCE_IP);
+//     dropped (SPOOFED_SOURCE_MAC, SPOOFED_SOURCE_IP), and so are VLAN-tagged
+//     frames (VLAN_TAGGED) and IP-in-IP or GRE, whose inner source nothing
+//     checks (TUNNELED); docs/architecture.md lists every check and the
+//     link-scope IPv6 traffic (neighbour discovery, MLD) that passes;
 //   - local forwarding: a packet to another endpoint on the node is handed
 //     straight to that endpoint's namespace (bpf_redirect_peer), without the
 //     host stack, its TTL lowered by one as a router would;
@@ -64,7 +67,9 @@ type Spec struct {
 	// (as a CNI plugin that made the pair itself would): sluice attaches to
 	// it and registers the endpoint, but configures nothing inside the
 	// workload and leaves the device in place on Delete. The workload must
-	// route via the gateway to HostMAC (see Endpoint).
+	// route via the gateway to HostMAC (see Endpoint). Leave the interface
+	// down: Create sets it up once the program is attached, and whatever an
+	// interface that is up carries before that reaches the host unchecked.
 	Interface string
 }
 

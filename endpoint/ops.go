@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netns"
@@ -32,8 +33,9 @@ import (
 //     the gateway and a permanent neighbour entry for it
 //     (`ip addr add`, `ip route add default via GW onlink`,
 //     `ip neigh add GW lladdr HOSTMAC nud permanent`);
-//   - the endpoint map and ipcache entries, then the from-endpoint program
-//     on the host end's tcx ingress.
+//   - the from-endpoint program on the host end's tcx ingress, the endpoint
+//     map and ipcache entries, and only then the host end up: the workload
+//     cannot send a packet that the program does not see.
 //
 // Bad input returns a datapath.ErrInvalid error; an ID, address or interface
 // name in use returns datapath.ErrExists; a namespace path that does not
@@ -88,11 +90,57 @@ func connect(st *core.State, ep *Endpoint) (err error) {
 	if err != nil {
 		return err
 	}
+	// The program first: until it is registered below it drops whatever
+	// the workload sends (UNKNOWN_ENDPOINT), and the host end is still down
+	// unless the caller adopted it up.
+	if err := st.AttachTC(ep.HostIfindex, attach.Ingress, st.Objs.FromEndpoint, linkKey(ep.ID)); err != nil {
+		return fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
+	}
+	rollback.add(func() error { return st.DetachTC(ep.HostIfindex, attach.Ingress, linkKey(ep.ID)) })
 	if err := register(st, ep, &rollback); err != nil {
 		return err
 	}
-	if err := st.AttachTC(ep.HostIfindex, attach.Ingress, st.Objs.FromEndpoint, linkKey(ep.ID)); err != nil {
-		return fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
+	if err := netdev.SetUp(st.NS, ep.HostIfName); err != nil {
+		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	if !ep.Adopted() { // an adopted pair's far end is the caller's to set up
+		if err := waitRunning(st, ep); err != nil {
+			return err
+		}
+	}
+	return setReady(st, ep, true)
+}
+
+// runningTimeout bounds the wait for a new veth pair to carry packets; it
+// takes microseconds, but a loaded or emulated machine is slower.
+const runningTimeout = 10 * time.Second
+
+// waitRunning waits until both ends of a new endpoint's veth pair can send,
+// so that the endpoint works when Create returns.
+func waitRunning(st *core.State, ep *Endpoint) error {
+	ns, _, err := openNetNS(ep.NetNS, false)
+	if err != nil {
+		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	defer ns.Close()
+	if err := errors.Join(
+		netdev.WaitRunning(st.NS, ep.HostIfName, runningTimeout),
+		netdev.WaitRunning(ns, ep.IfName, runningTimeout),
+	); err != nil {
+		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	return nil
+}
+
+// setReady marks the endpoint as one packets may be delivered to, or not.
+func setReady(st *core.State, ep *Endpoint, ready bool) error {
+	info := endpointInfo(ep, ready)
+	err := st.Objs.Endpoints.Update(uint32(ep.HostIfindex), &info, ebpf.UpdateExist)
+	if errors.Is(err, ebpf.ErrKeyNotExist) && !ready {
+		return nil // gone already: a Delete that failed half-way
+	}
+	if err != nil {
+		return fmt.Errorf("endpoint %d: mark ready=%t: %w", ep.ID, ready, err)
 	}
 	return nil
 }
@@ -138,7 +186,7 @@ func checkFree(st *core.State, ep *Endpoint) error {
 // provision makes the workload's side: namespace, veth pair, addresses,
 // routes.
 func provision(st *core.State, ep *Endpoint, rollback *undo) error {
-	ns, created, err := openNetNS(ep.NetNS)
+	ns, created, err := openNetNS(ep.NetNS, true)
 	if err != nil {
 		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
 	}
@@ -154,7 +202,7 @@ func provision(st *core.State, ep *Endpoint, rollback *undo) error {
 	hostIfindex, _, err := netdev.Veth(netdev.VethPair{
 		NS: st.NS, Name: ep.HostIfName,
 		PeerNS: ns, PeerName: ep.IfName, PeerMAC: ep.MAC,
-		MTU: ep.MTU,
+		MTU: ep.MTU, KeepDown: true,
 	})
 	if errors.Is(err, unix.EEXIST) {
 		return fmt.Errorf("endpoint %d: %w: %w", ep.ID, datapath.ErrExists, err)
@@ -203,15 +251,12 @@ func adopt(st *core.State, ep *Endpoint) error {
 		return fmt.Errorf("endpoint %d: adopt %s: endpoint %d has it: %w", ep.ID, ep.Interface, info.Id, datapath.ErrExists)
 	}
 	ep.HostIfindex, ep.HostMAC = host.Index, host.MAC
-	if err := netdev.SetUp(st.NS, ep.Interface); err != nil {
-		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
-	}
 	return nil
 }
 
 // openNetNS opens the namespace spec names, creating a named one that is
-// missing.
-func openNetNS(spec string) (ns netns.NsHandle, created bool, err error) {
+// missing when create is set.
+func openNetNS(spec string, create bool) (ns netns.NsHandle, created bool, err error) {
 	if strings.ContainsRune(spec, '/') {
 		ns, err := netns.GetFromPath(spec)
 		if errors.Is(err, unix.ENOENT) {
@@ -223,7 +268,7 @@ func openNetNS(spec string) (ns netns.NsHandle, created bool, err error) {
 	if err == nil {
 		return ns, false, nil
 	}
-	if !errors.Is(err, unix.ENOENT) {
+	if !errors.Is(err, unix.ENOENT) || !create {
 		return ns, false, fmt.Errorf("network namespace %s: %w", spec, err)
 	}
 	ns, err = nsrun.New(spec)
@@ -232,8 +277,9 @@ func openNetNS(spec string) (ns netns.NsHandle, created bool, err error) {
 
 // Mirrors enum endpoint_flag in bpf/lib/endpoint.h.
 const (
-	flagIPv4 = uint32(bpf.TypesEndpointFlagENDPOINT_F_IPV4)
-	flagIPv6 = uint32(bpf.TypesEndpointFlagENDPOINT_F_IPV6)
+	flagIPv4  = uint32(bpf.TypesEndpointFlagENDPOINT_F_IPV4)
+	flagIPv6  = uint32(bpf.TypesEndpointFlagENDPOINT_F_IPV6)
+	flagReady = uint32(bpf.TypesEndpointFlagENDPOINT_F_READY)
 )
 
 // ipv4Key is an IPv4 address as the BPF side stores it: network byte order
@@ -243,7 +289,9 @@ func ipv4Key(a netip.Addr) uint32 {
 	return binary.NativeEndian.Uint32(b[:])
 }
 
-func endpointInfo(ep *Endpoint) bpf.DatapathEndpointInfo {
+// endpointInfo is the endpoint's entry in the endpoint map; ready says
+// whether packets may be delivered to it.
+func endpointInfo(ep *Endpoint, ready bool) bpf.DatapathEndpointInfo {
 	info := bpf.DatapathEndpointInfo{
 		Id:       uint32(ep.ID),
 		Identity: uint32(ep.Identity),
@@ -258,6 +306,9 @@ func endpointInfo(ep *Endpoint) bpf.DatapathEndpointInfo {
 	if ep.IPv6.IsValid() {
 		info.Flags |= flagIPv6
 		info.Ipv6 = ep.IPv6.As16()
+	}
+	if ready {
+		info.Flags |= flagReady
 	}
 	return info
 }
@@ -285,7 +336,7 @@ func register(st *core.State, ep *Endpoint, rollback *undo) error {
 	}
 	rollback.add(func() error { return deleteKey(st.Objs.EpCounters, key) })
 
-	info := endpointInfo(ep)
+	info := endpointInfo(ep, false) // ready once its host end is up
 	ifindex := uint32(ep.HostIfindex)
 	if err := st.Objs.Endpoints.Update(ifindex, &info, ebpf.UpdateNoExist); err != nil {
 		return fail(err, "add to endpoint map")
@@ -384,7 +435,7 @@ func Update(dp *datapath.Datapath, id uint16, c Changes) (*Endpoint, error) {
 	// by writing the old values back.
 	var rollback undo
 	write := func(e *Endpoint) error {
-		info := endpointInfo(e)
+		info := endpointInfo(e, true)
 		if err := st.Objs.Endpoints.Update(uint32(e.HostIfindex), &info, ebpf.UpdateExist); err != nil {
 			return err
 		}
@@ -449,7 +500,8 @@ func remove(st *core.State, id uint16) error {
 		return err
 	}
 
-	errs := []error{st.DetachTC(ep.HostIfindex, attach.Ingress, linkKey(id))}
+	// Nothing is delivered to it from now on; then the rest comes apart.
+	errs := []error{setReady(st, ep, false), st.DetachTC(ep.HostIfindex, attach.Ingress, linkKey(id))}
 	for _, a := range addrs(ep) {
 		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
 		errs = append(errs, deleteKey(st.Objs.Ipcache, &k))

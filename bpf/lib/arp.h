@@ -1,8 +1,7 @@
 /* ARP for Ethernet and IPv4 (RFC 826), as it follows the Ethernet header. */
 #pragma once
 
-#include <linux/types.h>
-#include <linux/if_ether.h>
+#include "../include/net.h"
 
 struct arp_eth_ipv4 {
 	__be16 htype;

@@ -1,17 +1,13 @@
-/* Definitions every sluice program shares: kernel headers, helpers and the
+/* Definitions every sluice program shares: the kernel interface and the
  * layout version of the pinned maps. */
 #pragma once
 
-#include <linux/types.h>
-#include <linux/bpf.h>
-#include <linux/pkt_cls.h>
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
+#include "../include/bpf.h"
 
 /* Bumped whenever a pinned map changes its key, value or meaning. Go reads
  * it from this enum (bpf2go), so the two cannot disagree. */
 enum layout_version {
-	LAYOUT_VERSION = 1,
+	LAYOUT_VERSION = 2,
 };
 
 /* Direction of a packet relative to the workload or node it concerns. */

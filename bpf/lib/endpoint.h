@@ -8,6 +8,9 @@
 enum endpoint_flag {
 	ENDPOINT_F_IPV4 = 1 << 0,
 	ENDPOINT_F_IPV6 = 1 << 1,
+	/* Its devices are up and its program attached: packets may be
+	 * delivered to it. Unset while Create and Delete run. */
+	ENDPOINT_F_READY = 1 << 2,
 };
 
 /* What the datapath knows of an endpoint, keyed by its host-side ifindex. */
@@ -27,6 +30,10 @@ struct {
 	__uint(max_entries, ENDPOINTS_MAX);
 	__type(key, __u32);
 	__type(value, struct endpoint_info);
+	/* Not preallocated: an update then replaces the element instead of
+	 * rewriting it in place, so a reader on another CPU sees the old value
+	 * or the new one, never a mix or another endpoint's. */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoints SEC(".maps");
 

@@ -10,8 +10,14 @@
 
 #define NSEC_PER_SEC 1000000000ULL
 
-/* Bytes of the packet head copied into each event. */
+/* Bytes of the packet head copied into each event: a power of two, so that
+ * a mask bounds the copy length for every verifier. */
 #define EVENT_CAPTURE_LEN 128
+
+/* Version of struct event; a reader refuses records of another version. */
+enum event_version {
+	EVENT_VERSION = 1,
+};
 
 enum event_type {
 	EVENT_DROP = 1,
@@ -20,14 +26,16 @@ enum event_type {
 
 /* One ring buffer record. */
 struct event {
+	__u8 version;  /* EVENT_VERSION */
 	__u8 type;     /* enum event_type */
 	__u8 code;     /* enum drop_reason or enum trace_point */
 	__u8 dir;      /* enum direction */
-	__u8 cap_len;  /* valid bytes in packet[] */
 	__u32 ifindex;
 	__u32 pkt_len; /* length of the whole packet */
 	__u32 endpoint;/* endpoint ID, 0 when none */
 	__u64 time_ns; /* CLOCK_MONOTONIC */
+	__u32 cap_len; /* valid bytes in packet[] */
+	__u32 reserved;
 	__u8 packet[EVENT_CAPTURE_LEN];
 };
 
@@ -96,70 +104,112 @@ static __always_inline void event_count_lost(enum event_lost_cause cause)
 		(*n)++;
 }
 
-/* Whether a record of this kind may be sent now; spends rate-limit credit. */
-static __always_inline int event_allowed(__u32 flag)
+/* Whether records of this kind are switched on: checked inline, so that a
+ * trace point costs one array lookup while traces are off. */
+static __always_inline int event_enabled(__u32 flag)
+{
+	__u32 zero = 0;
+	struct event_settings *cfg = bpf_map_lookup_elem(&event_config, &zero);
+
+	return cfg && (cfg->flags & flag);
+}
+
+/* event_begin spends rate-limit credit and reserves a record with its header
+ * filled in; NULL (counted as lost) when it may not or cannot be sent. */
+static __always_inline struct event *event_begin(__u8 type, __u8 code, __u8 dir, __u32 ifindex,
+						 __u32 pkt_len, __u32 endpoint)
 {
 	__u32 zero = 0;
 	struct event_settings *cfg = bpf_map_lookup_elem(&event_config, &zero);
 	struct limiter_state *lim;
-	__u64 now, cost, cap, credit;
-
-	if (!cfg || !(cfg->flags & flag))
-		return 0;
-	if (cfg->rate == 0)
-		return 1;
-	lim = bpf_map_lookup_elem(&event_limiter, &zero);
-	if (!lim)
-		return 0;
-
-	now = bpf_ktime_get_ns();
-	cost = NSEC_PER_SEC / cfg->rate;
-	cap = cost * (cfg->burst ? cfg->burst : 1);
-	credit = lim->credit_ns + (now - lim->last_ns);
-	if (credit > cap)
-		credit = cap;
-	lim->last_ns = now;
-	if (credit < cost) {
-		lim->credit_ns = credit;
-		event_count_lost(LOST_RATE_LIMITED);
-		return 0;
-	}
-	lim->credit_ns = credit - cost;
-	return 1;
-}
-
-/* Sends one record with the head of the packet. is_xdp is a constant at every
- * call site, so only one of the two loads survives inlining. */
-static __always_inline void event_send(void *ctx, int is_xdp, __u8 type, __u8 code,
-				       enum direction dir, __u32 ifindex, __u32 pkt_len,
-				       __u32 endpoint)
-{
 	struct event *e;
-	__u32 n = pkt_len;
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!cfg)
+		return NULL;
+	if (cfg->rate) {
+		__u64 cost = NSEC_PER_SEC / cfg->rate;
+		__u64 cap = cost * (cfg->burst ? cfg->burst : 1);
+		__u64 credit;
+
+		lim = bpf_map_lookup_elem(&event_limiter, &zero);
+		if (!lim)
+			return NULL;
+		credit = lim->credit_ns + (now - lim->last_ns);
+		if (credit > cap)
+			credit = cap;
+		lim->last_ns = now;
+		if (credit < cost) {
+			lim->credit_ns = credit;
+			event_count_lost(LOST_RATE_LIMITED);
+			return NULL;
+		}
+		lim->credit_ns = credit - cost;
+	}
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		event_count_lost(LOST_RING_FULL);
-		return;
+		return NULL;
 	}
+	e->version = EVENT_VERSION;
 	e->type = type;
 	e->code = code;
 	e->dir = dir;
-	e->cap_len = 0;
 	e->ifindex = ifindex;
 	e->pkt_len = pkt_len;
 	e->endpoint = endpoint;
-	e->time_ns = bpf_ktime_get_ns();
+	e->time_ns = now;
+	e->cap_len = 0;
+	e->reserved = 0;
+	return e;
+}
 
-	if (n > EVENT_CAPTURE_LEN)
-		n = EVENT_CAPTURE_LEN;
-	if (n > 0) {
-		long err = is_xdp ? bpf_xdp_load_bytes(ctx, 0, e->packet, n)
-				  : bpf_skb_load_bytes(ctx, 0, e->packet, n);
-		if (!err)
-			e->cap_len = n;
-	}
+/* capture_len is how many bytes of a packet of len bytes an event copies:
+ * 1 to EVENT_CAPTURE_LEN, or 0. The mask after the barrier is what lets
+ * verifiers before Linux 6.8, which learn no lower bound from `n > 0`, see
+ * that the length is never 0 and never above the buffer. */
+static __always_inline __u32 capture_len(__u32 len)
+{
+	__u32 n = len < EVENT_CAPTURE_LEN ? len : EVENT_CAPTURE_LEN;
+
+	if (n == 0)
+		return 0;
+	asm volatile("" : "+r"(n)); /* keep the compiler from dropping the mask */
+	return ((n - 1) & (EVENT_CAPTURE_LEN - 1)) + 1;
+}
+
+/* event_report_skb sends one record with the head of a tc packet. It is a
+ * global function, so the verifier checks it once for every call site, and
+ * the program holds one copy of it. */
+__noinline int event_report_skb(struct __sk_buff *skb, __u8 type, __u8 code, __u8 dir, __u32 endpoint)
+{
+	struct event *e = event_begin(type, code, dir, skb->ifindex, skb->len, endpoint);
+	__u32 n;
+
+	if (!e)
+		return 0;
+	n = capture_len(skb->len);
+	if (n && bpf_skb_load_bytes(skb, 0, e->packet, n) == 0)
+		e->cap_len = n;
 	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* event_report_xdp is event_report_skb for XDP programs. */
+__noinline int event_report_xdp(struct xdp_md *ctx, __u8 type, __u8 code, __u8 dir, __u32 endpoint)
+{
+	__u32 len = bpf_xdp_get_buff_len(ctx);
+	struct event *e = event_begin(type, code, dir, ctx->ingress_ifindex, len, endpoint);
+	__u32 n;
+
+	if (!e)
+		return 0;
+	n = capture_len(len);
+	if (n && bpf_xdp_load_bytes(ctx, 0, e->packet, n) == 0)
+		e->cap_len = n;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
 }
 
 /* drop counts and reports a dropped packet and returns the tc verdict that
@@ -168,8 +218,8 @@ static __always_inline int drop(struct __sk_buff *skb, enum drop_reason reason,
 				enum direction dir, __u32 endpoint)
 {
 	metrics_count(reason, dir, skb->len);
-	if (event_allowed(EVENT_FLAG_DROPS))
-		event_send(skb, 0, EVENT_DROP, reason, dir, skb->ifindex, skb->len, endpoint);
+	if (event_enabled(EVENT_FLAG_DROPS))
+		event_report_skb(skb, EVENT_DROP, reason, dir, endpoint);
 	return TC_ACT_SHOT;
 }
 
@@ -177,8 +227,8 @@ static __always_inline int drop(struct __sk_buff *skb, enum drop_reason reason,
 static __always_inline void trace(struct __sk_buff *skb, enum trace_point point,
 				  enum direction dir, __u32 endpoint)
 {
-	if (event_allowed(EVENT_FLAG_TRACES))
-		event_send(skb, 0, EVENT_TRACE, point, dir, skb->ifindex, skb->len, endpoint);
+	if (event_enabled(EVENT_FLAG_TRACES))
+		event_report_skb(skb, EVENT_TRACE, point, dir, endpoint);
 }
 
 /* forwarded counts a packet the datapath lets through. */
@@ -187,20 +237,13 @@ static __always_inline void forwarded(struct __sk_buff *skb, enum direction dir)
 	metrics_count(REASON_FORWARDED, dir, skb->len);
 }
 
-static __always_inline __u32 xdp_len(struct xdp_md *ctx)
-{
-	return bpf_xdp_get_buff_len(ctx);
-}
-
 /* xdp_drop is drop for XDP programs; it returns XDP_DROP. */
 static __always_inline int xdp_drop(struct xdp_md *ctx, enum drop_reason reason,
 				    enum direction dir, __u32 endpoint)
 {
-	__u32 len = xdp_len(ctx);
-
-	metrics_count(reason, dir, len);
-	if (event_allowed(EVENT_FLAG_DROPS))
-		event_send(ctx, 1, EVENT_DROP, reason, dir, ctx->ingress_ifindex, len, endpoint);
+	metrics_count(reason, dir, bpf_xdp_get_buff_len(ctx));
+	if (event_enabled(EVENT_FLAG_DROPS))
+		event_report_xdp(ctx, EVENT_DROP, reason, dir, endpoint);
 	return XDP_DROP;
 }
 
@@ -208,12 +251,12 @@ static __always_inline int xdp_drop(struct xdp_md *ctx, enum drop_reason reason,
 static __always_inline void xdp_trace(struct xdp_md *ctx, enum trace_point point,
 				      enum direction dir, __u32 endpoint)
 {
-	if (event_allowed(EVENT_FLAG_TRACES))
-		event_send(ctx, 1, EVENT_TRACE, point, dir, ctx->ingress_ifindex, xdp_len(ctx), endpoint);
+	if (event_enabled(EVENT_FLAG_TRACES))
+		event_report_xdp(ctx, EVENT_TRACE, point, dir, endpoint);
 }
 
 /* xdp_forwarded is forwarded for XDP programs. */
 static __always_inline void xdp_forwarded(struct xdp_md *ctx, enum direction dir)
 {
-	metrics_count(REASON_FORWARDED, dir, xdp_len(ctx));
+	metrics_count(REASON_FORWARDED, dir, bpf_xdp_get_buff_len(ctx));
 }

@@ -2,13 +2,17 @@
 #pragma once
 
 #include "common.h"
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
+#include "../include/net.h"
 #include "arp.h"
 
+/* Bytes at the start of a packet that the programs read headers from. A
+ * frame whose head is not all in the linear area (a large frame from a raw
+ * socket keeps only its Ethernet header there) is pulled up to this much
+ * before anything is parsed. */
+#define PULL_LEN 128
+
 /* header returns a pointer to len bytes at offset off of the packet, or NULL
- * when the packet is shorter. */
+ * when the linear area is shorter. */
 static __always_inline void *header(struct __sk_buff *skb, __u32 off, __u32 len)
 {
 	void *data = (void *)(long)skb->data;
@@ -17,6 +21,17 @@ static __always_inline void *header(struct __sk_buff *skb, __u32 off, __u32 len)
 	if (data + off + len > end)
 		return NULL;
 	return data + off;
+}
+
+/* pull_headers makes the first PULL_LEN bytes (or the whole packet, when it
+ * is shorter) linear, so that header() finds them. It invalidates every
+ * packet pointer taken before; it costs nothing when the head is linear. */
+static __always_inline void pull_headers(struct __sk_buff *skb)
+{
+	__u32 want = skb->len < PULL_LEN ? skb->len : PULL_LEN;
+
+	if ((void *)(long)skb->data + want > (void *)(long)skb->data_end)
+		bpf_skb_pull_data(skb, want);
 }
 
 static __always_inline int mac_equal(const __u8 *a, const __u8 *b)
@@ -36,4 +51,95 @@ static __always_inline int ipv6_equal(const __u8 *a, const __u8 *b)
 	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
 
 	return x[0] == y[0] && x[1] == y[1];
+}
+
+/* fe80::/10 */
+static __always_inline int ipv6_is_linklocal(const __u8 *a)
+{
+	return a[0] == 0xfe && (a[1] & 0xc0) == 0x80;
+}
+
+/* ff02::/16: link-scope multicast (all nodes, all routers, solicited-node,
+ * MLDv2 reports) */
+static __always_inline int ipv6_is_linklocal_multicast(const __u8 *a)
+{
+	return a[0] == 0xff && (a[1] & 0x0f) == 0x02;
+}
+
+/* :: */
+static __always_inline int ipv6_is_unspecified(const __u8 *a)
+{
+	const __u64 *x = (const __u64 *)a;
+
+	return x[0] == 0 && x[1] == 0;
+}
+
+/* ipv4_valid checks that the lengths of the IPv4 header ip, after an
+ * Ethernet header, fit each other and the packet (Ethernet padding may
+ * follow the IP packet). */
+static __always_inline int ipv4_valid(struct __sk_buff *skb, const struct iphdr *ip)
+{
+	__u32 hlen = ipv4_hdrlen(ip);
+	__u32 tot = bpf_ntohs(ip->tot_len);
+
+	if (ipv4_version(ip) != 4 || hlen < sizeof(*ip))
+		return 0;
+	/* A GSO packet over 64 KiB (BIG TCP) says 0. Its size is read only
+	 * then: the field lives in another cache line. */
+	if (tot == 0)
+		return skb->gso_size && ETH_HLEN + hlen <= skb->len;
+	return hlen <= tot && ETH_HLEN + tot <= skb->len;
+}
+
+/* ipv6_valid checks the version and payload length of the IPv6 header ip,
+ * after an Ethernet header, against the packet's length. A payload length
+ * of 0 (a jumbogram, or a GSO packet over 64 KiB) is not checked. */
+static __always_inline int ipv6_valid(struct __sk_buff *skb, const struct ipv6hdr *ip)
+{
+	__u32 payload = bpf_ntohs(ip->payload_len);
+
+	return ipv6_version(ip) == 6 && ETH_HLEN + sizeof(*ip) + payload <= skb->len;
+}
+
+/* How many IPv6 extension headers a program walks before it gives up. */
+#define IPV6_MAX_EXTHDRS 4
+
+static __always_inline int ipv6_is_exthdr(__u8 nexthdr)
+{
+	return nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+	       nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_FRAGMENT || nexthdr == IPPROTO_AH;
+}
+
+/* ipv6_upper_proto finds the protocol after the IPv6 extension headers of
+ * the packet whose IPv6 header is at ETH_HLEN and whose first next-header
+ * value is nexthdr: hop-by-hop, routing, destination options, fragment and
+ * authentication headers are skipped. It returns the protocol, or -1 when a
+ * header is cut short or there are more than IPV6_MAX_EXTHDRS. */
+static __always_inline int ipv6_upper_proto(struct __sk_buff *skb, __u8 nexthdr)
+{
+	__u32 off = ETH_HLEN + sizeof(struct ipv6hdr);
+	struct ipv6_opt_hdr opt;
+
+#pragma unroll
+	for (int i = 0; i < IPV6_MAX_EXTHDRS; i++) {
+		if (!ipv6_is_exthdr(nexthdr))
+			return nexthdr;
+		if (bpf_skb_load_bytes(skb, off, &opt, sizeof(opt)) < 0)
+			return -1;
+		if (nexthdr == IPPROTO_FRAGMENT)
+			off += 8;
+		else if (nexthdr == IPPROTO_AH)
+			off += (opt.hdrlen + 2) * 4;
+		else
+			off += (opt.hdrlen + 1) * 8;
+		nexthdr = opt.nexthdr;
+	}
+	return ipv6_is_exthdr(nexthdr) ? -1 : nexthdr;
+}
+
+/* is_tunnel reports whether an IP protocol carries another IP packet whose
+ * source nothing checks. */
+static __always_inline int is_tunnel(int proto)
+{
+	return proto == IPPROTO_IPIP || proto == IPPROTO_IPV6 || proto == IPPROTO_GRE;
 }

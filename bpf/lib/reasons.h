@@ -15,7 +15,10 @@ enum drop_reason {
 	REASON_POLICY_DENIED = 6,
 	REASON_NO_BACKEND = 7,
 	REASON_PREFILTER_DENIED = 8,
-	REASON_REDIRECT_FAILED = 9,
+	REASON_REDIRECT_FAILED = 9,  /* the destination's interface is gone */
+	REASON_VLAN_TAGGED = 10,     /* a VLAN-tagged frame from an endpoint */
+	REASON_TUNNELED = 11,        /* IP-in-IP or GRE from an endpoint: the inner source is unchecked */
+	REASON_ENDPOINT_NOT_READY = 12, /* the destination endpoint is being created or deleted */
 	REASON_MAX = 255,
 };
 

@@ -4,11 +4,8 @@
  * blacklisted IPv4 address: the ARP target protocol address is looked up in
  * the blacklist map, whose value counts the drops for that address.
  * Everything else, including ARP it cannot parse, passes. */
-#include <linux/types.h>
-#include <linux/bpf.h>
-#include <linux/if_ether.h>
-#include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
+#include "../../bpf/include/bpf.h"
+#include "../../bpf/include/net.h"
 #include "../../bpf/lib/arp.h"
 
 #define MAX_BLACKLIST 100000

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -28,10 +29,13 @@ type VethPair struct {
 	Name, PeerName string
 	PeerMAC        net.HardwareAddr // random when nil
 	MTU            int              // the kernel's default when 0
+	// KeepDown leaves the first end (Name) down, for the caller to set up
+	// when it is ready; the link carries nothing until then.
+	KeepDown bool
 }
 
-// Veth creates a veth pair, sets both ends up and returns their interface
-// indexes, each in its own namespace. It fails with an error matching
+// Veth creates a veth pair, sets both ends up (but the first when KeepDown
+// is set) and returns their interface indexes, each in its own namespace. It fails with an error matching
 // unix.EEXIST when a name is taken. Equivalent to:
 // `ip -n NS link add NAME mtu MTU type veth peer name PEER netns PEERNS address MAC`.
 func Veth(v VethPair) (ifindex, peerIfindex int, err error) {
@@ -58,8 +62,8 @@ func Veth(v VethPair) (ifindex, peerIfindex int, err error) {
 	if err := h.LinkAdd(veth); err != nil {
 		return 0, 0, fmt.Errorf("add veth %s/%s: %w", v.Name, v.PeerName, err)
 	}
-	ifindex, errA := up(h, v.Name)
-	peerIfindex, errB := up(hp, v.PeerName)
+	ifindex, errA := index(h, v.Name, !v.KeepDown)
+	peerIfindex, errB := index(hp, v.PeerName, true)
 	if errA != nil || errB != nil {
 		h.LinkDel(veth)
 		return 0, 0, fmt.Errorf("set veth %s/%s up: %w", v.Name, v.PeerName, errors.Join(errA, errB))
@@ -150,10 +154,14 @@ func defaultRoute(h *netlink.Handle, l netlink.Link, gw netip.Addr, mac net.Hard
 	return nil
 }
 
-func up(h *netlink.Handle, name string) (int, error) {
+// index returns the index of device name, and sets it up when up is true.
+func index(h *netlink.Handle, name string, up bool) (int, error) {
 	l, err := h.LinkByName(name)
 	if err != nil {
 		return 0, err
+	}
+	if !up {
+		return l.Attrs().Index, nil
 	}
 	return l.Attrs().Index, h.LinkSetUp(l)
 }
@@ -180,6 +188,28 @@ func SetUp(ns netns.NsHandle, dev string) error {
 	return onDevice(ns, dev, func(h *netlink.Handle, l netlink.Link) error {
 		if err := h.LinkSetUp(l); err != nil {
 			return fmt.Errorf("set %s up: %w", dev, err)
+		}
+		return nil
+	})
+}
+
+// WaitRunning waits until device dev in ns is operationally up: its carrier
+// is on and the kernel has given it a queueing discipline to send through.
+// Setting a veth end up turns its carrier on at once, but the kernel
+// activates the transmit queue a moment later (link watch): a packet sent
+// in between is dropped.
+func WaitRunning(ns netns.NsHandle, dev string, timeout time.Duration) error {
+	return onDevice(ns, dev, func(h *netlink.Handle, l netlink.Link) error {
+		deadline := time.Now().Add(timeout)
+		for l.Attrs().OperState != netlink.OperUp {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("%s is %s after %v, not up", dev, l.Attrs().OperState, timeout)
+			}
+			time.Sleep(time.Millisecond)
+			var err error
+			if l, err = h.LinkByIndex(l.Attrs().Index); err != nil {
+				return fmt.Errorf("device %s: %w", dev, err)
+			}
 		}
 		return nil
 	})

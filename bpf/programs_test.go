@@ -1,0 +1,114 @@
+package bpf_test
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicedp/sluice/bpf"
+	"github.com/sluicedp/sluice/internal/bpftest"
+	"github.com/sluicedp/sluice/internal/testutil"
+)
+
+// objects are the BPF objects whose programs the suite loads, by name.
+var objects = map[string]func() (*ebpf.CollectionSpec, error){
+	"datapath": bpf.LoadDatapath,
+	"probe":    bpftest.LoadProbe,
+}
+
+// TestProgramStats loads every program on the running kernel and reports
+// what the verifier made of it: the instructions it processed and how long
+// the load took, so that growth shows as it happens. A program the kernel
+// refuses fails the test with the verifier's log. Run with -v to see the
+// table (make test does).
+func TestProgramStats(t *testing.T) {
+	testutil.Privileged(t)
+	var u unix.Utsname
+	unix.Uname(&u)
+	var rows []string
+	for name, load := range objects {
+		spec, err := load()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range spec.Maps {
+			m.Pinning = ebpf.PinNone // private maps, nothing pinned
+		}
+		maps, err := ebpf.NewCollectionWithOptions(&ebpf.CollectionSpec{Maps: spec.Maps, Types: spec.Types}, ebpf.CollectionOptions{})
+		if err != nil {
+			t.Fatalf("%s: create maps: %v", name, err)
+		}
+		defer maps.Close()
+		for pname, prog := range spec.Programs {
+			one := &ebpf.CollectionSpec{Maps: spec.Maps, Programs: map[string]*ebpf.ProgramSpec{pname: prog}, Types: spec.Types}
+			start := time.Now()
+			coll, err := ebpf.NewCollectionWithOptions(one, ebpf.CollectionOptions{MapReplacements: maps.Maps})
+			took := time.Since(start)
+			if err != nil {
+				t.Errorf("%s/%s: %+v", name, pname, err)
+				continue
+			}
+			verified := "?"
+			if info, err := coll.Programs[pname].Info(); err == nil {
+				if n, ok := info.VerifiedInstructions(); ok {
+					verified = fmt.Sprint(n)
+				}
+			}
+			coll.Close()
+			rows = append(rows, fmt.Sprintf("%-10s %-16s %-8s %6d %9s %9.1f", name, pname, prog.Type, len(prog.Instructions), verified, float64(took.Microseconds())/1000))
+		}
+	}
+	sort.Strings(rows)
+	t.Logf("BPF programs on Linux %s:\n%-10s %-16s %-8s %6s %9s %9s\n%s", unix.ByteSliceToString(u.Release[:]),
+		"object", "program", "type", "insns", "verified", "load ms", strings.Join(rows, "\n"))
+}
+
+// Every drop and trace site of a program shares one copy of the event code:
+// the program holds a single ring-buffer reservation and packet copy, not
+// one per call site.
+func TestEventCodeShared(t *testing.T) {
+	spec, err := bpf.LoadDatapath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, prog := range spec.Programs {
+		var reserves, copies int
+		for _, ins := range prog.Instructions {
+			switch {
+			case ins.IsBuiltinCall() && ins.Constant == int64(asm.FnRingbufReserve):
+				reserves++
+			case ins.IsBuiltinCall() && ins.Constant == int64(asm.FnSkbLoadBytes):
+				copies++
+			}
+		}
+		if reserves != 1 {
+			t.Errorf("%s reserves ring-buffer records at %d places, want 1", name, reserves)
+		}
+		// One copy for events; the IPv6 extension-header walk reads with
+		// bpf_skb_load_bytes too, once per header it can skip.
+		if copies > 1+4 {
+			t.Errorf("%s calls bpf_skb_load_bytes at %d places", name, copies)
+		}
+	}
+}
+
+// Hash maps whose values BPF reads are not preallocated: in a preallocated
+// hash, a deleted or replaced element is reused at once, and a program on
+// another CPU still holding it reads another entry's fields.
+func TestHashMapsNotPreallocated(t *testing.T) {
+	spec, err := bpf.LoadDatapath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, m := range spec.Maps {
+		if (m.Type == ebpf.Hash || m.Type == ebpf.PerCPUHash) && m.Flags&unix.BPF_F_NO_PREALLOC == 0 {
+			t.Errorf("map %s is a preallocated %s", name, m.Type)
+		}
+	}
+}
