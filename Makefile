@@ -9,7 +9,7 @@ BPF_CFLAGS := -O2 -g -Wall -Werror -nostdinc -mcpu=v3
 
 generate:
 	BPF2GO_CC=$(BPF_CLANG) BPF2GO_STRIP=$(BPF_STRIP) BPF2GO_CFLAGS="$(BPF_CFLAGS)" \
-		go generate ./bpf/... ./examples/... ./internal/...
+		go generate ./internal/... ./examples/...
 
 # The tests need root and a BPF-capable kernel (see README.md).
 test:

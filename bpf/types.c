@@ -1,11 +1,13 @@
 //go:build ignore
 
-/* Never loaded. Declares one of each type that user space decodes but no map
- * names (ring buffer records, enums), so that they reach the BTF and bpf2go
- * generates their Go twins. */
+/* Never loaded. Holds every type Go has a twin of, so that bpf2go generates
+ * them once for all objects: map keys and values (through the maps the
+ * headers declare) and, declared below, the types no map names (ring buffer
+ * records, enums). */
 #include "lib/common.h"
 #include "lib/reasons.h"
 #include "lib/events.h"
+#include "lib/ipcache.h"
 #include "lib/endpoint.h"
 
 struct event *_event __attribute__((unused));

@@ -23,16 +23,16 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicedp/sluice/bpf"
 	"github.com/sluicedp/sluice/internal/attach"
 	"github.com/sluicedp/sluice/internal/bpffs"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
 // LayoutVersion is the version of the pinned maps' layout this build reads
 // and writes. Open refuses pins of any other version with ErrIncompatible.
-const LayoutVersion = uint32(bpf.TypesLayoutVersionLAYOUT_VERSION)
+const LayoutVersion = uint32(bpfobj.TypesLayoutVersionLAYOUT_VERSION)
 
 // Datapath is one loaded datapath: one per network namespace. Its methods are
 // safe for concurrent use.
@@ -128,7 +128,7 @@ func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
 // loadPinned loads the objects with their maps pinned in dir and stamps the
 // layout version.
 func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapath, error) {
-	spec, err := bpf.LoadDatapath()
+	spec, err := bpfobj.LoadEndpoint()
 	if err != nil {
 		return nil, err
 	}
@@ -137,7 +137,7 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 		def := DefaultEventConfig()
 		events = &def
 	}
-	if err := sizeRing(spec.Maps[bpf.DatapathMapEvents], dir, events); err != nil {
+	if err := sizeRing(spec.Maps[bpfobj.EndpointMapEvents], dir, events); err != nil {
 		return nil, err
 	}
 	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: attach.Mode(cfg.TCAttach), PodCIDRs: slices.Clone(cfg.Node.PodCIDRs)}
@@ -149,7 +149,7 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 		return nil, fmt.Errorf("load objects: %w", err)
 	}
 	dp := &Datapath{st: st}
-	stamp := bpf.DatapathLayoutStamp{Version: LayoutVersion}
+	stamp := bpfobj.TypesLayoutStamp{Version: LayoutVersion}
 	if err := st.Objs.Layout.Put(uint32(0), &stamp); err != nil {
 		st.Objs.Close()
 		return nil, fmt.Errorf("stamp layout version: %w", err)

@@ -18,8 +18,8 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicedp/sluice/bpf"
 	"github.com/sluicedp/sluice/internal/attach"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/bpftest"
 	"github.com/sluicedp/sluice/internal/packet"
 	"github.com/sluicedp/sluice/internal/progtest"
@@ -150,7 +150,7 @@ func TestReopenKeepsState(t *testing.T) {
 
 func TestIncompatibleLayout(t *testing.T) {
 	dp := open(t, Config{})
-	stamp := bpf.DatapathLayoutStamp{Version: LayoutVersion + 1}
+	stamp := bpfobj.TypesLayoutStamp{Version: LayoutVersion + 1}
 	if err := dp.st.Objs.Layout.Put(uint32(0), &stamp); err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +158,7 @@ func TestIncompatibleLayout(t *testing.T) {
 	if !errors.Is(err, ErrIncompatible) {
 		t.Fatalf("Open over another layout = %v, want ErrIncompatible", err)
 	}
-	var got bpf.DatapathLayoutStamp
+	var got bpfobj.TypesLayoutStamp
 	if err := dp.st.Objs.Layout.Lookup(uint32(0), &got); err != nil || got.Version != LayoutVersion+1 {
 		t.Errorf("the refused Open touched the stamp: %+v, %v", got, err)
 	}
@@ -262,7 +262,7 @@ func TestEventsSwitchAndRateLimit(t *testing.T) {
 
 // The Go list of reasons names every value of the C enum, and no other.
 func TestReasonsMatchBPF(t *testing.T) {
-	spec, err := bpf.LoadTypes()
+	spec, err := bpfobj.LoadTypes()
 	if err != nil {
 		t.Fatal(err)
 	}

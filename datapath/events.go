@@ -13,7 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
 
-	"github.com/sluicedp/sluice/bpf"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/packet"
 )
 
@@ -88,7 +88,7 @@ func (dp *Datapath) SetEventConfig(cfg EventConfig) error {
 		return fmt.Errorf("events at %d/s and bursts of %d per CPU on %d CPUs need a ring of %d bytes, this datapath's has %d: %w",
 			cfg.RatePerCPU, cfg.Burst, cpus(), need, ring, ErrInvalid)
 	}
-	var v bpf.DatapathEventSettings
+	var v bpfobj.TypesEventSettings
 	if cfg.Drops {
 		v.Flags |= eventFlagDrops
 	}
@@ -104,7 +104,7 @@ func (dp *Datapath) SetEventConfig(cfg EventConfig) error {
 
 // EventConfig returns the event settings in force.
 func (dp *Datapath) EventConfig() (EventConfig, error) {
-	var v bpf.DatapathEventSettings
+	var v bpfobj.TypesEventSettings
 	if err := dp.st.Objs.EventConfig.Lookup(uint32(0), &v); err != nil {
 		return EventConfig{}, fmt.Errorf("read event config: %w", err)
 	}
@@ -116,7 +116,7 @@ func (dp *Datapath) EventConfig() (EventConfig, error) {
 	}, nil
 }
 
-const eventVersion = uint8(bpf.TypesEventVersionEVENT_VERSION)
+const eventVersion = uint8(bpfobj.TypesEventVersionEVENT_VERSION)
 
 // The ring buffer's size: a power of two from minRing to maxRing bytes.
 const (
@@ -126,7 +126,7 @@ const (
 
 // recordBytes is what one event takes in the ring buffer: the record and
 // the ring's 8-byte header, rounded up to 8 bytes.
-var recordBytes = uint64(binary.Size(bpf.TypesEvent{})+8+7) &^ 7
+var recordBytes = uint64(binary.Size(bpfobj.TypesEvent{})+8+7) &^ 7
 
 // ringBytes is the ring size that holds what cfg lets ncpu CPUs send before
 // a reader catches up: every CPU's burst at once, and 100 ms of every
@@ -150,8 +150,8 @@ func cpus() int {
 }
 
 const (
-	eventFlagDrops  = uint32(bpf.TypesEventFlagEVENT_FLAG_DROPS)
-	eventFlagTraces = uint32(bpf.TypesEventFlagEVENT_FLAG_TRACES)
+	eventFlagDrops  = uint32(bpfobj.TypesEventFlagEVENT_FLAG_DROPS)
+	eventFlagTraces = uint32(bpfobj.TypesEventFlagEVENT_FLAG_TRACES)
 )
 
 // lostPoll is how often Events checks the lost-record counters.
@@ -243,8 +243,8 @@ func (dp *Datapath) Lost() (LostEvent, error) { return dp.lostCounts() }
 func (dp *Datapath) lostCounts() (LostEvent, error) {
 	var out LostEvent
 	for key, dst := range map[uint32]*uint64{
-		uint32(bpf.TypesEventLostCauseLOST_RING_FULL):    &out.RingFull,
-		uint32(bpf.TypesEventLostCauseLOST_RATE_LIMITED): &out.RateLimited,
+		uint32(bpfobj.TypesEventLostCauseLOST_RING_FULL):    &out.RingFull,
+		uint32(bpfobj.TypesEventLostCauseLOST_RATE_LIMITED): &out.RateLimited,
 	} {
 		var percpu []uint64
 		if err := dp.st.Objs.EventLost.Lookup(key, &percpu); err != nil {
@@ -258,7 +258,7 @@ func (dp *Datapath) lostCounts() (LostEvent, error) {
 }
 
 func decodeEvent(raw []byte) (Event, error) {
-	var rec bpf.TypesEvent
+	var rec bpfobj.TypesEvent
 	if err := binary.Read(bytes.NewReader(raw), binary.NativeEndian, &rec); err != nil {
 		return nil, fmt.Errorf("decode event: %w", err)
 	}
@@ -273,10 +273,10 @@ func decodeEvent(raw []byte) (Event, error) {
 		Time:      time.Duration(rec.TimeNs),
 		Head:      append([]byte(nil), rec.Packet[:min(int(rec.CapLen), len(rec.Packet))]...),
 	}
-	switch bpf.TypesEventType(rec.Type) {
-	case bpf.TypesEventTypeEVENT_DROP:
+	switch bpfobj.TypesEventType(rec.Type) {
+	case bpfobj.TypesEventTypeEVENT_DROP:
 		return &DropEvent{Reason: Reason(rec.Code), Packet: p}, nil
-	case bpf.TypesEventTypeEVENT_TRACE:
+	case bpfobj.TypesEventTypeEVENT_TRACE:
 		return &TraceEvent{Point: TracePoint(rec.Code), Packet: p}, nil
 	}
 	return nil, fmt.Errorf("decode event: unknown type %d", rec.Type)

@@ -3,7 +3,7 @@ package datapath
 import (
 	"fmt"
 
-	"github.com/sluicedp/sluice/bpf"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 )
 
 // MetricKey selects one counter: packets with one verdict in one direction.
@@ -24,7 +24,7 @@ func (dp *Datapath) Metrics() (map[MetricKey]MetricValue, error) {
 	out := make(map[MetricKey]MetricValue)
 	var (
 		key     uint32
-		percpu  []bpf.DatapathMetricsValue
+		percpu  []bpfobj.TypesMetricsValue
 		entries = dp.st.Objs.Metrics.Iterate()
 	)
 	for entries.Next(&key, &percpu) {

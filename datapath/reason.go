@@ -3,7 +3,7 @@ package datapath
 import (
 	"fmt"
 
-	"github.com/sluicedp/sluice/bpf"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 )
 
 // Reason says why a packet was dropped. The numbers are stable (they are
@@ -12,19 +12,19 @@ import (
 type Reason uint8
 
 const (
-	ReasonForwarded        = Reason(bpf.TypesDropReasonREASON_FORWARDED)
-	ReasonMalformed        = Reason(bpf.TypesDropReasonREASON_MALFORMED)
-	ReasonUnsupportedL3    = Reason(bpf.TypesDropReasonREASON_UNSUPPORTED_L3)
-	ReasonSpoofedSourceIP  = Reason(bpf.TypesDropReasonREASON_SPOOFED_SOURCE_IP)
-	ReasonSpoofedSourceMAC = Reason(bpf.TypesDropReasonREASON_SPOOFED_SOURCE_MAC)
-	ReasonUnknownEndpoint  = Reason(bpf.TypesDropReasonREASON_UNKNOWN_ENDPOINT)
-	ReasonPolicyDenied     = Reason(bpf.TypesDropReasonREASON_POLICY_DENIED)
-	ReasonNoBackend        = Reason(bpf.TypesDropReasonREASON_NO_BACKEND)
-	ReasonPrefilterDenied  = Reason(bpf.TypesDropReasonREASON_PREFILTER_DENIED)
-	ReasonRedirectFailed   = Reason(bpf.TypesDropReasonREASON_REDIRECT_FAILED)
-	ReasonVLANTagged       = Reason(bpf.TypesDropReasonREASON_VLAN_TAGGED)
-	ReasonTunneled         = Reason(bpf.TypesDropReasonREASON_TUNNELED)
-	ReasonEndpointNotReady = Reason(bpf.TypesDropReasonREASON_ENDPOINT_NOT_READY)
+	ReasonForwarded        = Reason(bpfobj.TypesDropReasonREASON_FORWARDED)
+	ReasonMalformed        = Reason(bpfobj.TypesDropReasonREASON_MALFORMED)
+	ReasonUnsupportedL3    = Reason(bpfobj.TypesDropReasonREASON_UNSUPPORTED_L3)
+	ReasonSpoofedSourceIP  = Reason(bpfobj.TypesDropReasonREASON_SPOOFED_SOURCE_IP)
+	ReasonSpoofedSourceMAC = Reason(bpfobj.TypesDropReasonREASON_SPOOFED_SOURCE_MAC)
+	ReasonUnknownEndpoint  = Reason(bpfobj.TypesDropReasonREASON_UNKNOWN_ENDPOINT)
+	ReasonPolicyDenied     = Reason(bpfobj.TypesDropReasonREASON_POLICY_DENIED)
+	ReasonNoBackend        = Reason(bpfobj.TypesDropReasonREASON_NO_BACKEND)
+	ReasonPrefilterDenied  = Reason(bpfobj.TypesDropReasonREASON_PREFILTER_DENIED)
+	ReasonRedirectFailed   = Reason(bpfobj.TypesDropReasonREASON_REDIRECT_FAILED)
+	ReasonVLANTagged       = Reason(bpfobj.TypesDropReasonREASON_VLAN_TAGGED)
+	ReasonTunneled         = Reason(bpfobj.TypesDropReasonREASON_TUNNELED)
+	ReasonEndpointNotReady = Reason(bpfobj.TypesDropReasonREASON_ENDPOINT_NOT_READY)
 )
 
 // reasonNames holds every reason's name and what it means; a test checks it
@@ -71,13 +71,13 @@ func Reasons() []Reason {
 type TracePoint uint8
 
 const (
-	TraceFromEndpoint = TracePoint(bpf.TypesTracePointTRACE_FROM_ENDPOINT)
-	TraceToEndpoint   = TracePoint(bpf.TypesTracePointTRACE_TO_ENDPOINT)
-	TraceToStack      = TracePoint(bpf.TypesTracePointTRACE_TO_STACK)
-	TraceFromNetdev   = TracePoint(bpf.TypesTracePointTRACE_FROM_NETDEV)
-	TraceToNetdev     = TracePoint(bpf.TypesTracePointTRACE_TO_NETDEV)
-	TraceFromOverlay  = TracePoint(bpf.TypesTracePointTRACE_FROM_OVERLAY)
-	TraceToOverlay    = TracePoint(bpf.TypesTracePointTRACE_TO_OVERLAY)
+	TraceFromEndpoint = TracePoint(bpfobj.TypesTracePointTRACE_FROM_ENDPOINT)
+	TraceToEndpoint   = TracePoint(bpfobj.TypesTracePointTRACE_TO_ENDPOINT)
+	TraceToStack      = TracePoint(bpfobj.TypesTracePointTRACE_TO_STACK)
+	TraceFromNetdev   = TracePoint(bpfobj.TypesTracePointTRACE_FROM_NETDEV)
+	TraceToNetdev     = TracePoint(bpfobj.TypesTracePointTRACE_TO_NETDEV)
+	TraceFromOverlay  = TracePoint(bpfobj.TypesTracePointTRACE_FROM_OVERLAY)
+	TraceToOverlay    = TracePoint(bpfobj.TypesTracePointTRACE_TO_OVERLAY)
 )
 
 var traceNames = map[TracePoint]string{
@@ -102,8 +102,8 @@ func (p TracePoint) String() string {
 type Direction uint8
 
 const (
-	Ingress = Direction(bpf.TypesDirectionDIR_INGRESS)
-	Egress  = Direction(bpf.TypesDirectionDIR_EGRESS)
+	Ingress = Direction(bpfobj.TypesDirectionDIR_INGRESS)
+	Egress  = Direction(bpfobj.TypesDirectionDIR_EGRESS)
 )
 
 func (d Direction) String() string {

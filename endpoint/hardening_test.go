@@ -5,8 +5,8 @@ import (
 	"net/netip"
 	"testing"
 
-	"github.com/sluicedp/sluice/bpf"
 	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/packet"
 	"github.com/sluicedp/sluice/internal/progtest"
@@ -149,7 +149,7 @@ func TestFromEndpointTTLOnlyOnDelivery(t *testing.T) {
 	// being deleted, say).
 	orphan := netip.MustParseAddr("198.18.1.77")
 	k := core.IPCacheKey(netip.PrefixFrom(orphan, 32))
-	v := bpf.DatapathIpcacheValue{Identity: 2000, Ifindex: 999999}
+	v := bpfobj.TypesIpcacheValue{Identity: 2000, Ifindex: 999999}
 	if err := st.Objs.Ipcache.Put(&k, &v); err != nil {
 		t.Fatal(err)
 	}
@@ -174,7 +174,7 @@ func TestFromEndpointUndeliverable(t *testing.T) {
 			t.Fatal(err)
 		}
 		k := core.IPCacheKey(netip.PrefixFrom(addr, 32))
-		v := bpf.DatapathIpcacheValue{Identity: 2000, Ifindex: uint32(ifindex)}
+		v := bpfobj.TypesIpcacheValue{Identity: 2000, Ifindex: uint32(ifindex)}
 		if err := st.Objs.Ipcache.Put(&k, &v); err != nil {
 			t.Fatal(err)
 		}

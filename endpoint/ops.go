@@ -16,9 +16,9 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicedp/sluice/bpf"
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/internal/attach"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
@@ -161,11 +161,11 @@ func checkFree(st *core.State, ep *Endpoint) error {
 	// A local endpoint's address is in the ipcache as a host prefix with
 	// its interface; a covering prefix of a remote node has none.
 	for _, a := range addrs(ep) {
-		var v bpf.DatapathIpcacheValue
+		var v bpfobj.TypesIpcacheValue
 		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
 		err := st.Objs.Ipcache.Lookup(&k, &v)
 		if err == nil && v.Ifindex != 0 {
-			var owner bpf.DatapathEndpointInfo
+			var owner bpfobj.TypesEndpointInfo
 			if st.Objs.Endpoints.Lookup(v.Ifindex, &owner) == nil {
 				return exists("%s belongs to endpoint %d", a, owner.Id)
 			}
@@ -246,7 +246,7 @@ func adopt(st *core.State, ep *Endpoint) error {
 	if host.Type != "veth" {
 		return fmt.Errorf("endpoint %d: adopt %s: it is a %s device, not a veth: %w", ep.ID, ep.Interface, host.Type, datapath.ErrInvalid)
 	}
-	var info bpf.DatapathEndpointInfo
+	var info bpfobj.TypesEndpointInfo
 	if err := st.Objs.Endpoints.Lookup(uint32(host.Index), &info); err == nil {
 		return fmt.Errorf("endpoint %d: adopt %s: endpoint %d has it: %w", ep.ID, ep.Interface, info.Id, datapath.ErrExists)
 	}
@@ -277,9 +277,9 @@ func openNetNS(spec string, create bool) (ns netns.NsHandle, created bool, err e
 
 // Mirrors enum endpoint_flag in bpf/lib/endpoint.h.
 const (
-	flagIPv4  = uint32(bpf.TypesEndpointFlagENDPOINT_F_IPV4)
-	flagIPv6  = uint32(bpf.TypesEndpointFlagENDPOINT_F_IPV6)
-	flagReady = uint32(bpf.TypesEndpointFlagENDPOINT_F_READY)
+	flagIPv4  = uint32(bpfobj.TypesEndpointFlagENDPOINT_F_IPV4)
+	flagIPv6  = uint32(bpfobj.TypesEndpointFlagENDPOINT_F_IPV6)
+	flagReady = uint32(bpfobj.TypesEndpointFlagENDPOINT_F_READY)
 )
 
 // ipv4Key is an IPv4 address as the BPF side stores it: network byte order
@@ -291,8 +291,8 @@ func ipv4Key(a netip.Addr) uint32 {
 
 // endpointInfo is the endpoint's entry in the endpoint map; ready says
 // whether packets may be delivered to it.
-func endpointInfo(ep *Endpoint, ready bool) bpf.DatapathEndpointInfo {
-	info := bpf.DatapathEndpointInfo{
+func endpointInfo(ep *Endpoint, ready bool) bpfobj.TypesEndpointInfo {
+	info := bpfobj.TypesEndpointInfo{
 		Id:       uint32(ep.ID),
 		Identity: uint32(ep.Identity),
 		Ifindex:  uint32(ep.HostIfindex),
@@ -330,7 +330,7 @@ func register(st *core.State, ep *Endpoint, rollback *undo) error {
 	fail := func(err error, what string) error {
 		return core.MapError(err, datapath.ErrMapFull, fmt.Sprintf("endpoint %d: %s", ep.ID, what))
 	}
-	zero := make([]bpf.DatapathEndpointCounters, ebpf.MustPossibleCPU())
+	zero := make([]bpfobj.TypesEndpointCounters, ebpf.MustPossibleCPU())
 	if err := st.Objs.EpCounters.Update(key, zero, ebpf.UpdateAny); err != nil {
 		return fail(err, "add counters")
 	}
@@ -345,7 +345,7 @@ func register(st *core.State, ep *Endpoint, rollback *undo) error {
 
 	for _, a := range addrs(ep) {
 		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
-		v := bpf.DatapathIpcacheValue{Identity: uint32(ep.Identity), Ifindex: ifindex}
+		v := bpfobj.TypesIpcacheValue{Identity: uint32(ep.Identity), Ifindex: ifindex}
 		if err := st.Objs.Ipcache.Update(&k, &v, ebpf.UpdateAny); err != nil {
 			return fail(err, "add "+a.String()+" to ipcache")
 		}
@@ -383,7 +383,7 @@ func List(dp *datapath.Datapath) ([]*Endpoint, error) {
 	var (
 		out []*Endpoint
 		id  uint32
-		rec bpf.DatapathEndpointRecord
+		rec bpfobj.TypesEndpointRecord
 	)
 	it := st.Objs.EpRecords.Iterate()
 	for it.Next(&id, &rec) {
@@ -441,7 +441,7 @@ func Update(dp *datapath.Datapath, id uint16, c Changes) (*Endpoint, error) {
 		}
 		for _, a := range addrs(e) {
 			k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
-			v := bpf.DatapathIpcacheValue{Identity: uint32(e.Identity), Ifindex: uint32(e.HostIfindex)}
+			v := bpfobj.TypesIpcacheValue{Identity: uint32(e.Identity), Ifindex: uint32(e.HostIfindex)}
 			if err := st.Objs.Ipcache.Update(&k, &v, ebpf.UpdateExist); err != nil {
 				return err
 			}
@@ -465,7 +465,7 @@ func deleteAll(st *core.State) error {
 	var (
 		ids []uint16
 		id  uint32
-		rec bpf.DatapathEndpointRecord
+		rec bpfobj.TypesEndpointRecord
 	)
 	it := st.Objs.EpRecords.Iterate()
 	for it.Next(&id, &rec) {
@@ -531,7 +531,7 @@ func remove(st *core.State, id uint16) error {
 // matching datapath.ErrNotFound.
 func ReadCounters(dp *datapath.Datapath, id uint16) (Counters, error) {
 	st := core.Of(dp)
-	var percpu []bpf.DatapathEndpointCounters
+	var percpu []bpfobj.TypesEndpointCounters
 	err := st.Objs.EpCounters.Lookup(uint32(id), &percpu)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return Counters{}, fmt.Errorf("endpoint %d: %w", id, datapath.ErrNotFound)

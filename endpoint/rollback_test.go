@@ -10,8 +10,8 @@ import (
 
 	"github.com/vishvananda/netns"
 
-	"github.com/sluicedp/sluice/bpf"
 	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/testutil"
@@ -36,7 +36,7 @@ func TestCreateRollsBackWhenMapFull(t *testing.T) {
 	for i := range 1 << 16 {
 		a := netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)})
 		k := core.IPCacheKey(netip.PrefixFrom(a, 32))
-		if err := st.Objs.Ipcache.Put(&k, &bpf.DatapathIpcacheValue{Identity: 2}); err != nil {
+		if err := st.Objs.Ipcache.Put(&k, &bpfobj.TypesIpcacheValue{Identity: 2}); err != nil {
 			t.Fatalf("fill the ipcache: entry %d: %v", i, err)
 		}
 	}
@@ -58,13 +58,13 @@ func TestCreateRollsBackWhenMapFull(t *testing.T) {
 	}
 	for name, n := range map[string]func() (int, error){
 		"endpoints": func() (int, error) {
-			return count(st.Objs.Endpoints.Iterate(), new(uint32), new(bpf.DatapathEndpointInfo))
+			return count(st.Objs.Endpoints.Iterate(), new(uint32), new(bpfobj.TypesEndpointInfo))
 		},
 		"counters": func() (int, error) {
-			return count(st.Objs.EpCounters.Iterate(), new(uint32), new([]bpf.DatapathEndpointCounters))
+			return count(st.Objs.EpCounters.Iterate(), new(uint32), new([]bpfobj.TypesEndpointCounters))
 		},
 		"records": func() (int, error) {
-			return count(st.Objs.EpRecords.Iterate(), new(uint32), new(bpf.DatapathEndpointRecord))
+			return count(st.Objs.EpRecords.Iterate(), new(uint32), new(bpfobj.TypesEndpointRecord))
 		},
 	} {
 		if got, err := n(); err != nil || got != 0 {

@@ -16,8 +16,8 @@ import (
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicedp/sluice/bpf"
 	"github.com/sluicedp/sluice/internal/attach"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
@@ -27,7 +27,7 @@ type State struct {
 	Dir      string         // <bpffs>/<name>
 	NS       netns.NsHandle // closed (-1) for the caller's namespace
 	Mode     attach.Mode
-	Objs     bpf.DatapathObjects
+	Objs     bpfobj.EndpointObjects
 	PodCIDRs []netip.Prefix
 
 	mu     sync.Mutex
@@ -137,8 +137,8 @@ func (s *State) DetachTC(ifindex int, hook attach.Hook, key string) error {
 
 // IPCacheKey is the ipcache key of a prefix (see bpf/lib/ipcache.h): the
 // family byte and its padding count as 32 bits of the matched prefix.
-func IPCacheKey(p netip.Prefix) bpf.DatapathIpcacheKey {
-	k := bpf.DatapathIpcacheKey{Prefixlen: 32 + uint32(p.Bits())}
+func IPCacheKey(p netip.Prefix) bpfobj.TypesIpcacheKey {
+	k := bpfobj.TypesIpcacheKey{Prefixlen: 32 + uint32(p.Bits())}
 	if p.Addr().Is4() {
 		k.Family = 4
 		a := p.Addr().As4()

@@ -1,7 +1,8 @@
 //go:build ignore
 
-/* The sluice datapath object: its maps are pinned and shared by every
- * program. */
+/* The endpoint programs: from-endpoint runs on the host end of every
+ * endpoint's veth pair. The maps are pinned by name and shared with the
+ * programs of the other hook families. */
 #include "lib/common.h"
 #include "lib/reasons.h"
 #include "lib/metrics.h"

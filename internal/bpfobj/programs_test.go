@@ -1,4 +1,4 @@
-package bpf_test
+package bpfobj_test
 
 import (
 	"fmt"
@@ -11,14 +11,14 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
-	"github.com/sluicedp/sluice/bpf"
+	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/bpftest"
 	"github.com/sluicedp/sluice/internal/testutil"
 )
 
 // objects are the BPF objects whose programs the suite loads, by name.
 var objects = map[string]func() (*ebpf.CollectionSpec, error){
-	"datapath": bpf.LoadDatapath,
+	"endpoint": bpfobj.LoadEndpoint,
 	"probe":    bpftest.LoadProbe,
 }
 
@@ -73,7 +73,7 @@ func TestProgramStats(t *testing.T) {
 // the program holds a single ring-buffer reservation and packet copy, not
 // one per call site.
 func TestEventCodeShared(t *testing.T) {
-	spec, err := bpf.LoadDatapath()
+	spec, err := bpfobj.LoadEndpoint()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +102,7 @@ func TestEventCodeShared(t *testing.T) {
 // hash, a deleted or replaced element is reused at once, and a program on
 // another CPU still holding it reads another entry's fields.
 func TestHashMapsNotPreallocated(t *testing.T) {
-	spec, err := bpf.LoadDatapath()
+	spec, err := bpfobj.LoadEndpoint()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,11 @@
+// Package bpfobj holds the BPF objects compiled from the C sources in bpf/,
+// embedded so that users of the library never need a compiler, and their Go
+// twins of the C types. One object per hook family; the maps they share are
+// pinned by name. Only sluice's own packages use it.
+//
+// Regenerate with `make generate` from the repository root; it pins the
+// compiler and flags.
+package bpfobj
+
+//go:generate go tool bpf2go -no-global-types Endpoint ../../bpf/endpoint.c
+//go:generate go tool bpf2go -no-global-types -type layout_stamp -type event_settings -type metrics_value -type endpoint_info -type endpoint_counters -type endpoint_record -type ipcache_key -type ipcache_value -type event -type drop_reason -type trace_point -type event_type -type event_flag -type event_lost_cause -type direction -type layout_version -type event_version -type endpoint_flag Types ../../bpf/types.c
