@@ -5,15 +5,31 @@ BPF_STRIP ?= llvm-strip-19
 # -mcpu=v3: the instruction set every supported kernel (Linux 6.1 on) accepts.
 BPF_CFLAGS := -O2 -g -Wall -Werror -nostdinc -mcpu=v3
 
-.PHONY: generate test demo
+.PHONY: generate test test-host test-6.1 demo
 
 generate:
 	BPF2GO_CC=$(BPF_CLANG) BPF2GO_STRIP=$(BPF_STRIP) BPF2GO_CFLAGS="$(BPF_CFLAGS)" \
 		go generate ./internal/... ./examples/...
 
-# The tests need root and a BPF-capable kernel (see README.md).
+# The tests need root and a BPF-capable kernel (see README.md): first on this
+# machine's kernel, then on Debian 12's Linux 6.1 under qemu.
 test:
+	$(MAKE) test-host
+	$(MAKE) test-6.1
+
+# Each kernel's run starts with a table of every BPF program: instructions,
+# instructions the verifier processed, load time.
+STATS := -v -run '^TestProgramStats$$' ./internal/bpfobj
+
+test-host:
+	go test -count=1 $(STATS)
 	go test -race -count=1 ./...
+
+# KERNELVM_ARGS: go test style flags and packages, e.g. -run TestFoo ./datapath
+# (tools/kernelvm/README.md).
+test-6.1:
+	bash tools/kernelvm/run.sh $(STATS)
+	bash tools/kernelvm/run.sh $(KERNELVM_ARGS)
 
 demo:
 	go run ./examples/endpoints

@@ -46,7 +46,7 @@
 //
 // # Requirements
 //
-// Linux 6.6 or later for tcx links (older kernels fall back to clsact and
-// cls_bpf), BTF, a BPF filesystem (mounted when missing) and cgroup v2 for
+// Linux 6.1 or later (tested on 6.1 and 6.18; tcx links from 6.6, clsact and
+// cls_bpf before), BTF, a BPF filesystem (mounted when missing) and cgroup v2 for
 // socket hooks; root, or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN.
 package sluice

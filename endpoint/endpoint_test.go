@@ -229,7 +229,7 @@ func TestTenEndpoints(t *testing.T) {
 		eps = append(eps, n.create(t, spec(i)))
 	}
 	var wg sync.WaitGroup
-	errs := make(chan error, len(eps)*len(eps))
+	errs := make(chan error, 2*len(eps)*len(eps)) // a ping and an echo error per pair
 	for _, from := range eps {
 		for _, to := range eps {
 			if from == to {

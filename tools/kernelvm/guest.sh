@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# The guest side of tools/kernelvm/run.sh: PID 1 of the VM, started by the
+# initramfs on the host's root filesystem (read-only over 9p).
+#
+#   guest.sh CONFIG
+#
+# CONFIG, written by run.sh, sets: packages (import path, directory, test
+# binary; tab-separated), test_flags, verbose, test_timeout, modules (the
+# unpacked kernel's lib/modules) and token.
+#
+# Makes what the tests write to writable, loads the modules the tests need,
+# runs every test binary in its package directory as `go test` would, prints
+# `go test`'s summary lines, then "kernelvm-result TOKEN status=N passed=P
+# failed=F" and powers off.
+
+# shellcheck disable=SC2154 # the variables CONFIG sets
+set -euo pipefail
+
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root TMPDIR=/tmp LANG=C.UTF-8
+export CI=true # the tests fail instead of skipping when they lack something
+
+# PID 1 must not exit: that panics the kernel. Power off instead, which
+# makes qemu (-no-reboot) exit. sysrq-trigger works whatever kernel.sysrq says.
+power_off() {
+	sync
+	echo o >/proc/sysrq-trigger
+	sleep 60
+}
+trap 'echo "kernelvm: guest.sh failed at line $LINENO"; power_off' ERR
+
+# shellcheck source=/dev/null
+source "$1" # CONFIG
+
+# ---------------------------------------------------------------- mounts
+
+# /proc, /sys and /dev come from the initramfs. Everything else the tests or
+# their tools write goes to tmpfs: t.TempDir, /run/netns (named namespaces).
+mkdir -p /dev/shm /dev/pts # the rest exist on the host
+for dir in /tmp /var/tmp /run /dev/shm; do
+	mount -t tmpfs -o mode=1777 tmpfs "$dir"
+done
+mount -t devpts devpts /dev/pts
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf
+# The 6.1 modules where modprobe (and the kernel's own module autoloading,
+# which runs /sbin/modprobe) look for them.
+mount --bind -o ro "$modules" /lib/modules
+
+# veth, vxlan: devices the tests make; sch_ingress: clsact; cls_bpf: the
+# legacy attach path (6.1 has no tcx); xfrm_user: netlink.NewHandleAt with no
+# families asks for XFRM and fails without it.
+modprobe -a veth vxlan sch_ingress cls_bpf xfrm_user
+
+read -r uptime _ </proc/uptime
+echo "kernelvm: kernel $(uname -r), up ${uptime}s, uid $(id -u), CI=$CI, $(nproc) CPUs"
+echo "kernelvm: modules: $(lsmod | awk 'NR > 1 {print $1}' | sort | tr '\n' ' ')"
+
+# ---------------------------------------------------------------- tests
+
+# Microseconds since the epoch.
+now_us() { local t=${EPOCHREALTIME/./}; echo $((10#$t)); }
+# Seconds with three decimals, as go test prints them.
+seconds() { local ms=$(($1 / 1000)); printf '%d.%03ds' $((ms / 1000)) $((ms % 1000)); }
+
+passed=0 failed=0
+out=/tmp/test-output
+for entry in "${packages[@]}"; do
+	IFS=$'\t' read -r pkg dir bin <<<"$entry"
+	flags=(-test.count=1 "-test.timeout=$test_timeout" "${test_flags[@]}")
+	start=$(now_us)
+	rc=0 # "|| rc=" keeps a failing test from tripping set -e and the ERR trap
+	if [[ $verbose == true ]]; then
+		(cd "$dir" && exec "$bin" "${flags[@]}") 2>&1 | tee "$out" || rc=${PIPESTATUS[0]}
+	else
+		(cd "$dir" && exec "$bin" "${flags[@]}") >"$out" 2>&1 || rc=$?
+	fi
+	took=$(seconds $(($(now_us) - start)))
+	if ((rc == 0)); then
+		passed=$((passed + 1))
+		note=""
+		grep -q '^testing: warning: no tests to run' "$out" && note=" [no tests to run]"
+		printf 'ok  \t%s\t%s%s\n' "$pkg" "$took" "$note"
+	else
+		failed=$((failed + 1))
+		[[ $verbose == true ]] || cat "$out"
+		printf 'FAIL\t%s\t%s\n' "$pkg" "$took"
+	fi
+done
+
+status=0
+if ((failed)); then
+	echo FAIL
+	status=1
+fi
+read -r uptime _ </proc/uptime
+echo "kernelvm: guest up ${uptime}s"
+echo "kernelvm-result $token status=$status passed=$passed failed=$failed"
+power_off
