@@ -6,7 +6,7 @@
 #
 # CONFIG, written by run.sh, sets: packages (import path, directory, test
 # binary; tab-separated), test_flags, verbose, test_timeout, modules (the
-# unpacked kernel's lib/modules) and token.
+# unpacked kernel's lib/modules), repo (the repository's root) and token.
 #
 # Makes what the tests write to writable, loads the modules the tests need,
 # runs every test binary in its package directory as `go test` would, prints
@@ -36,9 +36,17 @@ source "$1" # CONFIG
 
 # /proc, /sys and /dev come from the initramfs. Everything else the tests or
 # their tools write goes to tmpfs: t.TempDir, /run/netns (named namespaces).
+# A tmpfs hides what was below it, and the repository (with the test
+# binaries and the kernel) may be there: CI clones it anywhere, /tmp
+# included. A second view of the root on /mnt lets it be bound back.
 mkdir -p /dev/shm /dev/pts # the rest exist on the host
+mount --bind / /mnt
 for dir in /tmp /var/tmp /run /dev/shm; do
 	mount -t tmpfs -o mode=1777 tmpfs "$dir"
+	if [[ $repo/ == "$dir"/* ]]; then
+		mkdir -p "$repo"
+		mount --bind "/mnt$repo" "$repo"
+	fi
 done
 mount -t devpts devpts /dev/pts
 mount -t cgroup2 cgroup2 /sys/fs/cgroup

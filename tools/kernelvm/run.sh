@@ -189,6 +189,7 @@ packages=("${built[@]}")
 {
 	declare -p packages test_flags verbose test_timeout
 	printf 'modules=%q\n' "$kdir/lib/modules"
+	printf 'repo=%q\n' "$repo"
 } >"$run_dir/config"
 
 # ---------------------------------------------------------------- initramfs
