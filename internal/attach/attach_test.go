@@ -16,6 +16,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/internal/attach"
 	"github.com/sluicedp/sluice/internal/icmpecho"
@@ -221,4 +222,220 @@ func TestCgroup(t *testing.T) {
 	if !pingInCgroup() {
 		t.Fatal("no ping from the cgroup after detaching")
 	}
+}
+
+// tcNext lets the packet go on to the next filter or program: TC_ACT_UNSPEC
+// for cls_bpf, TCX_NEXT for tcx.
+const tcNext = -1
+
+// counting is a tc program that counts the packets it sees and returns
+// tcNext, so that it hides nothing from the programs after it.
+type counting struct {
+	name string
+	prog *ebpf.Program
+	m    *ebpf.Map
+}
+
+func countProg(t *testing.T, name string) *counting {
+	t.Helper()
+	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type:    ebpf.SchedCLS,
+		License: "GPL",
+		Instructions: asm.Instructions{
+			asm.StoreImm(asm.RFP, -4, 0, asm.Word),
+			asm.LoadMapPtr(asm.R1, m.FD()),
+			asm.Mov.Reg(asm.R2, asm.RFP),
+			asm.Add.Imm(asm.R2, -4),
+			asm.FnMapLookupElem.Call(),
+			asm.JEq.Imm(asm.R0, 0, "out"),
+			asm.Mov.Imm(asm.R1, 1),
+			asm.StoreXAdd(asm.R0, asm.R1, asm.DWord),
+			asm.Mov.Imm(asm.R0, tcNext).WithSymbol("out"),
+			asm.Return(),
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { prog.Close() })
+	return &counting{name: name, prog: prog, m: m}
+}
+
+func (c *counting) count(t *testing.T) uint64 {
+	t.Helper()
+	var n uint64
+	if err := c.m.Lookup(uint32(0), &n); err != nil {
+		t.Fatalf("count of %s: %v", c.name, err)
+	}
+	return n
+}
+
+// expectRuns pings from A to B three times and checks that every program in
+// run saw the echo requests and replies and that those in idle saw nothing.
+func expectRuns(t *testing.T, p *testutil.Pair, when string, run, idle []*counting) {
+	t.Helper()
+	before := make(map[*counting]uint64)
+	for _, c := range append(run, idle...) {
+		before[c] = c.count(t)
+	}
+	if !p.Ping(3) {
+		t.Errorf("no ping %s", when)
+	}
+	for _, c := range run {
+		if got := c.count(t) - before[c]; got < 3 {
+			t.Errorf("%s: %s saw %d packets of 3 pings", when, c.name, got)
+		}
+	}
+	for _, c := range idle {
+		if got := c.count(t) - before[c]; got != 0 {
+			t.Errorf("%s: %s saw %d packets, want none", when, c.name, got)
+		}
+	}
+}
+
+// attachSluice attaches prog the way a datapath does, as "sluice/test/x",
+// to hook of B's device.
+func attachSluice(p *testutil.Pair, hook attach.Hook, prog *ebpf.Program, mode attach.Mode, pin string) error {
+	return nsrun.Do(p.B.Handle, func() error {
+		_, err := attach.TC(p.IfB, hook, prog, mode, pin, "sluice/test/x")
+		return err
+	})
+}
+
+// addFilter adds, in B's namespace, a direct-action cls_bpf filter running
+// c to hook of B's device, creating the clsact qdisc first if need be: what
+// `tc filter add dev veth1 ingress prio PRIO handle HANDLE bpf da` does.
+func addFilter(t *testing.T, p *testutil.Pair, hook attach.Hook, prio uint16, handle uint32, name string, c *counting) {
+	t.Helper()
+	parent := uint32(netlink.HANDLE_MIN_INGRESS)
+	if hook == attach.Egress {
+		parent = netlink.HANDLE_MIN_EGRESS
+	}
+	p.B.Do(t, func() error {
+		err := netlink.QdiscAdd(&netlink.GenericQdisc{
+			QdiscAttrs: netlink.QdiscAttrs{LinkIndex: p.IfB, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
+			QdiscType:  "clsact",
+		})
+		if err != nil && !errors.Is(err, unix.EEXIST) {
+			return err
+		}
+		return netlink.FilterAdd(&netlink.BpfFilter{
+			FilterAttrs:  netlink.FilterAttrs{LinkIndex: p.IfB, Parent: parent, Priority: prio, Handle: handle, Protocol: unix.ETH_P_ALL},
+			Fd:           c.prog.FD(),
+			Name:         name,
+			DirectAction: true,
+		})
+	})
+}
+
+// Another tool's cls_bpf filters, at priority 1 and beside sluice's own at
+// its priority, keep their place and keep running through sluice's legacy
+// attach, re-attach and detach. One at sluice's priority and handle makes
+// the attach fail instead of being replaced.
+func TestLegacyLeavesForeignFilters(t *testing.T) {
+	testutil.Privileged(t)
+	p := testutil.NewPair(t)
+	first := countProg(t, "foreign filter at prio 1")
+	beside := countProg(t, "foreign filter beside sluice's")
+	inSlot := countProg(t, "foreign filter in sluice's slot")
+	ours, swapped := countProg(t, "sluice's program"), countProg(t, "sluice's second program")
+
+	addFilter(t, p, attach.Ingress, 1, 1, "other/first", first)
+	addFilter(t, p, attach.Ingress, attach.LegacyPriority, 1, "other/beside", beside)
+	addFilter(t, p, attach.Egress, attach.LegacyPriority, attach.LegacyHandle, "other/slot", inSlot)
+	foreign := []*counting{first, beside, inSlot}
+	expectRuns(t, p, "before attaching", foreign, []*counting{ours, swapped})
+
+	if err := attachSluice(p, attach.Ingress, ours.prog, attach.Legacy, ""); err != nil {
+		t.Fatal(err)
+	}
+	expectRuns(t, p, "after attaching", append(foreign, ours), []*counting{swapped})
+	if err := attachSluice(p, attach.Ingress, swapped.prog, attach.Legacy, ""); err != nil {
+		t.Fatal(err)
+	}
+	expectRuns(t, p, "after attaching again", append(foreign, swapped), []*counting{ours})
+
+	err := attachSluice(p, attach.Egress, ours.prog, attach.Legacy, "")
+	if !errors.Is(err, unix.EEXIST) {
+		t.Errorf("attaching where another filter holds sluice's priority and handle: got %v, want EEXIST", err)
+	}
+
+	p.B.Do(t, func() error { return attach.DetachLegacy(p.IfB, attach.Ingress, "sluice/test/x") })
+	p.B.Do(t, func() error { return attach.RemoveLegacy("sluice/") })
+	expectRuns(t, p, "after detaching", foreign, []*counting{ours, swapped})
+}
+
+// A filter of sluice's at another priority, where an older sluice put it,
+// gives way to the one at LegacyPriority once that runs.
+func TestLegacyMovesOwnFilter(t *testing.T) {
+	testutil.Privileged(t)
+	p := testutil.NewPair(t)
+	old, ours := countProg(t, "filter at the old priority"), countProg(t, "sluice's program")
+	addFilter(t, p, attach.Ingress, 1, 1, "sluice/test/x", old)
+
+	if err := attachSluice(p, attach.Ingress, ours.prog, attach.Legacy, ""); err != nil {
+		t.Fatal(err)
+	}
+	expectRuns(t, p, "after attaching", []*counting{ours}, []*counting{old})
+	p.B.Do(t, func() error {
+		filters, err := netlink.FilterList(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: p.IfB}}, netlink.HANDLE_MIN_INGRESS)
+		if len(filters) != 1 || filters[0].Attrs().Priority != attach.LegacyPriority || filters[0].Attrs().Handle != attach.LegacyHandle {
+			t.Errorf("filters after attaching: %v, want one at prio %#x handle %#x", filters, attach.LegacyPriority, attach.LegacyHandle)
+		}
+		return err
+	})
+}
+
+// A tcx program another tool attached keeps running through sluice's attach,
+// re-attach and detach on the same hook.
+func TestTCXLeavesForeignProgram(t *testing.T) {
+	testutil.Privileged(t)
+	p := testutil.NewPair(t)
+	pin := filepath.Join(testutil.BPFFS(t), "link")
+	foreign := countProg(t, "foreign tcx program")
+	ours, swapped := countProg(t, "sluice's program"), countProg(t, "sluice's second program")
+
+	var other link.Link
+	err := nsrun.Do(p.B.Handle, func() (err error) {
+		other, err = link.AttachTCX(link.TCXOptions{Interface: p.IfB, Program: foreign.prog, Attach: ebpf.AttachTCXIngress})
+		return err
+	})
+	if errors.Is(err, ebpf.ErrNotSupported) {
+		testutil.RequireSince(t, "tcx", 6, 6, err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { other.Close() })
+
+	if err := attachSluice(p, attach.Ingress, ours.prog, attach.TCX, pin); err != nil {
+		t.Fatal(err)
+	}
+	expectRuns(t, p, "after attaching", []*counting{foreign, ours}, []*counting{swapped})
+	if err := attachSluice(p, attach.Ingress, swapped.prog, attach.TCX, pin); err != nil {
+		t.Fatal(err)
+	}
+	expectRuns(t, p, "after attaching again", []*counting{foreign, swapped}, []*counting{ours})
+	if err := attach.Detach(pin); err != nil {
+		t.Fatal(err)
+	}
+	expectRuns(t, p, "after detaching", []*counting{foreign}, []*counting{ours, swapped})
+
+	info, err := foreign.prog.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	p.B.Do(t, func() error {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: p.IfB, Attach: ebpf.AttachTCXIngress})
+		if err == nil && (len(res.Programs) != 1 || res.Programs[0].ID != id) {
+			t.Errorf("tcx programs after detaching: %v, want only the foreign one (%d)", res.Programs, id)
+		}
+		return err
+	})
 }

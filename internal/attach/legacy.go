@@ -10,11 +10,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Legacy filters sit at one fixed priority and handle, so that attaching
-// again replaces the filter in one netlink request instead of adding another.
+// LegacyPriority and LegacyHandle place every legacy filter of sluice's, so
+// that attaching again replaces it in one netlink request instead of adding
+// another. Other tools pick low priorities by hand (Cilium and most tc
+// examples use 1); the kernel, asked for none, picks one below the lowest
+// priority from 0x8000 up (0xc000 on a bare hook), so below sluice's once
+// that is there. Filters run lowest number first and a verdict ends the
+// walk: sluice's program runs after the filters other tools put before it,
+// as a tcx link appended behind the programs already attached does.
 const (
-	legacyPriority = 1
-	legacyHandle   = 1
+	LegacyPriority = 0xc5a1
+	LegacyHandle   = 0xc5a1
 )
 
 func legacyParent(hook Hook) uint32 {
@@ -27,7 +33,12 @@ func legacyParent(hook Hook) uint32 {
 // attachLegacy is the equivalent of:
 //
 //	tc qdisc replace dev DEV clsact
-//	tc filter replace dev DEV ingress prio 1 handle 1 bpf da fd PROG name NAME
+//	tc filter replace dev DEV ingress prio 0xc5a1 handle 0xc5a1 bpf da fd PROG name NAME
+//
+// except that it replaces only a filter named name, sluice's own: where
+// another filter holds the priority and handle it fails with unix.EEXIST. A
+// filter named name elsewhere on the hook (an older sluice put it at priority
+// 1) is removed once the new one is in place.
 func attachLegacy(ifindex int, hook Hook, prog *ebpf.Program, name string) error {
 	qdisc := &netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{
@@ -37,29 +48,68 @@ func attachLegacy(ifindex int, hook Hook, prog *ebpf.Program, name string) error
 		},
 		QdiscType: "clsact",
 	}
+	// Replacing an existing clsact changes nothing and keeps its filters.
 	if err := netlink.QdiscReplace(qdisc); err != nil {
 		return fmt.Errorf("add clsact qdisc to ifindex %d: %w", ifindex, err)
+	}
+	filters, err := netlink.FilterList(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}, legacyParent(hook))
+	if err != nil {
+		return fmt.Errorf("list %s filters of ifindex %d: %w", hook, ifindex, err)
+	}
+	ours := false
+	var stale []netlink.Filter
+	for _, f := range filters {
+		a := f.Attrs()
+		bf, _ := f.(*netlink.BpfFilter)
+		switch {
+		case a.Priority == LegacyPriority && a.Handle == LegacyHandle && (a.Chain == nil || *a.Chain == 0):
+			if bf == nil || bf.Name != name {
+				other := f.Type()
+				if bf != nil {
+					other = fmt.Sprintf("bpf %q", bf.Name)
+				}
+				return fmt.Errorf("%s prio %#x handle %#x of ifindex %d holds another tool's filter (%s), not %q: %w",
+					hook, LegacyPriority, LegacyHandle, ifindex, other, name, unix.EEXIST)
+			}
+			ours = true
+		case bf != nil && bf.Name == name:
+			stale = append(stale, f)
+		}
 	}
 	filter := &netlink.BpfFilter{
 		FilterAttrs: netlink.FilterAttrs{
 			LinkIndex: ifindex,
 			Parent:    legacyParent(hook),
-			Handle:    legacyHandle,
-			Priority:  legacyPriority,
+			Handle:    LegacyHandle,
+			Priority:  LegacyPriority,
 			Protocol:  unix.ETH_P_ALL,
 		},
 		Fd:           prog.FD(),
 		Name:         name,
 		DirectAction: true,
 	}
-	if err := netlink.FilterReplace(filter); err != nil {
+	// Replace swaps the program of our filter in one request. Add is
+	// exclusive: a filter that appeared since the list makes it fail
+	// (EEXIST) instead of being replaced.
+	put := netlink.FilterAdd
+	if ours {
+		put = netlink.FilterReplace
+	}
+	if err := put(filter); err != nil {
 		return fmt.Errorf("add %s cls_bpf filter to ifindex %d: %w", hook, ifindex, err)
 	}
-	return nil
+	var errs []error
+	for _, f := range stale {
+		if err := netlink.FilterDel(f); err != nil {
+			errs = append(errs, fmt.Errorf("delete old filter %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // DetachLegacy removes the legacy filter on one hook of a device, if it is
-// ours (its name starts with prefix).
+// ours (its name starts with prefix). Other filters stay, and so does the
+// clsact qdisc: deleting it would delete every filter on the device.
 func DetachLegacy(ifindex int, hook Hook, prefix string) error {
 	filters, err := netlink.FilterList(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}, legacyParent(hook))
 	if err != nil {
@@ -82,7 +132,8 @@ func DetachLegacy(ifindex int, hook Hook, prefix string) error {
 }
 
 // RemoveLegacy removes, from every device in the calling thread's network
-// namespace, the legacy filters whose name starts with prefix.
+// namespace, the legacy filters whose name starts with prefix. Like
+// DetachLegacy it leaves the clsact qdiscs and other filters alone.
 func RemoveLegacy(prefix string) error {
 	links, err := netlink.LinkList()
 	if err != nil {
