@@ -10,6 +10,7 @@
 #include "lib/parse.h"
 #include "lib/ipcache.h"
 #include "lib/endpoint.h"
+#include "lib/ledger.h"
 
 /* to_endpoint delivers a packet to the local endpoint dst: it becomes a frame
  * from the endpoint's gateway to the endpoint, and crosses straight into the

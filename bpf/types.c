@@ -9,6 +9,7 @@
 #include "lib/events.h"
 #include "lib/ipcache.h"
 #include "lib/endpoint.h"
+#include "lib/ledger.h"
 
 struct event *_event __attribute__((unused));
 enum drop_reason *_drop_reason __attribute__((unused));

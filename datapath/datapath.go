@@ -27,6 +27,7 @@ import (
 	"github.com/sluicedp/sluice/internal/bpffs"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
@@ -76,9 +77,16 @@ func Open(ctx context.Context, cfg Config) (*Datapath, error) {
 	return dp, nil
 }
 
+// openNetNS opens the namespace spec names; an empty spec means the
+// calling thread's, held from now on so that later calls from any thread
+// act on the same one.
 func openNetNS(spec string) (netns.NsHandle, error) {
 	if spec == "" {
-		return netns.None(), nil
+		ns, err := netns.Get()
+		if err != nil {
+			return netns.None(), fmt.Errorf("open the current network namespace: %w", err)
+		}
+		return ns, nil
 	}
 	path := spec
 	if !strings.ContainsRune(spec, '/') {
@@ -101,9 +109,13 @@ func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
 			return nil, fmt.Errorf("no datapath pinned in %s: %w", dir, ErrNotFound)
 		}
 	}
-	if err := bpffs.Ensure(cfg.BPFFS); err != nil {
-		return nil, err
+	if err := bpffs.Ensure(cfg.BPFFS); errors.Is(err, bpffs.ErrOccupied) {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	} else if err != nil {
+		return nil, err // a mount the kernel refused: os.ErrPermission without CAP_SYS_ADMIN
 	}
+	_, statErr := os.Stat(dir)
+	madeDir := errors.Is(statErr, os.ErrNotExist)
 	if err := os.MkdirAll(filepath.Join(dir, "links"), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory: %w", err)
 	}
@@ -113,16 +125,72 @@ func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
 	}
 	defer unlock()
 
-	fresh, err := checkLayout(dir)
+	before, err := pins(dir)
 	if err != nil {
 		return nil, err
 	}
-	dp, err := loadPinned(cfg, ns, dir, fresh)
-	if err != nil && fresh {
-		// Leave nothing of a datapath that never worked.
-		err = errors.Join(err, os.RemoveAll(dir))
+	fresh, err := checkLayout(dir)
+	if err == nil && !fresh {
+		err = checkPins(dir, before)
+	}
+	var dp *Datapath
+	if err == nil {
+		dp, err = loadPinned(cfg, ns, dir, fresh)
+	}
+	if err != nil {
+		// Remove what this Open made, and nothing else: the pins of a
+		// datapath that runs stay as they are.
+		err = errors.Join(err, removeNew(dir, before, madeDir))
 	}
 	return dp, err
+}
+
+// pins lists the names in a pin directory.
+func pins(dir string) (map[string]bool, error) {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("list pins: %w", err)
+	}
+	out := map[string]bool{}
+	for _, e := range entries {
+		out[e.Name()] = true
+	}
+	return out, nil
+}
+
+// checkPins fails with ErrIncompatible when a datapath's pins lack a map
+// this build has: loading would make a new, empty one, and the state the
+// missing one held (endpoints, records) would silently be gone.
+func checkPins(dir string, have map[string]bool) error {
+	spec, err := bpfobj.LoadEndpoint()
+	if err != nil {
+		return err
+	}
+	for name := range spec.Maps {
+		if !have[name] {
+			return fmt.Errorf("%w: the datapath in %s has no %s map", ErrIncompatible, dir, name)
+		}
+	}
+	return nil
+}
+
+// removeNew removes the pins of dir that are not in before, and dir itself
+// when this Open made it.
+func removeNew(dir string, before map[string]bool, madeDir bool) error {
+	if madeDir {
+		return os.RemoveAll(dir)
+	}
+	now, err := pins(dir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for name := range now {
+		if !before[name] {
+			errs = append(errs, os.RemoveAll(filepath.Join(dir, name)))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // loadPinned loads the objects with their maps pinned in dir and stamps the
@@ -142,13 +210,25 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 	}
 	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: attach.Mode(cfg.TCAttach), PodCIDRs: slices.Clone(cfg.Node.PodCIDRs)}
 	err = spec.LoadAndAssign(&st.Objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
-	if errors.Is(err, ebpf.ErrMapIncompatible) {
+	if errors.Is(err, ebpf.ErrMapIncompatible) || errors.Is(err, unix.EINVAL) {
+		// EINVAL: a pin of the right name that is not a map.
 		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("load objects: %w", err)
 	}
+	if info, err := st.Objs.Layout.Info(); err == nil {
+		st.LayoutID, _ = info.ID()
+	}
 	dp := &Datapath{st: st}
+	if err := dp.checkNode(cfg); err != nil {
+		st.Objs.Close()
+		return nil, err
+	}
+	if _, err := reconcile(st); err != nil {
+		st.Objs.Close()
+		return nil, err
+	}
 	stamp := bpfobj.TypesLayoutStamp{Version: LayoutVersion}
 	if err := st.Objs.Layout.Put(uint32(0), &stamp); err != nil {
 		st.Objs.Close()
@@ -217,7 +297,8 @@ func (dp *Datapath) PinDir() string { return dp.st.Dir }
 
 // Close releases the datapath's handles and ends a running Events reader.
 // The datapath keeps running: its programs stay attached and its maps
-// pinned. Closing twice is a no-op.
+// pinned. Close waits for calls in flight on this handle; calls after it
+// fail with an error matching os.ErrClosed. Closing twice is a no-op.
 func (dp *Datapath) Close() error {
 	dp.mu.Lock()
 	stop := dp.stopEvents
@@ -228,29 +309,74 @@ func (dp *Datapath) Close() error {
 	return dp.st.Close()
 }
 
-// Unload tears the datapath down: it deletes its endpoints (their veth
-// pairs, and the namespaces Create made), detaches every program it
-// attached, removes every pin and closes the handles. It goes on past errors
-// and returns all of them. Unloading a closed Datapath fails with an error
-// matching os.ErrClosed and changes nothing: open it again to unload it.
+// Unload tears the datapath down: it undoes every object its ledger
+// records (an endpoint's veth pair, the namespace Create made for it),
+// detaches every program it attached, removes every pin and closes the
+// handles. It holds the datapath's lock throughout, so a Create in this or
+// another process waits and then fails. It goes on past errors and returns
+// all of them. Unloading a closed Datapath fails with an error matching
+// os.ErrClosed and changes nothing: open it again to unload it.
 func (dp *Datapath) Unload() error {
+	dp.mu.Lock()
+	stop := dp.stopEvents
+	dp.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
 	st := dp.st
-	if st.Closed() {
-		return fmt.Errorf("unload datapath %s: %w", st.Name, os.ErrClosed)
+	return st.Unload(func() error {
+		var errs []error
+		for _, kind := range []ledger.Kind{ledger.KindEndpoint} {
+			recs, err := ledger.List(st.Objs.Ledger, kind)
+			errs = append(errs, err)
+			for _, r := range recs {
+				errs = append(errs, st.Undo(r))
+			}
+		}
+		errs = append(errs,
+			attach.DetachAll(st.LinksDir()),
+			nsrun.Do(st.NS, func() error { return attach.RemoveLegacy(st.LegacyPrefix()) }),
+		)
+		if err := os.RemoveAll(st.Dir); err != nil {
+			errs = append(errs, fmt.Errorf("remove pins: %w", err))
+		}
+		return errors.Join(errs...)
+	})
+}
+
+// Reconcile finishes what a process killed half-way through a change left
+// behind: an object the ledger records as being created or deleted is
+// undone whole (its devices, namespace, attachments and map entries
+// removed). Open does the same. It returns how many objects it undid.
+func (dp *Datapath) Reconcile(ctx context.Context) (int, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
 	}
-	errs := []error{st.Teardown()}
-	if unlock, err := core.LockDir(st.Dir); err != nil {
-		errs = append(errs, err)
-	} else {
-		defer unlock()
+	unlock, err := dp.st.Lock()
+	if err != nil {
+		return 0, err
 	}
-	errs = append(errs,
-		attach.DetachAll(st.LinksDir()),
-		nsrun.Do(st.NS, func() error { return attach.RemoveLegacy(st.LegacyPrefix()) }),
-		dp.Close(),
-	)
-	if err := os.RemoveAll(st.Dir); err != nil {
-		errs = append(errs, fmt.Errorf("remove pins: %w", err))
+	defer unlock()
+	return reconcile(dp.st)
+}
+
+// reconcile undoes every record that is not Ready; call it with the lock.
+func reconcile(st *core.State) (int, error) {
+	n := 0
+	for _, kind := range []ledger.Kind{ledger.KindEndpoint} {
+		recs, err := ledger.List(st.Objs.Ledger, kind)
+		if err != nil {
+			return n, fmt.Errorf("reconcile: %w", err)
+		}
+		for _, r := range recs {
+			if r.State == ledger.Ready {
+				continue
+			}
+			if err := st.Undo(r); err != nil {
+				return n, fmt.Errorf("reconcile: %w", err)
+			}
+			n++
+		}
 	}
-	return errors.Join(errs...)
+	return n, nil
 }

@@ -19,8 +19,14 @@ type MetricValue struct {
 }
 
 // Metrics returns the datapath's packet counters, summed over CPUs. Only
-// counters that moved are present.
+// counters that moved are present. On a closed Datapath it fails with an
+// error matching os.ErrClosed.
 func (dp *Datapath) Metrics() (map[MetricKey]MetricValue, error) {
+	release, err := dp.st.Use()
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	out := make(map[MetricKey]MetricValue)
 	var (
 		key     uint32

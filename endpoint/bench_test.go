@@ -42,7 +42,7 @@ func BenchmarkCreateDelete(b *testing.B) {
 		}
 		for i := range n {
 			start := time.Now()
-			if err := Delete(w.dp, uint16(100+i)); err != nil {
+			if err := Delete(context.Background(), w.dp, uint16(100+i)); err != nil {
 				b.Fatal(err)
 			}
 			deletes = append(deletes, time.Since(start))

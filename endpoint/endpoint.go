@@ -48,7 +48,8 @@ type Spec struct {
 	// Identity is the endpoint's security identity, at least
 	// datapath.MinIdentity.
 	Identity datapath.Identity
-	// Labels are free-form, for display; at most about 700 bytes in all.
+	// Labels are free-form, for display; about 1 KiB in all at most (the
+	// endpoint's ledger record, labels included, must fit 2 KiB).
 	Labels map[string]string
 
 	// NetNS is the workload's network namespace: a name under /run/netns,

@@ -32,30 +32,55 @@ var (
 
 // node is a datapath in a namespace of its own, unloaded when the test ends.
 type node struct {
-	dp *datapath.Datapath
-	ns *testutil.NetNS
+	dp       *datapath.Datapath
+	ns       *testutil.NetNS
+	bpffs    string
+	unloaded bool // the test unloaded it itself
 }
 
 func newNode(t testing.TB) *node {
 	t.Helper()
 	testutil.Privileged(t)
+	return newNodeAt(t, testutil.BPFFS(t))
+}
+
+// newNodeAt makes a node whose pins go to the BPF filesystem at bpffs.
+func newNodeAt(t testing.TB, bpffs string) *node {
+	t.Helper()
+	testutil.Privileged(t)
 	ns := testutil.NewNetNS(t)
-	dp, err := datapath.Open(context.Background(), datapath.Config{
-		Name:  "node",
-		NetNS: ns.Path,
-		BPFFS: testutil.BPFFS(t),
-		Node:  datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := &node{dp: dp, ns: ns}
+	n := &node{ns: ns, bpffs: bpffs}
+	n.dp = n.open(t)
 	t.Cleanup(func() {
+		if n.unloaded {
+			return
+		}
 		if err := n.dp.Unload(); err != nil { // n.dp: a test may re-open it
 			t.Error(err)
 		}
 	})
 	return n
+}
+
+func (n *node) open(t testing.TB) *datapath.Datapath {
+	t.Helper()
+	dp, err := datapath.Open(context.Background(), datapath.Config{
+		Name:  "node",
+		NetNS: n.ns.Path,
+		BPFFS: n.bpffs,
+		Node:  datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dp
+}
+
+// reopen closes the node's datapath handle and opens it again.
+func (n *node) reopen(t testing.TB) {
+	t.Helper()
+	n.dp.Close()
+	n.dp = n.open(t)
 }
 
 // spec returns the spec of endpoint i: addresses .10+i and ::10+i, its own
@@ -79,7 +104,7 @@ func (n *node) create(t testing.TB, s endpoint.Spec) *endpoint.Endpoint {
 		t.Fatalf("create endpoint %d: %v", s.ID, err)
 	}
 	t.Cleanup(func() {
-		if err := endpoint.Delete(n.dp, s.ID); err != nil {
+		if err := endpoint.Delete(context.Background(), n.dp, s.ID); err != nil {
 			t.Errorf("delete endpoint %d: %v", s.ID, err)
 		}
 	})
@@ -392,7 +417,7 @@ func TestGetListUpdate(t *testing.T) {
 		t.Errorf("Get(99): %v, want ErrNotFound", err)
 	}
 
-	up, err := endpoint.Update(n.dp, a.ID, endpoint.Changes{Identity: 5000, Labels: map[string]string{}})
+	up, err := endpoint.Update(context.Background(), n.dp, a.ID, endpoint.Changes{Identity: 5000, Labels: map[string]string{}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -402,16 +427,16 @@ func TestGetListUpdate(t *testing.T) {
 	if got, _ := endpoint.Get(n.dp, a.ID); got.Identity != 5000 {
 		t.Errorf("after Update, Get has identity %d", got.Identity)
 	}
-	if _, err := endpoint.Update(n.dp, a.ID, endpoint.Changes{Identity: datapath.IdentityWorld}); !errors.Is(err, datapath.ErrInvalid) {
+	if _, err := endpoint.Update(context.Background(), n.dp, a.ID, endpoint.Changes{Identity: datapath.IdentityWorld}); !errors.Is(err, datapath.ErrInvalid) {
 		t.Errorf("Update to a reserved identity: %v, want ErrInvalid", err)
 	}
-	if _, err := endpoint.Update(n.dp, a.ID, endpoint.Changes{Labels: map[string]string{"big": strings.Repeat("x", 2000)}}); !errors.Is(err, datapath.ErrInvalid) {
+	if _, err := endpoint.Update(context.Background(), n.dp, a.ID, endpoint.Changes{Labels: map[string]string{"big": strings.Repeat("x", 2100)}}); !errors.Is(err, datapath.ErrInvalid) {
 		t.Errorf("Update with huge labels: %v, want ErrInvalid", err)
 	}
 	if got, _ := endpoint.Get(n.dp, a.ID); got.Identity != 5000 || len(got.Labels) != 0 {
 		t.Errorf("a refused Update changed the endpoint: %+v", got)
 	}
-	if _, err := endpoint.Update(n.dp, 99, endpoint.Changes{Identity: 5000}); !errors.Is(err, datapath.ErrNotFound) {
+	if _, err := endpoint.Update(context.Background(), n.dp, 99, endpoint.Changes{Identity: 5000}); !errors.Is(err, datapath.ErrNotFound) {
 		t.Errorf("Update(99): %v, want ErrNotFound", err)
 	}
 	if !ping(t, a, b.IPv4) {
@@ -473,7 +498,7 @@ func TestCreateErrors(t *testing.T) {
 		{"both NetNS and Interface", func(s *endpoint.Spec) { s.Interface = "x" }, datapath.ErrInvalid},
 		{"neither NetNS nor Interface", func(s *endpoint.Spec) { s.NetNS = "" }, datapath.ErrInvalid},
 		{"MTU too small", func(s *endpoint.Spec) { s.MTU = 10 }, datapath.ErrInvalid},
-		{"huge labels", func(s *endpoint.Spec) { s.Labels = map[string]string{"x": strings.Repeat("y", 1100)} }, datapath.ErrInvalid},
+		{"huge labels", func(s *endpoint.Spec) { s.Labels = map[string]string{"x": strings.Repeat("y", 2100)} }, datapath.ErrInvalid},
 		{"duplicate ID", func(s *endpoint.Spec) { s.ID = taken.ID }, datapath.ErrExists},
 		{"duplicate IPv4", func(s *endpoint.Spec) { s.IPv4 = taken.IPv4 }, datapath.ErrExists},
 		{"duplicate IPv6", func(s *endpoint.Spec) { s.IPv6 = taken.IPv6 }, datapath.ErrExists},
@@ -495,7 +520,7 @@ func TestCreateErrors(t *testing.T) {
 			before := snapshot(t, n, dummyNS)
 			ep, err := endpoint.Create(context.Background(), n.dp, s)
 			if err == nil {
-				endpoint.Delete(n.dp, ep.ID)
+				endpoint.Delete(context.Background(), n.dp, ep.ID)
 				t.Fatalf("Create accepted it")
 			}
 			if !errors.Is(err, tc.want) {
@@ -544,10 +569,10 @@ func TestDeleteLeavesNothing(t *testing.T) {
 		if err != nil {
 			t.Fatalf("round %d: %v", i, err)
 		}
-		if err := endpoint.Delete(n.dp, ep.ID); err != nil {
+		if err := endpoint.Delete(context.Background(), n.dp, ep.ID); err != nil {
 			t.Fatalf("round %d: %v", i, err)
 		}
-		if err := endpoint.Delete(n.dp, ep.ID); err != nil {
+		if err := endpoint.Delete(context.Background(), n.dp, ep.ID); err != nil {
 			t.Fatalf("round %d: a second Delete: %v", i, err)
 		}
 		if _, err := os.Stat(filepath.Join("/run/netns", s.NetNS)); !errors.Is(err, os.ErrNotExist) {
@@ -609,7 +634,7 @@ func TestAdoptInterface(t *testing.T) {
 	if !ping(t, b, addr) {
 		t.Error("no ping to the adopted workload")
 	}
-	if err := endpoint.Delete(n.dp, ep.ID); err != nil {
+	if err := endpoint.Delete(context.Background(), n.dp, ep.ID); err != nil {
 		t.Fatal(err)
 	}
 	if l, err := netdev.Get(n.ns.Handle, "cni-host0"); err != nil || l.Index != hostIf {

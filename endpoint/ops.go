@@ -3,6 +3,7 @@ package endpoint
 import (
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -20,6 +21,7 @@ import (
 	"github.com/sluicedp/sluice/internal/attach"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
@@ -50,7 +52,7 @@ func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (*Endpoint, e
 	// The record must fit; check with the widest values filled in later.
 	trial := *ep
 	trial.HostIfindex, trial.HostMAC, trial.OwnsNetNS = 1<<31-1, ep.MAC, true
-	if _, err := encodeRecord(&trial); err != nil {
+	if err := fits(&trial); err != nil {
 		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
@@ -62,6 +64,9 @@ func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (*Endpoint, e
 		return nil, err
 	}
 	defer unlock()
+	if err := settle(st, ep.ID); err != nil {
+		return nil, err
+	}
 	if err := checkFree(st, ep); err != nil {
 		return nil, err
 	}
@@ -71,33 +76,95 @@ func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (*Endpoint, e
 	return ep, nil
 }
 
-// connect makes the endpoint's devices, registers it and attaches the
-// program; when a step fails it undoes the steps before.
+// fits checks that the ledger record of ep fits its map.
+func fits(ep *Endpoint) error {
+	rec := intent(ep)
+	rec.Made.Device.Ifindex = ep.HostIfindex
+	rec.Made.Entries = entries(ep)
+	if err := setObject(rec, ep); err != nil {
+		return err
+	}
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	if len(b) > len(bpfobj.TypesLedgerRecord{}.Data) {
+		return fmt.Errorf("endpoint %d: its record takes %d bytes, at most %d fit: shorten the labels: %w",
+			ep.ID, len(b), len(bpfobj.TypesLedgerRecord{}.Data), datapath.ErrInvalid)
+	}
+	return nil
+}
+
+// settle undoes what a process killed in the middle of creating or deleting
+// endpoint id left behind, so that the ID can be used again.
+func settle(st *core.State, id uint16) error {
+	rec, err := lookupRecord(st, id)
+	if errors.Is(err, datapath.ErrNotFound) {
+		return nil
+	}
+	if err != nil || rec.State == ledger.Ready {
+		return err
+	}
+	return st.Undo(rec)
+}
+
+// intent is the ledger record of an endpoint about to be made: everything
+// it may create is named before anything is created.
+func intent(ep *Endpoint) *ledger.Record {
+	rec := &ledger.Record{Kind: ledger.KindEndpoint, ID: uint32(ep.ID), State: ledger.Creating}
+	rec.Made.Device = &ledger.Device{Name: ep.HostIfName, Owned: !ep.Adopted()}
+	rec.Made.Links = []string{linkKey(ep.ID)}
+	if ep.OwnsNetNS {
+		rec.Made.NetNS = ep.NetNS
+	}
+	return rec
+}
+
+// connect makes the endpoint's devices, attaches the program and registers
+// it, recording each step in the ledger first; when a step fails it undoes
+// what the steps before made. A process killed half-way leaves a record
+// that Open, Reconcile or the next Create with this ID undoes.
 func connect(st *core.State, ep *Endpoint) (err error) {
-	var rollback undo
+	ep.OwnsNetNS = !ep.Adopted() && !strings.ContainsRune(ep.NetNS, '/') && !namedNetNSExists(ep.NetNS)
+	rec := intent(ep)
+	if err := setObject(rec, ep); err != nil {
+		return err
+	}
+	if err := putRecord(st, rec); err != nil {
+		return err
+	}
 	defer func() {
 		if err != nil {
-			if rbErr := rollback.run(); rbErr != nil {
-				err = fmt.Errorf("%w (and rolling back: %w)", err, rbErr)
+			if undoErr := st.Undo(rec); undoErr != nil {
+				err = fmt.Errorf("%w (and undoing: %w)", err, undoErr)
 			}
 		}
 	}()
+
 	if ep.Adopted() {
 		err = adopt(st, ep)
 	} else {
-		err = provision(st, ep, &rollback)
+		err = provision(st, ep)
 	}
 	if err != nil {
 		return err
 	}
-	// The program first: until it is registered below it drops whatever
-	// the workload sends (UNKNOWN_ENDPOINT), and the host end is still down
-	// unless the caller adopted it up.
+	rec.Made.Device.Ifindex = ep.HostIfindex
+	rec.Made.Entries = entries(ep)
+	if err := setObject(rec, ep); err != nil {
+		return err
+	}
+	if err := putRecord(st, rec); err != nil {
+		return err
+	}
+
+	// The program first: until the endpoint is registered below it drops
+	// whatever the workload sends (UNKNOWN_ENDPOINT), and the host end is
+	// still down unless the caller adopted it up.
 	if err := st.AttachTC(ep.HostIfindex, attach.Ingress, st.Objs.FromEndpoint, linkKey(ep.ID)); err != nil {
 		return fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
 	}
-	rollback.add(func() error { return st.DetachTC(ep.HostIfindex, attach.Ingress, linkKey(ep.ID)) })
-	if err := register(st, ep, &rollback); err != nil {
+	if err := register(st, ep); err != nil {
 		return err
 	}
 	if err := netdev.SetUp(st.NS, ep.HostIfName); err != nil {
@@ -108,7 +175,33 @@ func connect(st *core.State, ep *Endpoint) (err error) {
 			return err
 		}
 	}
-	return setReady(st, ep, true)
+	if err := setReady(st, ep, true); err != nil {
+		return err
+	}
+	rec.State = ledger.Ready
+	return putRecord(st, rec)
+}
+
+// namedNetNSExists reports whether /run/netns/name exists.
+func namedNetNSExists(name string) bool {
+	_, err := os.Stat(filepath.Join("/run/netns", name))
+	return err == nil
+}
+
+// entries are the map entries an endpoint writes, as the ledger records
+// them for undoing.
+func entries(ep *Endpoint) []ledger.Entry {
+	u32 := func(v uint32) []byte { return binary.NativeEndian.AppendUint32(nil, v) }
+	out := []ledger.Entry{
+		{Map: "endpoints", Key: u32(uint32(ep.HostIfindex))},
+		{Map: "ep_counters", Key: u32(uint32(ep.ID))},
+	}
+	for _, a := range addrs(ep) {
+		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
+		b, _ := binary.Append(nil, binary.NativeEndian, &k)
+		out = append(out, ledger.Entry{Map: "ipcache", Key: b})
+	}
+	return out
 }
 
 // runningTimeout bounds the wait for a new veth pair to carry packets; it
@@ -183,18 +276,14 @@ func checkFree(st *core.State, ep *Endpoint) error {
 	return nil
 }
 
-// provision makes the workload's side: namespace, veth pair, addresses,
-// routes.
-func provision(st *core.State, ep *Endpoint, rollback *undo) error {
-	ns, created, err := openNetNS(ep.NetNS, true)
+// provision makes the workload's side: namespace, veth pair (its host end
+// down), addresses, routes.
+func provision(st *core.State, ep *Endpoint) error {
+	ns, _, err := openNetNS(ep.NetNS, ep.OwnsNetNS)
 	if err != nil {
 		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
 	}
 	defer ns.Close()
-	if created {
-		ep.OwnsNetNS = true
-		rollback.add(func() error { return netns.DeleteNamed(ep.NetNS) })
-	}
 	if _, err := netdev.Get(ns, ep.IfName); err == nil {
 		return fmt.Errorf("endpoint %d: interface %s exists in %s: %w", ep.ID, ep.IfName, ep.NetNS, datapath.ErrExists)
 	}
@@ -210,12 +299,11 @@ func provision(st *core.State, ep *Endpoint, rollback *undo) error {
 	if err != nil {
 		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
 	}
-	rollback.add(func() error { return netdev.Delete(st.NS, hostIfindex) })
 	host, err := netdev.Get(st.NS, ep.HostIfName)
 	if err != nil {
 		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
 	}
-	ep.HostIfindex, ep.HostMAC = host.Index, host.MAC
+	ep.HostIfindex, ep.HostMAC = hostIfindex, host.MAC
 
 	if err := netdev.SetUp(ns, "lo"); err != nil {
 		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
@@ -323,78 +411,73 @@ func addrs(ep *Endpoint) []netip.Addr {
 	return out
 }
 
-// register writes the endpoint into the maps: counters, endpoint map,
-// ipcache, and last its record, which makes it visible to Get and List.
-func register(st *core.State, ep *Endpoint, rollback *undo) error {
-	key := uint32(ep.ID)
+// register writes the endpoint into the maps: counters, endpoint map (not
+// yet ready) and ipcache. The ledger record names every entry, so a
+// failure is undone from it.
+func register(st *core.State, ep *Endpoint) error {
 	fail := func(err error, what string) error {
 		return core.MapError(err, datapath.ErrMapFull, fmt.Sprintf("endpoint %d: %s", ep.ID, what))
 	}
 	zero := make([]bpfobj.TypesEndpointCounters, ebpf.MustPossibleCPU())
-	if err := st.Objs.EpCounters.Update(key, zero, ebpf.UpdateAny); err != nil {
+	if err := st.Objs.EpCounters.Update(uint32(ep.ID), zero, ebpf.UpdateAny); err != nil {
 		return fail(err, "add counters")
 	}
-	rollback.add(func() error { return deleteKey(st.Objs.EpCounters, key) })
-
 	info := endpointInfo(ep, false) // ready once its host end is up
-	ifindex := uint32(ep.HostIfindex)
-	if err := st.Objs.Endpoints.Update(ifindex, &info, ebpf.UpdateNoExist); err != nil {
+	if err := st.Objs.Endpoints.Update(uint32(ep.HostIfindex), &info, ebpf.UpdateNoExist); err != nil {
 		return fail(err, "add to endpoint map")
 	}
-	rollback.add(func() error { return deleteKey(st.Objs.Endpoints, ifindex) })
-
 	for _, a := range addrs(ep) {
 		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
-		v := bpfobj.TypesIpcacheValue{Identity: uint32(ep.Identity), Ifindex: ifindex}
-		if err := st.Objs.Ipcache.Update(&k, &v, ebpf.UpdateAny); err != nil {
+		v := bpfobj.TypesIpcacheValue{Identity: uint32(ep.Identity), Ifindex: uint32(ep.HostIfindex)}
+		// NoExist: a host prefix another owner wrote stays its own (see
+		// checkFree); the endpoint never overwrites it, so undoing never
+		// deletes it.
+		if err := st.Objs.Ipcache.Update(&k, &v, ebpf.UpdateNoExist); err != nil {
+			if errors.Is(err, ebpf.ErrKeyExist) {
+				return fmt.Errorf("endpoint %d: %s is in the ipcache already: %w", ep.ID, a, datapath.ErrExists)
+			}
 			return fail(err, "add "+a.String()+" to ipcache")
 		}
-		rollback.add(func() error { return deleteKey(st.Objs.Ipcache, &k) })
-	}
-
-	rec, err := encodeRecord(ep)
-	if err != nil {
-		return err
-	}
-	if err := st.Objs.EpRecords.Update(key, &rec, ebpf.UpdateNoExist); err != nil {
-		return fail(err, "add record")
-	}
-	rollback.add(func() error { return deleteKey(st.Objs.EpRecords, key) })
-	return nil
-}
-
-// deleteKey deletes a map entry; a missing one is not an error.
-func deleteKey(m *ebpf.Map, key any) error {
-	if err := m.Delete(key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("delete from %s: %w", m, err)
 	}
 	return nil
 }
+
 
 // Get returns the endpoint with the given ID, or an error matching
 // datapath.ErrNotFound.
 func Get(dp *datapath.Datapath, id uint16) (*Endpoint, error) {
-	return lookup(core.Of(dp), id)
+	st := core.Of(dp)
+	release, err := st.Use()
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	return lookup(st, id)
 }
 
-// List returns every endpoint of the datapath, by ID.
+// List returns every endpoint of the datapath, by ID. An endpoint that is
+// being created or deleted is not listed.
 func List(dp *datapath.Datapath) ([]*Endpoint, error) {
 	st := core.Of(dp)
-	var (
-		out []*Endpoint
-		id  uint32
-		rec bpfobj.TypesEndpointRecord
-	)
-	it := st.Objs.EpRecords.Iterate()
-	for it.Next(&id, &rec) {
-		ep, err := decodeRecord(&rec)
+	release, err := st.Use()
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	recs, err := ledger.List(st.Objs.Ledger, ledger.KindEndpoint)
+	if err != nil {
+		return nil, fmt.Errorf("list endpoints: %w: %w", datapath.ErrIncompatible, err)
+	}
+	var out []*Endpoint
+	for _, rec := range recs {
+		if rec.State != ledger.Ready {
+			continue
+		}
+		ep, err := decode(rec)
 		if err != nil {
 			return nil, err
 		}
 		out = append(out, ep)
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list endpoints: %w", err)
 	}
 	slices.SortFunc(out, func(a, b *Endpoint) int { return int(a.ID) - int(b.ID) })
 	return out, nil
@@ -404,7 +487,10 @@ func List(dp *datapath.Datapath) ([]*Endpoint, error) {
 // to the next packet. It returns the updated endpoint, datapath.ErrNotFound
 // for an unknown ID and datapath.ErrInvalid for a reserved identity or labels
 // too large; on error nothing changed.
-func Update(dp *datapath.Datapath, id uint16, c Changes) (*Endpoint, error) {
+func Update(ctx context.Context, dp *datapath.Datapath, id uint16, c Changes) (*Endpoint, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	st := core.Of(dp)
 	unlock, err := st.Lock()
 	if err != nil {
@@ -425,15 +511,20 @@ func Update(dp *datapath.Datapath, id uint16, c Changes) (*Endpoint, error) {
 	if c.Labels != nil {
 		next.Labels = c.Labels
 	}
-	rec, err := encodeRecord(&next)
+	rec, err := lookupRecord(st, id)
 	if err != nil {
+		return nil, err
+	}
+	if err := setObject(rec, &next); err != nil {
+		return nil, err
+	}
+	if err := fits(&next); err != nil {
 		return nil, err
 	}
 
 	// Identity lives in the endpoint map and the ipcache; the record last.
 	// Each write replaces an existing entry, so a failure half-way is undone
 	// by writing the old values back.
-	var rollback undo
 	write := func(e *Endpoint) error {
 		info := endpointInfo(e, true)
 		if err := st.Objs.Endpoints.Update(uint32(e.HostIfindex), &info, ebpf.UpdateExist); err != nil {
@@ -448,91 +539,67 @@ func Update(dp *datapath.Datapath, id uint16, c Changes) (*Endpoint, error) {
 		}
 		return nil
 	}
-	rollback.add(func() error { return write(ep) })
 	if err := write(&next); err != nil {
-		return nil, errors.Join(fmt.Errorf("endpoint %d: update: %w", id, err), rollback.run())
+		return nil, errors.Join(fmt.Errorf("endpoint %d: update: %w", id, err), write(ep))
 	}
-	if err := st.Objs.EpRecords.Update(uint32(id), &rec, ebpf.UpdateExist); err != nil {
-		return nil, errors.Join(fmt.Errorf("endpoint %d: update record: %w", id, err), rollback.run())
+	if err := putRecord(st, rec); err != nil {
+		return nil, errors.Join(fmt.Errorf("endpoint %d: update record: %w", id, err), write(ep))
 	}
 	return &next, nil
 }
 
-func init() { core.OnUnload(deleteAll) }
-
-// deleteAll deletes every endpoint, for datapath.Unload.
-func deleteAll(st *core.State) error {
-	var (
-		ids []uint16
-		id  uint32
-		rec bpfobj.TypesEndpointRecord
-	)
-	it := st.Objs.EpRecords.Iterate()
-	for it.Next(&id, &rec) {
-		ids = append(ids, uint16(id))
+// Delete takes the endpoint apart: it stops delivery to it, detaches its
+// program, removes it from the maps, deletes its veth pair (`ip link del
+// HOSTIF`; not an adopted one) and the namespace Create made for it.
+// Deleting an endpoint that does not exist is not an error. On error the
+// endpoint is recorded as being deleted: it is no longer listed, and
+// Delete, Reconcile or the next Open finishes the job.
+func Delete(ctx context.Context, dp *datapath.Datapath, id uint16) error {
+	if err := ctx.Err(); err != nil {
+		return err
 	}
-	errs := []error{it.Err()}
-	for _, id := range ids {
-		errs = append(errs, remove(st, id))
-	}
-	return errors.Join(errs...)
-}
-
-// Delete detaches the endpoint's program, removes it from the maps, deletes
-// its veth pair (`ip link del HOSTIF`; not an adopted one) and the namespace
-// Create made for it. Deleting an endpoint that does not exist is not an
-// error. On error the endpoint stays listed, and Delete may be called again.
-func Delete(dp *datapath.Datapath, id uint16) error {
-	return remove(core.Of(dp), id)
-}
-
-func remove(st *core.State, id uint16) error {
+	st := core.Of(dp)
 	unlock, err := st.Lock()
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	ep, err := lookup(st, id)
+	rec, err := lookupRecord(st, id)
 	if errors.Is(err, datapath.ErrNotFound) {
 		return nil
 	}
 	if err != nil {
 		return err
 	}
-
-	// Nothing is delivered to it from now on; then the rest comes apart.
-	errs := []error{setReady(st, ep, false), st.DetachTC(ep.HostIfindex, attach.Ingress, linkKey(id))}
-	for _, a := range addrs(ep) {
-		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
-		errs = append(errs, deleteKey(st.Objs.Ipcache, &k))
-	}
-	errs = append(errs,
-		deleteKey(st.Objs.Endpoints, uint32(ep.HostIfindex)),
-		deleteKey(st.Objs.EpCounters, uint32(id)),
-	)
-	if !ep.Adopted() {
-		// Only the device Create made: the same name and index.
-		if l, err := netdev.Get(st.NS, ep.HostIfName); err == nil && l.Index == ep.HostIfindex {
-			errs = append(errs, netdev.Delete(st.NS, ep.HostIfindex))
+	if rec.State == ledger.Ready {
+		rec.State = ledger.Deleting
+		if err := putRecord(st, rec); err != nil {
+			return err
+		}
+		// Nothing is delivered to it from now on; then it comes apart.
+		if ep, err := decode(rec); err == nil {
+			if err := setReady(st, ep, false); err != nil {
+				return err
+			}
 		}
 	}
-	if ep.OwnsNetNS {
-		if err := netns.DeleteNamed(ep.NetNS); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("delete network namespace %s: %w", ep.NetNS, err))
-		}
-	}
-	if err := errors.Join(errs...); err != nil {
+	if err := st.Undo(rec); err != nil {
 		return fmt.Errorf("endpoint %d: delete: %w", id, err)
 	}
-	return deleteKey(st.Objs.EpRecords, uint32(id))
+	return nil
 }
 
 // ReadCounters returns the endpoint's packet and byte counters, or an error
 // matching datapath.ErrNotFound.
 func ReadCounters(dp *datapath.Datapath, id uint16) (Counters, error) {
 	st := core.Of(dp)
+	release, err := st.Use()
+	if err != nil {
+		return Counters{}, err
+	}
+	defer release()
 	var percpu []bpfobj.TypesEndpointCounters
-	err := st.Objs.EpCounters.Lookup(uint32(id), &percpu)
+	err = st.Objs.EpCounters.Lookup(uint32(id), &percpu)
 	if errors.Is(err, ebpf.ErrKeyNotExist) {
 		return Counters{}, fmt.Errorf("endpoint %d: %w", id, datapath.ErrNotFound)
 	}
@@ -547,18 +614,4 @@ func ReadCounters(dp *datapath.Datapath, id uint16) (Counters, error) {
 		c.BytesIn += v.BytesIn
 	}
 	return c, nil
-}
-
-// undo collects the steps that reverse what was done so far.
-type undo []func() error
-
-func (u *undo) add(f func() error) { *u = append(*u, f) }
-
-// run reverses in the opposite order, past errors.
-func (u undo) run() error {
-	var errs []error
-	for i := len(u) - 1; i >= 0; i-- {
-		errs = append(errs, u[i]())
-	}
-	return errors.Join(errs...)
 }

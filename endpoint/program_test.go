@@ -50,7 +50,7 @@ func newProgWorld(t testing.TB) *progWorld {
 		if *ep, err = Create(context.Background(), dp, s); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { Delete(dp, s.ID) })
+		t.Cleanup(func() { Delete(context.Background(), dp, s.ID) })
 	}
 	return w
 }

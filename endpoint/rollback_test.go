@@ -13,6 +13,7 @@ import (
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/testutil"
 )
@@ -43,7 +44,7 @@ func TestCreateRollsBackWhenMapFull(t *testing.T) {
 
 	spec := Spec{ID: 1, IPv4: netip.MustParseAddr("198.18.1.10"), Identity: 1000, NetNS: testutil.Name("sluice-t-")}
 	if _, err = Create(context.Background(), dp, spec); err == nil {
-		Delete(dp, spec.ID)
+		Delete(context.Background(), dp, spec.ID)
 	}
 	if !errors.Is(err, datapath.ErrMapFull) {
 		t.Fatalf("Create with a full ipcache: %v, want ErrMapFull", err)
@@ -63,8 +64,9 @@ func TestCreateRollsBackWhenMapFull(t *testing.T) {
 		"counters": func() (int, error) {
 			return count(st.Objs.EpCounters.Iterate(), new(uint32), new([]bpfobj.TypesEndpointCounters))
 		},
-		"records": func() (int, error) {
-			return count(st.Objs.EpRecords.Iterate(), new(uint32), new(bpfobj.TypesEndpointRecord))
+		"ledger": func() (int, error) {
+			recs, err := ledger.List(st.Objs.Ledger, ledger.KindEndpoint)
+			return len(recs), err
 		},
 	} {
 		if got, err := n(); err != nil || got != 0 {

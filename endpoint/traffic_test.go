@@ -147,7 +147,7 @@ func TestCreateAttachesBeforeUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer endpoint.Delete(dp, ep.ID)
+	defer endpoint.Delete(context.Background(), dp, ep.ID)
 
 	var seen []string // in order: "up", "filter"
 	tv := unix.NsecToTimeval(int64(200 * time.Millisecond))

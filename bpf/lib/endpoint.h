@@ -54,23 +54,6 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ep_counters SEC(".maps");
 
-/* User space's own record of each endpoint (names, netns, labels), pinned
- * with the rest so that a restarted process finds it. Never read by BPF. */
-#define ENDPOINT_RECORD_SIZE 1024
-
-struct endpoint_record {
-	__u8 data[ENDPOINT_RECORD_SIZE];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, ENDPOINTS_MAX);
-	__type(key, __u32); /* endpoint ID */
-	__type(value, struct endpoint_record);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} ep_records SEC(".maps");
-
 static __always_inline void endpoint_count(__u32 id, int in, __u32 bytes)
 {
 	struct endpoint_counters *c = bpf_map_lookup_elem(&ep_counters, &id);

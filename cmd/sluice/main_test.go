@@ -44,12 +44,12 @@ func TestCommands(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer endpoint.Delete(dp, a.ID)
+	defer endpoint.Delete(context.Background(), dp, a.ID)
 	b, err := endpoint.Create(context.Background(), dp, endpoint.Spec{ID: 2, IPv4: netip.MustParseAddr("198.18.1.11"), Identity: 1001, NetNS: testutil.Name("sluice-t-")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer endpoint.Delete(dp, b.ID)
+	defer endpoint.Delete(context.Background(), dp, b.ID)
 	workload := testutil.OpenNetNS(t, a.NetNS)
 	workload.AddAddr(t, "eth0", "198.18.1.99/32")
 

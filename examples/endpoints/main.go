@@ -91,7 +91,7 @@ func run() (err error) {
 		if err != nil {
 			return err
 		}
-		defer func() { err = errors.Join(err, endpoint.Delete(dp, ep.ID)) }()
+		defer func() { err = errors.Join(err, endpoint.Delete(context.Background(), dp, ep.ID)) }()
 		eps = append(eps, ep)
 		fmt.Printf("endpoint %d %-3s %s %s on %s (host end %s), gateway %s\n",
 			ep.ID, name, ep.IPv4, ep.IPv6, ep.IfName, ep.HostIfName, ep.Gateway4)

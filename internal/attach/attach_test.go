@@ -24,18 +24,12 @@ import (
 	"github.com/sluicedp/sluice/internal/testutil"
 )
 
-// pingChildEnv, when set to "NETNS-PATH ADDRESS", makes the test binary a
-// child that pings ADDRESS once from the namespace and exits: 0 for a
-// reply, 1 for none, 2 when it could not ping.
-const pingChildEnv = "SLUICE_ATTACH_TEST_PING"
-
 func TestMain(m *testing.M) {
-	if arg := os.Getenv(pingChildEnv); arg != "" {
-		os.Exit(pingChild(arg))
-	}
-	os.Exit(m.Run())
+	testutil.Main(m, map[string]func(string) int{"ping": pingChild})
 }
 
+// pingChild, given "NETNS-PATH ADDRESS", pings ADDRESS once from the
+// namespace: it returns 0 for a reply, 1 for none, 2 when it could not ping.
 func pingChild(arg string) int {
 	path, dst, _ := strings.Cut(arg, " ")
 	ns, err := netns.GetFromPath(path)
@@ -64,12 +58,10 @@ func cgroupPing(cgroup, nsPath string, dst netip.Addr) (bool, error) {
 		return false, err
 	}
 	defer dir.Close()
-	exe, err := os.Executable()
+	cmd, err := testutil.Child("ping", nsPath+" "+dst.String())
 	if err != nil {
 		return false, err
 	}
-	cmd := exec.Command(exe)
-	cmd.Env = append(os.Environ(), pingChildEnv+"="+nsPath+" "+dst.String())
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
 	out, err := cmd.CombinedOutput()
 	var exit *exec.ExitError

@@ -107,10 +107,11 @@ func attachLegacy(ifindex int, hook Hook, prog *ebpf.Program, name string) error
 	return errors.Join(errs...)
 }
 
-// DetachLegacy removes the legacy filter on one hook of a device, if it is
-// ours (its name starts with prefix). Other filters stay, and so does the
-// clsact qdisc: deleting it would delete every filter on the device.
-func DetachLegacy(ifindex int, hook Hook, prefix string) error {
+// DetachLegacy removes the legacy filter named name from one hook of a
+// device, or every filter whose name starts with name when it ends with
+// "/". Other filters stay, and so does the clsact qdisc: deleting it would
+// delete every filter on the device.
+func DetachLegacy(ifindex int, hook Hook, name string) error {
 	filters, err := netlink.FilterList(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}, legacyParent(hook))
 	if err != nil {
 		if errors.Is(err, unix.ENODEV) || errors.Is(err, unix.EINVAL) {
@@ -121,7 +122,7 @@ func DetachLegacy(ifindex int, hook Hook, prefix string) error {
 	var errs []error
 	for _, f := range filters {
 		bf, ok := f.(*netlink.BpfFilter)
-		if !ok || !strings.HasPrefix(bf.Name, prefix) {
+		if !ok || !ours(bf.Name, name) {
 			continue
 		}
 		if err := netlink.FilterDel(bf); err != nil {
@@ -129,6 +130,16 @@ func DetachLegacy(ifindex int, hook Hook, prefix string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// ours reports whether a filter name is the one name asks for: that name
+// exactly, or, when name ends with "/", any name under it ("endpoint-1" must
+// not take "endpoint-10" with it).
+func ours(filter, name string) bool {
+	if strings.HasSuffix(name, "/") {
+		return strings.HasPrefix(filter, name)
+	}
+	return filter == name
 }
 
 // RemoveLegacy removes, from every device in the calling thread's network

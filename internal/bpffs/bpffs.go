@@ -9,6 +9,10 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// ErrOccupied reports a path that is neither a BPF filesystem nor an empty
+// directory to mount one on.
+var ErrOccupied = errors.New("not a BPF filesystem, and not an empty directory to mount one on")
+
 // IsMounted reports whether path is the root of a mounted BPF filesystem.
 func IsMounted(path string) (bool, error) {
 	var st unix.Statfs_t
@@ -33,7 +37,7 @@ func Ensure(path string) error {
 		return fmt.Errorf("create bpffs mount point: %w", err)
 	}
 	if entries, err := os.ReadDir(path); err != nil || len(entries) > 0 {
-		return fmt.Errorf("%s is not a BPF filesystem, and not an empty directory to mount one on (%v)", path, err)
+		return fmt.Errorf("%s: %w (%v)", path, ErrOccupied, err)
 	}
 	if err := unix.Mount("bpf", path, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mount bpffs at %s: %w", path, err)

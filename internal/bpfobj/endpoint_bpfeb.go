@@ -18,13 +18,13 @@ import (
 const (
 	EndpointMapEndpoints     = "endpoints"
 	EndpointMapEpCounters    = "ep_counters"
-	EndpointMapEpRecords     = "ep_records"
 	EndpointMapEventConfig   = "event_config"
 	EndpointMapEventLimiter  = "event_limiter"
 	EndpointMapEventLost     = "event_lost"
 	EndpointMapEvents        = "events"
 	EndpointMapIpcache       = "ipcache"
 	EndpointMapLayout        = "layout"
+	EndpointMapLedger        = "ledger"
 	EndpointMapMetrics       = "metrics"
 	EndpointProgFromEndpoint = "from_endpoint"
 )
@@ -80,13 +80,13 @@ type EndpointProgramSpecs struct {
 type EndpointMapSpecs struct {
 	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
 	EpCounters   *ebpf.MapSpec `ebpf:"ep_counters"`
-	EpRecords    *ebpf.MapSpec `ebpf:"ep_records"`
 	EventConfig  *ebpf.MapSpec `ebpf:"event_config"`
 	EventLimiter *ebpf.MapSpec `ebpf:"event_limiter"`
 	EventLost    *ebpf.MapSpec `ebpf:"event_lost"`
 	Events       *ebpf.MapSpec `ebpf:"events"`
 	Ipcache      *ebpf.MapSpec `ebpf:"ipcache"`
 	Layout       *ebpf.MapSpec `ebpf:"layout"`
+	Ledger       *ebpf.MapSpec `ebpf:"ledger"`
 	Metrics      *ebpf.MapSpec `ebpf:"metrics"`
 }
 
@@ -118,13 +118,13 @@ func (o *EndpointObjects) Close() error {
 type EndpointMaps struct {
 	Endpoints    *ebpf.Map `ebpf:"endpoints"`
 	EpCounters   *ebpf.Map `ebpf:"ep_counters"`
-	EpRecords    *ebpf.Map `ebpf:"ep_records"`
 	EventConfig  *ebpf.Map `ebpf:"event_config"`
 	EventLimiter *ebpf.Map `ebpf:"event_limiter"`
 	EventLost    *ebpf.Map `ebpf:"event_lost"`
 	Events       *ebpf.Map `ebpf:"events"`
 	Ipcache      *ebpf.Map `ebpf:"ipcache"`
 	Layout       *ebpf.Map `ebpf:"layout"`
+	Ledger       *ebpf.Map `ebpf:"ledger"`
 	Metrics      *ebpf.Map `ebpf:"metrics"`
 }
 
@@ -132,13 +132,13 @@ func (m *EndpointMaps) Close() error {
 	return _EndpointClose(
 		m.Endpoints,
 		m.EpCounters,
-		m.EpRecords,
 		m.EventConfig,
 		m.EventLimiter,
 		m.EventLost,
 		m.Events,
 		m.Ipcache,
 		m.Layout,
+		m.Ledger,
 		m.Metrics,
 	)
 }

@@ -67,11 +67,6 @@ type TypesEndpointInfo struct {
 	Ipv6     [16]uint8
 }
 
-type TypesEndpointRecord struct {
-	_    structs.HostLayout
-	Data [1024]uint8
-}
-
 type TypesEvent struct {
 	_        structs.HostLayout
 	Version  uint8
@@ -151,6 +146,17 @@ const (
 	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 2
 )
 
+type TypesLedgerKey struct {
+	_    structs.HostLayout
+	Kind uint32
+	Id   uint32
+}
+
+type TypesLedgerRecord struct {
+	_    structs.HostLayout
+	Data [2048]uint8
+}
+
 type TypesMetricsValue struct {
 	_       structs.HostLayout
 	Packets uint64
@@ -175,13 +181,13 @@ const (
 const (
 	TypesMapEndpoints      = "endpoints"
 	TypesMapEpCounters     = "ep_counters"
-	TypesMapEpRecords      = "ep_records"
 	TypesMapEventConfig    = "event_config"
 	TypesMapEventLimiter   = "event_limiter"
 	TypesMapEventLost      = "event_lost"
 	TypesMapEvents         = "events"
 	TypesMapIpcache        = "ipcache"
 	TypesMapLayout         = "layout"
+	TypesMapLedger         = "ledger"
 	TypesMapMetrics        = "metrics"
 	TypesVarDirection      = "_direction"
 	TypesVarDropReason     = "_drop_reason"
@@ -245,13 +251,13 @@ type TypesProgramSpecs struct {
 type TypesMapSpecs struct {
 	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
 	EpCounters   *ebpf.MapSpec `ebpf:"ep_counters"`
-	EpRecords    *ebpf.MapSpec `ebpf:"ep_records"`
 	EventConfig  *ebpf.MapSpec `ebpf:"event_config"`
 	EventLimiter *ebpf.MapSpec `ebpf:"event_limiter"`
 	EventLost    *ebpf.MapSpec `ebpf:"event_lost"`
 	Events       *ebpf.MapSpec `ebpf:"events"`
 	Ipcache      *ebpf.MapSpec `ebpf:"ipcache"`
 	Layout       *ebpf.MapSpec `ebpf:"layout"`
+	Ledger       *ebpf.MapSpec `ebpf:"ledger"`
 	Metrics      *ebpf.MapSpec `ebpf:"metrics"`
 }
 
@@ -293,13 +299,13 @@ func (o *TypesObjects) Close() error {
 type TypesMaps struct {
 	Endpoints    *ebpf.Map `ebpf:"endpoints"`
 	EpCounters   *ebpf.Map `ebpf:"ep_counters"`
-	EpRecords    *ebpf.Map `ebpf:"ep_records"`
 	EventConfig  *ebpf.Map `ebpf:"event_config"`
 	EventLimiter *ebpf.Map `ebpf:"event_limiter"`
 	EventLost    *ebpf.Map `ebpf:"event_lost"`
 	Events       *ebpf.Map `ebpf:"events"`
 	Ipcache      *ebpf.Map `ebpf:"ipcache"`
 	Layout       *ebpf.Map `ebpf:"layout"`
+	Ledger       *ebpf.Map `ebpf:"ledger"`
 	Metrics      *ebpf.Map `ebpf:"metrics"`
 }
 
@@ -307,13 +313,13 @@ func (m *TypesMaps) Close() error {
 	return _TypesClose(
 		m.Endpoints,
 		m.EpCounters,
-		m.EpRecords,
 		m.EventConfig,
 		m.EventLimiter,
 		m.EventLost,
 		m.Events,
 		m.Ipcache,
 		m.Layout,
+		m.Ledger,
 		m.Metrics,
 	)
 }

@@ -1,7 +1,8 @@
 // Package core is the part of an open datapath that sluice's own object
 // packages (endpoint, policy, service) work with: the loaded objects, the
-// namespace, the node's configuration and the attach and locking helpers.
-// Users reach it only through those packages.
+// namespace, the node's configuration, the locks, and the undoing of what
+// the ledger says an object made. Users reach it only through those
+// packages.
 package core
 
 import (
@@ -10,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -18,40 +20,32 @@ import (
 
 	"github.com/sluicedp/sluice/internal/attach"
 	"github.com/sluicedp/sluice/internal/bpfobj"
+	"github.com/sluicedp/sluice/internal/ledger"
+	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
 // State is one open datapath.
+//
+// Locks, always taken in this order: mu (changes, within the process), rw
+// (the handles: read-held by every call that uses them, write-held by
+// Close), the flock on Dir (changes, across processes). A call that holds
+// them finds the handles open and the datapath still pinned.
 type State struct {
 	Name     string
 	Dir      string         // <bpffs>/<name>
-	NS       netns.NsHandle // closed (-1) for the caller's namespace
+	NS       netns.NsHandle // the datapath's namespace, open until Close
 	Mode     attach.Mode
 	Objs     bpfobj.EndpointObjects
 	PodCIDRs []netip.Prefix
+	LayoutID ebpf.MapID // of the pinned layout map this State opened
 
 	mu     sync.Mutex
+	rw     sync.RWMutex
 	closed bool
 }
 
-var (
-	of        func(any) *State
-	teardowns []func(*State) error
-)
-
-// OnUnload registers what an object package must undo when its datapath is
-// unloaded (the endpoint package: delete every endpoint's devices and
-// namespace, which no pin would point to any more).
-func OnUnload(f func(*State) error) { teardowns = append(teardowns, f) }
-
-// Teardown runs the functions registered with OnUnload, past errors.
-func (s *State) Teardown() error {
-	var errs []error
-	for _, f := range teardowns {
-		errs = append(errs, f(s))
-	}
-	return errors.Join(errs...)
-}
+var of func(any) *State
 
 // Register lets the datapath package tell Of how to reach a Datapath's State.
 func Register(f func(any) *State) { of = f }
@@ -59,34 +53,80 @@ func Register(f func(any) *State) { of = f }
 // Of returns the State of a *datapath.Datapath.
 func Of(dp any) *State { return of(dp) }
 
-// Lock serializes changes to the datapath: among goroutines with a mutex,
-// among processes with a flock on the pin directory. It fails with
-// os.ErrClosed once the datapath is closed.
-func (s *State) Lock() (unlock func(), err error) {
-	s.mu.Lock()
+// Use holds the handles open for a call that reads through them. It fails
+// with os.ErrClosed once the datapath is closed.
+func (s *State) Use() (release func(), err error) {
+	s.rw.RLock()
 	if s.closed {
-		s.mu.Unlock()
+		s.rw.RUnlock()
 		return nil, fmt.Errorf("datapath %s: %w", s.Name, os.ErrClosed)
 	}
-	unlockDir, err := LockDir(s.Dir)
+	return s.rw.RUnlock, nil
+}
+
+// Lock serializes changes to the datapath: among goroutines with a mutex,
+// among processes with a flock on the pin directory. It fails with
+// os.ErrClosed once the datapath is closed, and with errGone (matching
+// os.ErrNotExist) once it was unloaded, by this process or another.
+func (s *State) Lock() (unlock func(), err error) {
+	s.mu.Lock()
+	release, err := s.Use()
 	if err != nil {
 		s.mu.Unlock()
 		return nil, err
 	}
-	return func() { unlockDir(); s.mu.Unlock() }, nil
+	unlockDir, err := LockDir(s.Dir)
+	if err == nil {
+		err = s.checkPinned()
+		if err != nil {
+			unlockDir()
+		}
+	}
+	if err != nil {
+		release()
+		s.mu.Unlock()
+		return nil, err
+	}
+	return func() { unlockDir(); release(); s.mu.Unlock() }, nil
 }
+
+// checkPinned fails when the pins are no longer the ones this State opened:
+// another process unloaded the datapath (and maybe made a new one) while
+// this one held handles.
+func (s *State) checkPinned() error {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(s.Dir, "layout"), &ebpf.LoadPinOptions{ReadOnly: true})
+	if err == nil {
+		defer m.Close()
+		info, err := m.Info()
+		if err == nil {
+			if id, ok := info.ID(); ok && id == s.LayoutID {
+				return nil
+			}
+		}
+	}
+	return fmt.Errorf("datapath %s: %w", s.Name, ErrUnloaded)
+}
+
+// ErrUnloaded reports a handle on a datapath that was unloaded since it was
+// opened. It matches os.ErrNotExist.
+var ErrUnloaded = fmt.Errorf("unloaded since it was opened: %w", os.ErrNotExist)
 
 // Closed reports whether Close was called.
 func (s *State) Closed() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.rw.RLock()
+	defer s.rw.RUnlock()
 	return s.closed
 }
 
-// Close releases the handles; it is a no-op the second time.
+// Close releases the handles once no call uses them; it is a no-op the
+// second time.
 func (s *State) Close() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+	s.rw.Lock()
+	defer s.rw.Unlock()
+	return s.closeLocked()
+}
+
+func (s *State) closeLocked() error {
 	if s.closed {
 		return nil
 	}
@@ -96,6 +136,27 @@ func (s *State) Close() error {
 		errs = append(errs, s.NS.Close())
 	}
 	return errors.Join(errs...)
+}
+
+// Unload runs teardown holding every lock, then closes the handles. It
+// fails with os.ErrClosed on a closed datapath.
+func (s *State) Unload(teardown func() error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rw.Lock()
+	defer s.rw.Unlock()
+	if s.closed {
+		return fmt.Errorf("unload datapath %s: %w", s.Name, os.ErrClosed)
+	}
+	unlockDir, err := LockDir(s.Dir)
+	if err != nil {
+		return err
+	}
+	defer unlockDir()
+	if err := s.checkPinned(); err != nil {
+		return errors.Join(err, s.closeLocked())
+	}
+	return errors.Join(teardown(), s.closeLocked())
 }
 
 // LockDir takes an exclusive flock on dir.
@@ -133,6 +194,70 @@ func (s *State) DetachTC(ifindex int, hook attach.Hook, key string) error {
 		attach.Detach(filepath.Join(s.LinksDir(), key)),
 		nsrun.Do(s.NS, func() error { return attach.DetachLegacy(ifindex, hook, s.LegacyPrefix()+key) }),
 	)
+}
+
+// Map returns the datapath's map with the given name, or nil.
+func (s *State) Map(name string) *ebpf.Map {
+	v := reflect.ValueOf(&s.Objs.EndpointMaps).Elem()
+	for i := range v.NumField() {
+		if v.Type().Field(i).Tag.Get("ebpf") == name {
+			m, _ := v.Field(i).Interface().(*ebpf.Map)
+			return m
+		}
+	}
+	return nil
+}
+
+// Undo removes everything the record says its object made, in the reverse
+// order of making it: its attachments, its map entries, its device (when
+// the object made it), its namespace, and last the record. What is gone
+// already is skipped, so Undo can finish what a killed process began. On
+// error the record stays, and Undo may be called again. Call it with the
+// lock held.
+func (s *State) Undo(r *ledger.Record) error {
+	var errs []error
+	if d := r.Made.Device; d != nil {
+		for _, key := range r.Made.Links {
+			errs = append(errs, s.DetachTC(d.Ifindex, attach.Ingress, key))
+		}
+	}
+	for _, e := range r.Made.Entries {
+		m := s.Map(e.Map)
+		if m == nil {
+			errs = append(errs, fmt.Errorf("undo %v %d: no map %s", r.Kind, r.ID, e.Map))
+			continue
+		}
+		if err := m.Delete(e.Key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, fmt.Errorf("undo %v %d: delete from %s: %w", r.Kind, r.ID, e.Map, err))
+		}
+	}
+	if d := r.Made.Device; d != nil && d.Owned {
+		errs = append(errs, deleteDevice(s.NS, d))
+	}
+	if r.Made.NetNS != "" {
+		errs = append(errs, nsrun.DeleteNamed(r.Made.NetNS))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("undo %v %d: %w", r.Kind, r.ID, err)
+	}
+	return ledger.Delete(s.Objs.Ledger, r.Kind, r.ID)
+}
+
+// deleteDevice deletes the device the record names: the one with its index,
+// or, when a killed process made it but never recorded the index, the veth
+// of that name.
+func deleteDevice(ns netns.NsHandle, d *ledger.Device) error {
+	l, err := netdev.Get(ns, d.Name)
+	if errors.Is(err, unix.ENODEV) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if (d.Ifindex != 0 && l.Index != d.Ifindex) || (d.Ifindex == 0 && l.Type != "veth") {
+		return nil // another device took the name since
+	}
+	return netdev.Delete(ns, l.Index)
 }
 
 // IPCacheKey is the ipcache key of a prefix (see bpf/lib/ipcache.h): the

@@ -7,10 +7,14 @@
 package nsrun
 
 import (
+	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"runtime"
 
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // Do runs fn with the calling thread in the network namespace ns and returns
@@ -52,4 +56,19 @@ func New(name string) (netns.NsHandle, error) {
 		return netns.None(), fmt.Errorf("create network namespace %q: %w", name, r.err)
 	}
 	return r.ns, nil
+}
+
+// DeleteNamed removes the network namespace bound at /run/netns/name (as
+// `ip netns delete name` does). A missing one is not an error, and neither
+// is a file that was never bound to a namespace (a process killed while
+// creating it leaves one): it is removed.
+func DeleteNamed(name string) error {
+	path := filepath.Join("/run/netns", name)
+	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("delete network namespace %s: %w", name, err)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("delete network namespace %s: %w", name, err)
+	}
+	return nil
 }

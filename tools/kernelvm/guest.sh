@@ -6,7 +6,8 @@
 #
 # CONFIG, written by run.sh, sets: packages (import path, directory, test
 # binary; tab-separated), test_flags, verbose, test_timeout, modules (the
-# unpacked kernel's lib/modules), repo (the repository's root) and token.
+# unpacked kernel's lib/modules), repo (the repository's root), progs (the
+# programs of internal/testprog) and token.
 #
 # Makes what the tests write to writable, loads the modules the tests need,
 # runs every test binary in its package directory as `go test` would, prints
@@ -31,6 +32,7 @@ trap 'echo "kernelvm: guest.sh failed at line $LINENO"; power_off' ERR
 
 # shellcheck source=/dev/null
 source "$1" # CONFIG
+export SLUICE_TESTPROGS=$progs # testutil.Program
 
 # ---------------------------------------------------------------- mounts
 

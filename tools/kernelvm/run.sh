@@ -185,11 +185,21 @@ done
 ((${#built[@]})) || die "FAIL: nothing built"
 packages=("${built[@]}")
 
+# Programs tests run as separate processes (testutil.Program): the guest
+# cannot run the Go toolchain on the read-only root.
+progs="$run_dir/progs"
+mkdir -p "$progs"
+for dir in "$repo"/internal/testprog/*/; do
+	[[ -d $dir ]] || continue
+	(cd "$repo" && CGO_ENABLED=0 go build -o "$progs/$(basename "$dir")" "./internal/testprog/$(basename "$dir")")
+done
+
 # The guest sources this file.
 {
 	declare -p packages test_flags verbose test_timeout
 	printf 'modules=%q\n' "$kdir/lib/modules"
 	printf 'repo=%q\n' "$repo"
+	printf 'progs=%q\n' "$progs"
 } >"$run_dir/config"
 
 # ---------------------------------------------------------------- initramfs

@@ -1,0 +1,179 @@
+// Package ledger keeps, in a pinned map, a record of every object sluice
+// made and of what making it created: network namespaces, devices, links
+// and map entries. Any process can read it, so teardown and recovery are
+// driven by data, not by which packages a binary imports: Unload undoes
+// every record, and Open undoes the records of work a killed process left
+// half-done.
+//
+// An object writes its record, in state Creating and naming everything it
+// is about to make, before it makes anything; it sets state Ready once
+// everything works, and Deleting before it takes anything apart. A record
+// that is not Ready after its process is gone is undone whole.
+package ledger
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicedp/sluice/internal/bpfobj"
+)
+
+// Version is the version of Record this build writes and reads.
+const Version = 1
+
+// Kind says which object package a record belongs to.
+type Kind uint32
+
+const (
+	// KindEndpoint records an endpoint (package endpoint).
+	KindEndpoint Kind = 1
+	// KindDatapath records the datapath itself (ID 0): what its first Open
+	// was given.
+	KindDatapath Kind = 2
+)
+
+// State is where an object is in its life.
+type State string
+
+const (
+	Creating State = "creating"
+	Ready    State = "ready"
+	Deleting State = "deleting"
+)
+
+// Record is one object's entry.
+type Record struct {
+	Version int    `json:"version"`
+	Kind    Kind   `json:"kind"`
+	ID      uint32 `json:"id"`
+	State   State  `json:"state"`
+	Made    Made   `json:"made"`
+	// Object is the object package's own, versioned description of it.
+	Object json.RawMessage `json:"object,omitempty"`
+}
+
+// Made is what making an object created, and so what undoing it removes.
+type Made struct {
+	// NetNS is a named network namespace (under /run/netns) made for it.
+	NetNS string `json:"netns,omitempty"`
+	// Device is a device in the datapath's namespace: deleted when Owned,
+	// and stripped of the datapath's programs either way.
+	Device *Device `json:"device,omitempty"`
+	// Links are the keys of tc attachments (pinned links and legacy
+	// filters) on Device.
+	Links []string `json:"links,omitempty"`
+	// Entries are map entries it wrote.
+	Entries []Entry `json:"entries,omitempty"`
+}
+
+// Device names a network device. Ifindex is 0 until it exists.
+type Device struct {
+	Name    string `json:"name"`
+	Ifindex int    `json:"ifindex,omitempty"`
+	Owned   bool   `json:"owned"`
+}
+
+// Entry is a key of one of the datapath's maps, by map name.
+type Entry struct {
+	Map string `json:"map"`
+	Key []byte `json:"key"`
+}
+
+// ErrCorrupt reports a record that cannot be read: not JSON, or of another
+// version.
+var ErrCorrupt = errors.New("ledger record unreadable")
+
+func key(kind Kind, id uint32) bpfobj.TypesLedgerKey {
+	return bpfobj.TypesLedgerKey{Kind: uint32(kind), Id: id}
+}
+
+// Put writes r, replacing its previous version.
+func Put(m *ebpf.Map, r *Record) error {
+	r.Version = Version
+	b, err := json.Marshal(r)
+	if err != nil {
+		return err
+	}
+	var v bpfobj.TypesLedgerRecord
+	if len(b) > len(v.Data) {
+		return fmt.Errorf("%w: the record of %v %d takes %d bytes, at most %d fit", ErrTooLarge, r.Kind, r.ID, len(b), len(v.Data))
+	}
+	copy(v.Data[:], b)
+	k := key(r.Kind, r.ID)
+	if err := m.Update(&k, &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write ledger record of %v %d: %w", r.Kind, r.ID, err)
+	}
+	return nil
+}
+
+// ErrTooLarge reports a record over the map's value size.
+var ErrTooLarge = errors.New("ledger record too large")
+
+// Get returns the record of an object, or an error matching
+// ebpf.ErrKeyNotExist.
+func Get(m *ebpf.Map, kind Kind, id uint32) (*Record, error) {
+	k := key(kind, id)
+	var v bpfobj.TypesLedgerRecord
+	if err := m.Lookup(&k, &v); err != nil {
+		return nil, fmt.Errorf("read ledger record of %v %d: %w", kind, id, err)
+	}
+	return decode(&v)
+}
+
+// List returns every record of a kind, in no order.
+func List(m *ebpf.Map, kind Kind) ([]*Record, error) {
+	var (
+		out []*Record
+		k   bpfobj.TypesLedgerKey
+		v   bpfobj.TypesLedgerRecord
+	)
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if Kind(k.Kind) != kind {
+			continue
+		}
+		r, err := decode(&v)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, r)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list ledger: %w", err)
+	}
+	return out, nil
+}
+
+// Delete removes a record; a missing one is not an error.
+func Delete(m *ebpf.Map, kind Kind, id uint32) error {
+	k := key(kind, id)
+	if err := m.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete ledger record of %v %d: %w", kind, id, err)
+	}
+	return nil
+}
+
+func decode(v *bpfobj.TypesLedgerRecord) (*Record, error) {
+	var r Record
+	if err := json.Unmarshal(bytes.TrimRight(v.Data[:], "\x00"), &r); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
+	}
+	if r.Version != Version {
+		return nil, fmt.Errorf("%w: version %d, this build reads %d", ErrCorrupt, r.Version, Version)
+	}
+	return &r, nil
+}
+
+func (k Kind) String() string {
+	switch k {
+	case KindEndpoint:
+		return "endpoint"
+	case KindDatapath:
+		return "datapath"
+	}
+	return fmt.Sprintf("kind %d", uint32(k))
+}
