@@ -42,8 +42,9 @@ type Spec struct {
 	// IPv4 and IPv6 are the endpoint's addresses; at least one is needed,
 	// each inside one of the datapath's pod CIDRs.
 	IPv4, IPv6 netip.Addr
-	// MAC is the workload end's address; a random locally administered one
-	// when empty. Required when adopting an interface.
+	// MAC is the workload end's address; when empty, a locally administered
+	// one derived from the datapath's name and the ID, the same every time.
+	// Required when adopting an interface.
 	MAC net.HardwareAddr
 	// Identity is the endpoint's security identity, at least
 	// datapath.MinIdentity.

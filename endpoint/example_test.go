@@ -50,3 +50,25 @@ func ExampleReadCounters() {
 	}
 	fmt.Printf("out %d packets, in %d packets\n", c.PacketsOut, c.PacketsIn)
 }
+
+// Make endpoint 7 be as a controller wants it, whatever there is: run it
+// again with the same spec and nothing changes.
+func ExampleApply() {
+	ctx := context.Background()
+	dp, err := datapath.Open(ctx, datapath.Config{Name: "node-a"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer dp.Close()
+
+	ep, change, err := endpoint.Apply(ctx, dp, endpoint.Spec{
+		ID:       7,
+		IPv4:     netip.MustParseAddr("198.18.1.7"),
+		Identity: 1001,
+		NetNS:    "web-1",
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Printf("endpoint %d: %s\n", ep.ID, change) // created, unchanged, updated or replaced
+}

@@ -1,7 +1,7 @@
 package endpoint
 
 import (
-	"crypto/rand"
+	"crypto/sha256"
 	"fmt"
 	"net"
 	"net/netip"
@@ -19,7 +19,7 @@ const (
 // normalize fills in defaults and checks everything that can be checked
 // without the kernel. It returns the endpoint to create: gateways are
 // derived from podCIDRs.
-func normalize(spec Spec, podCIDRs []netip.Prefix) (*Endpoint, error) {
+func normalize(spec Spec, dpName string, podCIDRs []netip.Prefix) (*Endpoint, error) {
 	invalid := func(format string, args ...any) error {
 		return fmt.Errorf("endpoint %d: %s: %w", spec.ID, fmt.Sprintf(format, args...), datapath.ErrInvalid)
 	}
@@ -60,7 +60,7 @@ func normalize(spec Spec, podCIDRs []netip.Prefix) (*Endpoint, error) {
 		return nil, invalid("MTU %d: want 68 to 65535", ep.MTU)
 	}
 	if len(ep.MAC) == 0 {
-		ep.MAC = randomMAC()
+		ep.MAC = defaultMAC(dpName, spec.ID)
 	} else if len(ep.MAC) != 6 || ep.MAC[0]&1 != 0 || [6]byte(ep.MAC) == [6]byte{} {
 		return nil, invalid("MAC %s: want a unicast Ethernet address", ep.MAC)
 	}
@@ -134,10 +134,13 @@ func checkIfName(name string) error {
 	return nil
 }
 
-// randomMAC returns a random locally administered unicast address.
-func randomMAC() net.HardwareAddr {
-	mac := make(net.HardwareAddr, 6)
-	_, _ = rand.Read(mac)
+// defaultMAC is the workload MAC of an endpoint that names none: a locally
+// administered unicast address derived from the datapath and the ID, so
+// that the same spec always means the same endpoint (Apply compares them).
+// It only has to be unique on the endpoint's own veth link.
+func defaultMAC(dpName string, id uint16) net.HardwareAddr {
+	sum := sha256.Sum256(fmt.Appendf(nil, "sluice/%s/endpoint/%d", dpName, id))
+	mac := net.HardwareAddr(sum[:6])
 	mac[0] = mac[0]&^0x01 | 0x02
 	return mac
 }

@@ -142,6 +142,24 @@ func ours(filter, name string) bool {
 	return filter == name
 }
 
+// LegacyAttached reports whether the legacy filter named name is on a hook
+// of a device.
+func LegacyAttached(ifindex int, hook Hook, name string) (bool, error) {
+	filters, err := netlink.FilterList(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}, legacyParent(hook))
+	if errors.Is(err, unix.EINVAL) {
+		return false, nil // no clsact
+	}
+	if err != nil {
+		return false, fmt.Errorf("list filters of ifindex %d: %w", ifindex, err)
+	}
+	for _, f := range filters {
+		if bf, ok := f.(*netlink.BpfFilter); ok && bf.Name == name {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 // RemoveLegacy removes, from every device in the calling thread's network
 // namespace, the legacy filters whose name starts with prefix. Like
 // DetachLegacy it leaves the clsact qdiscs and other filters alone.

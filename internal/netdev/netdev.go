@@ -73,9 +73,11 @@ func Veth(v VethPair) (ifindex, peerIfindex int, err error) {
 
 // Link describes an existing device.
 type Link struct {
-	Index int
-	Type  string // "veth", "dummy", ...
-	MAC   net.HardwareAddr
+	Index   int
+	Type    string // "veth", "dummy", ...
+	MAC     net.HardwareAddr
+	Up      bool // administratively up
+	Running bool // operationally up: it carries packets
 }
 
 // Get returns the device named name in ns, or an error matching
@@ -94,7 +96,8 @@ func Get(ns netns.NsHandle, name string) (Link, error) {
 		}
 		return Link{}, fmt.Errorf("device %s: %w", name, err)
 	}
-	return Link{Index: l.Attrs().Index, Type: l.Type(), MAC: l.Attrs().HardwareAddr}, nil
+	a := l.Attrs()
+	return Link{Index: a.Index, Type: l.Type(), MAC: a.HardwareAddr, Up: a.Flags&net.FlagUp != 0, Running: a.OperState == netlink.OperUp}, nil
 }
 
 // Delete removes the device with index ifindex from ns; a device that is
