@@ -442,7 +442,6 @@ func register(st *core.State, ep *Endpoint) error {
 	return nil
 }
 
-
 // Get returns the endpoint with the given ID, or an error matching
 // datapath.ErrNotFound.
 func Get(dp *datapath.Datapath, id uint16) (*Endpoint, error) {
