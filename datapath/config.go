@@ -37,6 +37,50 @@ type Config struct {
 	// Events configures drop and trace events. Nil keeps the settings of a
 	// datapath that is re-opened and applies DefaultEventConfig to a new one.
 	Events *EventConfig
+	// Limits sizes the maps of a new datapath; zero fields take the
+	// defaults. A re-opened datapath keeps the sizes its pinned maps have.
+	Limits Limits
+}
+
+// Limits are the capacities of a datapath's maps, fixed when it is first
+// opened. A full map refuses what does not fit with ErrMapFull.
+type Limits struct {
+	// Endpoints is how many local endpoints the datapath holds: 1 to
+	// 65535, DefaultEndpoints when 0.
+	Endpoints int
+	// IPCache is how many prefixes the ipcache holds (the addresses of
+	// local endpoints among them): 2 to 1<<24, DefaultIPCache when 0.
+	IPCache int
+}
+
+// Default capacities.
+const (
+	DefaultEndpoints = 16384
+	DefaultIPCache   = 65536
+)
+
+// ledgerSpare is room in the ledger beyond one record per endpoint: the
+// datapath's own and those of later object kinds.
+const ledgerSpare = 1024
+
+func (l Limits) withDefaults() Limits {
+	if l.Endpoints == 0 {
+		l.Endpoints = DefaultEndpoints
+	}
+	if l.IPCache == 0 {
+		l.IPCache = DefaultIPCache
+	}
+	return l
+}
+
+func (l Limits) validate() error {
+	if l.Endpoints < 0 || l.Endpoints > 65535 {
+		return fmt.Errorf("limit of %d endpoints: want 1 to 65535: %w", l.Endpoints, ErrInvalid)
+	}
+	if l.IPCache < 0 || l.IPCache == 1 || l.IPCache > 1<<24 {
+		return fmt.Errorf("limit of %d ipcache prefixes: want 2 to %d: %w", l.IPCache, 1<<24, ErrInvalid)
+	}
+	return nil
 }
 
 // AttachMode says how tc programs are attached.
@@ -65,6 +109,9 @@ func (c *Config) validate() error {
 		return fmt.Errorf("tc attach mode %d: %w", int(c.TCAttach), ErrInvalid)
 	}
 	if err := c.Node.validate(); err != nil {
+		return err
+	}
+	if err := c.Limits.validate(); err != nil {
 		return err
 	}
 	if c.Events != nil {

@@ -205,11 +205,14 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 		def := DefaultEventConfig()
 		events = &def
 	}
-	if err := sizeRing(spec.Maps[bpfobj.EndpointMapEvents], dir, events); err != nil {
+	if err := sizeMaps(spec, dir, cfg.Limits, events); err != nil {
 		return nil, err
 	}
 	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: attach.Mode(cfg.TCAttach), PodCIDRs: slices.Clone(cfg.Node.PodCIDRs)}
-	err = spec.LoadAndAssign(&st.Objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
+	// Maps only: each hook family's programs are loaded when first needed
+	// (core.State.Programs), so a program this kernel refuses fails only
+	// the calls that need it.
+	err = spec.LoadAndAssign(&st.Objs.EndpointMaps, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if errors.Is(err, ebpf.ErrMapIncompatible) || errors.Is(err, unix.EINVAL) {
 		// EINVAL: a pin of the right name that is not a map.
 		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
@@ -243,22 +246,35 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 	return dp, nil
 }
 
-// sizeRing sets the size of the event ring buffer: a pinned ring keeps its
-// size, a new one is sized for the event config (see ringBytes).
-func sizeRing(spec *ebpf.MapSpec, dir string, events *EventConfig) error {
-	pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, spec.Name), &ebpf.LoadPinOptions{ReadOnly: true})
-	switch {
-	case err == nil:
-		spec.MaxEntries = pinned.MaxEntries()
-		return pinned.Close()
-	case !errors.Is(err, os.ErrNotExist):
-		return fmt.Errorf("%w: load pinned %s: %w", ErrIncompatible, spec.Name, err)
-	}
-	cfg := DefaultEventConfig()
+// sizeMaps sets the sizes of the maps: a pinned map keeps its size (a
+// re-open cannot resize it), a new one takes it from limits, and the event
+// ring is sized for the event config (see ringBytes).
+func sizeMaps(spec *ebpf.CollectionSpec, dir string, limits Limits, events *EventConfig) error {
+	limits = limits.withDefaults()
+	ev := DefaultEventConfig()
 	if events != nil {
-		cfg = *events
+		ev = *events
 	}
-	spec.MaxEntries = uint32(ringBytes(cfg, cpus()))
+	want := map[string]uint32{
+		bpfobj.EndpointMapEndpoints:  uint32(limits.Endpoints),
+		bpfobj.EndpointMapEpCounters: uint32(limits.Endpoints),
+		bpfobj.EndpointMapIpcache:    uint32(limits.IPCache),
+		bpfobj.EndpointMapLedger:     uint32(limits.Endpoints) + ledgerSpare,
+		bpfobj.EndpointMapEvents:     uint32(ringBytes(ev, cpus())),
+	}
+	for name, size := range want {
+		m := spec.Maps[name]
+		pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
+		switch {
+		case err == nil:
+			m.MaxEntries = pinned.MaxEntries()
+			pinned.Close()
+		case errors.Is(err, os.ErrNotExist):
+			m.MaxEntries = size
+		default:
+			return fmt.Errorf("%w: load pinned %s: %w", ErrIncompatible, name, err)
+		}
+	}
 	return nil
 }
 
@@ -276,8 +292,11 @@ func checkLayout(dir string) (fresh bool, err error) {
 	// The version is the stamp's first field in every layout, so a stamp of
 	// any layout can be read this way.
 	raw := make([]byte, m.ValueSize())
-	if err := m.Lookup(uint32(0), raw); err != nil || len(raw) < 4 {
-		return false, fmt.Errorf("%w: read layout stamp: %v", ErrIncompatible, err)
+	if err := m.Lookup(uint32(0), raw); err != nil {
+		return false, fmt.Errorf("%w: read layout stamp: %w", ErrIncompatible, err)
+	}
+	if len(raw) < 4 {
+		return false, fmt.Errorf("%w: a layout stamp of %d bytes", ErrIncompatible, len(raw))
 	}
 	version := binary.NativeEndian.Uint32(raw)
 	if version == 0 {

@@ -3,9 +3,7 @@ package endpoint
 import (
 	"context"
 	"errors"
-	"fmt"
 	"maps"
-	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -128,24 +126,39 @@ func ReadStatus(dp *datapath.Datapath, id uint16) (Status, error) {
 }
 
 // attached reports whether from-endpoint is attached to the endpoint's host
-// end: a tcx program or a legacy filter of the datapath's.
+// end: as a tcx program of that name, or as the datapath's legacy filter.
+// (By name: after a re-open the program attached is an earlier process's
+// load of it, another program ID.)
 func attached(st *core.State, ep *Endpoint) (bool, error) {
-	info, err := st.Objs.FromEndpoint.Info()
-	if err != nil {
-		return false, fmt.Errorf("endpoint %d: %w", ep.ID, err)
-	}
-	id, _ := info.ID()
 	var found bool
-	err = nsrun.Do(st.NS, func() error {
+	err := nsrun.Do(st.NS, func() error {
 		// tcx where the kernel has it (an error where it has not), else a
 		// legacy filter.
 		res, err := link.QueryPrograms(link.QueryOptions{Target: ep.HostIfindex, Attach: ebpf.AttachTCXIngress})
-		if err == nil && slices.ContainsFunc(res.Programs, func(p link.AttachedProgram) bool { return p.ID == id }) {
-			found = true
-			return nil
+		if err == nil {
+			for _, p := range res.Programs {
+				if programName(p.ID) == "from_endpoint" {
+					found = true
+					return nil
+				}
+			}
 		}
 		found, err = attach.LegacyAttached(ep.HostIfindex, attach.Ingress, st.LegacyPrefix()+linkKey(ep.ID))
 		return err
 	})
 	return found, err
+}
+
+// programName returns the name of the program with the given ID, or "".
+func programName(id ebpf.ProgramID) string {
+	p, err := ebpf.NewProgramFromID(id)
+	if err != nil {
+		return ""
+	}
+	defer p.Close()
+	info, err := p.Info()
+	if err != nil {
+		return ""
+	}
+	return info.Name
 }

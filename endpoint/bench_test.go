@@ -10,7 +10,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 
-	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/nsrun"
 	"github.com/sluicedp/sluice/internal/packet"
 	"github.com/sluicedp/sluice/internal/progtest"
@@ -75,7 +74,7 @@ func BenchmarkFromEndpoint(b *testing.B) {
 	}
 	defer empty.Close()
 	// Events stay on (drops only), as by default; this path drops nothing.
-	prog := core.Of(w.dp).Objs.FromEndpoint
+	prog := w.prog
 
 	flows := func(dst netip.Addr) [][]byte {
 		var out [][]byte

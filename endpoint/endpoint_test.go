@@ -560,6 +560,8 @@ func snapshot(t *testing.T, n *node, nodeNS *testutil.NetNS) string {
 // Create and Delete leak no file descriptor.
 func TestDeleteLeavesNothing(t *testing.T) {
 	n := newNode(t)
+	// The first Create loads the endpoint programs, which stay loaded.
+	n.create(t, spec(1))
 	before := snapshot(t, n, n.ns)
 	fds := openFDs(t)
 	for i := range 100 {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
+	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/nsrun"
 	"github.com/sluicedp/sluice/internal/testutil"
 )
@@ -332,4 +334,55 @@ func create(t *testing.T, dp *datapath.Datapath, s endpoint.Spec) *endpoint.Endp
 		}
 	})
 	return ep
+}
+
+// Open loads maps only; the endpoint programs are loaded by the first call
+// that needs them, so a program the kernel refuses cannot fail Open for a
+// user who never needs it.
+func TestProgramsLoadedWhenNeeded(t *testing.T) {
+	n := newNode(t)
+	if core.Of(n.dp).Objs.FromEndpoint != nil {
+		t.Error("Open loaded the endpoint programs")
+	}
+	n.create(t, spec(1))
+	if core.Of(n.dp).Objs.FromEndpoint == nil {
+		t.Error("Create did not load the endpoint programs")
+	}
+}
+
+// Config.Limits sizes the maps of a new datapath: the endpoint over the
+// limit is refused with ErrMapFull and leaves nothing; a re-open keeps the
+// pinned sizes.
+func TestLimits(t *testing.T) {
+	testutil.Privileged(t)
+	ns := testutil.NewNetNS(t)
+	cfg := datapath.Config{
+		Name: "node", NetNS: ns.Path, BPFFS: testutil.BPFFS(t),
+		Node:   datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
+		Limits: datapath.Limits{Endpoints: 2},
+	}
+	if _, err := datapath.Open(context.Background(), datapath.Config{Name: "x", Limits: datapath.Limits{Endpoints: 70000}}); !errors.Is(err, datapath.ErrInvalid) {
+		t.Errorf("a limit of 70000 endpoints: %v, want ErrInvalid", err)
+	}
+	dp, err := datapath.Open(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { dp.Unload() }()
+	create(t, dp, spec(1))
+	create(t, dp, spec(2))
+	if _, err := endpoint.Create(context.Background(), dp, spec(3)); !errors.Is(err, datapath.ErrMapFull) {
+		t.Errorf("a third endpoint with room for 2: %v, want ErrMapFull", err)
+	}
+	dp.Close()
+	cfg.Limits = datapath.Limits{Endpoints: 100}
+	if dp, err = datapath.Open(context.Background(), cfg); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := endpoint.Create(context.Background(), dp, spec(3)); !errors.Is(err, datapath.ErrMapFull) {
+		t.Errorf("after a re-open with a higher limit: %v, want ErrMapFull (the pinned maps keep their size)", err)
+	}
+	if eps, _ := endpoint.List(dp); len(eps) != 2 {
+		t.Errorf("%d endpoints listed, want 2", len(eps))
+	}
 }

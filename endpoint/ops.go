@@ -161,7 +161,11 @@ func connect(st *core.State, ep *Endpoint) (err error) {
 	// The program first: until the endpoint is registered below it drops
 	// whatever the workload sends (UNKNOWN_ENDPOINT), and the host end is
 	// still down unless the caller adopted it up.
-	if err := st.AttachTC(ep.HostIfindex, attach.Ingress, st.Objs.FromEndpoint, linkKey(ep.ID)); err != nil {
+	progs, err := st.EndpointPrograms()
+	if err != nil {
+		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	if err := st.AttachTC(ep.HostIfindex, attach.Ingress, progs.FromEndpoint, linkKey(ep.ID)); err != nil {
 		return fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
 	}
 	if err := register(st, ep); err != nil {

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netns"
 
 	"github.com/sluicedp/sluice/datapath"
@@ -24,6 +25,7 @@ type progWorld struct {
 	dp     *datapath.Datapath
 	nodeNS netns.NsHandle
 	a, b   *Endpoint
+	prog   *ebpf.Program // from-endpoint
 }
 
 func newProgWorld(t testing.TB) *progWorld {
@@ -52,6 +54,11 @@ func newProgWorld(t testing.TB) *progWorld {
 		}
 		t.Cleanup(func() { Delete(context.Background(), dp, s.ID) })
 	}
+	progs, err := core.Of(dp).EndpointPrograms()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.prog = progs.FromEndpoint
 	return w
 }
 
@@ -60,7 +67,7 @@ func (w *progWorld) run(t testing.TB, ep *Endpoint, frame []byte) progtest.Resul
 	t.Helper()
 	var r progtest.Result
 	err := nsrun.Do(w.nodeNS, func() (err error) {
-		r, err = progtest.Run(core.Of(w.dp).Objs.FromEndpoint, frame, &progtest.SKB{Ifindex: uint32(ep.HostIfindex)})
+		r, err = progtest.Run(w.prog, frame, &progtest.SKB{Ifindex: uint32(ep.HostIfindex)})
 		return err
 	})
 	if err != nil {
@@ -115,7 +122,7 @@ func TestFromEndpointProgram(t *testing.T) {
 	t.Run("unknown interface", func(t *testing.T) {
 		var r progtest.Result
 		err := nsrun.Do(w.nodeNS, func() (err error) {
-			r, err = progtest.Run(core.Of(w.dp).Objs.FromEndpoint, frame(a, b.IPv4, udp), &progtest.SKB{Ifindex: 1})
+			r, err = progtest.Run(w.prog, frame(a, b.IPv4, udp), &progtest.SKB{Ifindex: 1})
 			return err
 		})
 		if err != nil || r.Verdict != progtest.TCActShot {

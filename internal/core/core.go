@@ -43,6 +43,8 @@ type State struct {
 	mu     sync.Mutex
 	rw     sync.RWMutex
 	closed bool
+
+	progMu sync.Mutex // loading programs
 }
 
 var of func(any) *State
@@ -197,15 +199,43 @@ func (s *State) DetachTC(ifindex int, hook attach.Hook, key string) error {
 }
 
 // Map returns the datapath's map with the given name, or nil.
-func (s *State) Map(name string) *ebpf.Map {
+func (s *State) Map(name string) *ebpf.Map { return s.maps()[name] }
+
+// maps returns the datapath's maps by name.
+func (s *State) maps() map[string]*ebpf.Map {
+	out := map[string]*ebpf.Map{}
 	v := reflect.ValueOf(&s.Objs.EndpointMaps).Elem()
 	for i := range v.NumField() {
-		if v.Type().Field(i).Tag.Get("ebpf") == name {
-			m, _ := v.Field(i).Interface().(*ebpf.Map)
-			return m
+		if m, ok := v.Field(i).Interface().(*ebpf.Map); ok {
+			out[v.Type().Field(i).Tag.Get("ebpf")] = m
 		}
 	}
-	return nil
+	return out
+}
+
+// EndpointPrograms returns the endpoint programs, loading them, wired to the
+// datapath's maps, the first time they are needed: Open loads maps only, so
+// a program the kernel refuses fails the calls that need it, not Open.
+func (s *State) EndpointPrograms() (*bpfobj.EndpointPrograms, error) {
+	s.progMu.Lock()
+	defer s.progMu.Unlock()
+	if s.Objs.FromEndpoint != nil {
+		return &s.Objs.EndpointPrograms, nil
+	}
+	spec, err := bpfobj.LoadEndpoint()
+	if err != nil {
+		return nil, err
+	}
+	maps := s.maps()
+	for name, m := range maps {
+		spec.Maps[name].MaxEntries = m.MaxEntries() // sized at the first Open
+	}
+	var progs bpfobj.EndpointPrograms
+	if err := spec.LoadAndAssign(&progs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
+		return nil, fmt.Errorf("load the endpoint programs: %w", err)
+	}
+	s.Objs.EndpointPrograms = progs
+	return &s.Objs.EndpointPrograms, nil
 }
 
 // Undo removes everything the record says its object made, in the reverse
