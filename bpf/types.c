@@ -21,5 +21,6 @@ enum direction *_direction __attribute__((unused));
 enum layout_version *_layout_version __attribute__((unused));
 enum event_version *_event_version __attribute__((unused));
 enum endpoint_flag *_endpoint_flag __attribute__((unused));
+enum ipcache_source *_ipcache_source __attribute__((unused));
 
 char __license[] SEC("license") = "GPL";

@@ -8,6 +8,7 @@ import (
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ipcache"
 	"github.com/sluicedp/sluice/internal/packet"
 	"github.com/sluicedp/sluice/internal/progtest"
 )
@@ -148,7 +149,7 @@ func TestFromEndpointTTLOnlyOnDelivery(t *testing.T) {
 	// An ipcache entry that points to an interface with no endpoint (one
 	// being deleted, say).
 	orphan := netip.MustParseAddr("198.18.1.77")
-	k := core.IPCacheKey(netip.PrefixFrom(orphan, 32))
+	k := ipcache.Key(netip.PrefixFrom(orphan, 32))
 	v := bpfobj.TypesIpcacheValue{Identity: 2000, Ifindex: 999999}
 	if err := st.Objs.Ipcache.Put(&k, &v); err != nil {
 		t.Fatal(err)
@@ -173,7 +174,7 @@ func TestFromEndpointUndeliverable(t *testing.T) {
 		if err := st.Objs.Endpoints.Put(uint32(ifindex), &info); err != nil {
 			t.Fatal(err)
 		}
-		k := core.IPCacheKey(netip.PrefixFrom(addr, 32))
+		k := ipcache.Key(netip.PrefixFrom(addr, 32))
 		v := bpfobj.TypesIpcacheValue{Identity: 2000, Ifindex: uint32(ifindex)}
 		if err := st.Objs.Ipcache.Put(&k, &v); err != nil {
 			t.Fatal(err)

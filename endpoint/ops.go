@@ -21,6 +21,7 @@ import (
 	"github.com/sluicedp/sluice/internal/attach"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ipcache"
 	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
@@ -201,9 +202,7 @@ func entries(ep *Endpoint) []ledger.Entry {
 		{Map: "ep_counters", Key: u32(uint32(ep.ID))},
 	}
 	for _, a := range addrs(ep) {
-		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
-		b, _ := binary.Append(nil, binary.NativeEndian, &k)
-		out = append(out, ledger.Entry{Map: "ipcache", Key: b})
+		out = append(out, ledger.Entry{Map: "ipcache", Key: ipcache.KeyBytes(hostPrefix(a)), Source: uint8(ipcache.Endpoint)})
 	}
 	return out
 }
@@ -255,21 +254,21 @@ func checkFree(st *core.State, ep *Endpoint) error {
 	} else if !errors.Is(err, datapath.ErrNotFound) {
 		return err
 	}
-	// A local endpoint's address is in the ipcache as a host prefix with
-	// its interface; a covering prefix of a remote node has none.
+	// A local endpoint's address is in the ipcache as a host prefix; a
+	// covering prefix (a remote node's, an identity's) is no conflict.
 	for _, a := range addrs(ep) {
-		var v bpfobj.TypesIpcacheValue
-		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
-		err := st.Objs.Ipcache.Lookup(&k, &v)
-		if err == nil && v.Ifindex != 0 {
+		v, ok, err := ipcache.Lookup(st.Objs.Ipcache, hostPrefix(a))
+		switch {
+		case err != nil:
+			return err
+		case ok && ipcache.Source(v.Source) != ipcache.Endpoint:
+			return exists("%s has an ipcache entry of a %s", a, ipcache.Source(v.Source))
+		case ok:
 			var owner bpfobj.TypesEndpointInfo
 			if st.Objs.Endpoints.Lookup(v.Ifindex, &owner) == nil {
 				return exists("%s belongs to endpoint %d", a, owner.Id)
 			}
 			return exists("%s belongs to another endpoint", a)
-		}
-		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("look up %s: %w", a, err)
 		}
 	}
 	if !ep.Adopted() {
@@ -405,6 +404,9 @@ func endpointInfo(ep *Endpoint, ready bool) bpfobj.TypesEndpointInfo {
 	return info
 }
 
+// hostPrefix is the /32 or /128 of an address.
+func hostPrefix(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen()) }
+
 func addrs(ep *Endpoint) []netip.Addr {
 	var out []netip.Addr
 	for _, a := range []netip.Addr{ep.IPv4, ep.IPv6} {
@@ -431,15 +433,12 @@ func register(st *core.State, ep *Endpoint) error {
 		return fail(err, "add to endpoint map")
 	}
 	for _, a := range addrs(ep) {
-		k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
-		v := bpfobj.TypesIpcacheValue{Identity: uint32(ep.Identity), Ifindex: uint32(ep.HostIfindex)}
-		// NoExist: a host prefix another owner wrote stays its own (see
-		// checkFree); the endpoint never overwrites it, so undoing never
-		// deletes it.
-		if err := st.Objs.Ipcache.Update(&k, &v, ebpf.UpdateNoExist); err != nil {
-			if errors.Is(err, ebpf.ErrKeyExist) {
-				return fmt.Errorf("endpoint %d: %s is in the ipcache already: %w", ep.ID, a, datapath.ErrExists)
-			}
+		v := ipcache.Entry{Identity: uint32(ep.Identity), Ifindex: uint32(ep.HostIfindex)}
+		err := ipcache.Put(st.Objs.Ipcache, hostPrefix(a), v, ipcache.Endpoint)
+		if errors.Is(err, ipcache.ErrOwned) {
+			return fmt.Errorf("endpoint %d: %w: %w", ep.ID, datapath.ErrExists, err)
+		}
+		if err != nil {
 			return fail(err, "add "+a.String()+" to ipcache")
 		}
 	}
@@ -534,9 +533,8 @@ func Update(ctx context.Context, dp *datapath.Datapath, id uint16, c Changes) (*
 			return err
 		}
 		for _, a := range addrs(e) {
-			k := core.IPCacheKey(netip.PrefixFrom(a, a.BitLen()))
-			v := bpfobj.TypesIpcacheValue{Identity: uint32(e.Identity), Ifindex: uint32(e.HostIfindex)}
-			if err := st.Objs.Ipcache.Update(&k, &v, ebpf.UpdateExist); err != nil {
+			v := ipcache.Entry{Identity: uint32(e.Identity), Ifindex: uint32(e.HostIfindex)}
+			if err := ipcache.Put(st.Objs.Ipcache, hostPrefix(a), v, ipcache.Endpoint); err != nil {
 				return err
 			}
 		}

@@ -13,6 +13,7 @@ import (
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ipcache"
 	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/testutil"
@@ -36,7 +37,7 @@ func TestCreateRollsBackWhenMapFull(t *testing.T) {
 	// Fill the ipcache (65536 entries) with the hosts of 198.19.0.0/16.
 	for i := range 1 << 16 {
 		a := netip.AddrFrom4([4]byte{198, 19, byte(i >> 8), byte(i)})
-		k := core.IPCacheKey(netip.PrefixFrom(a, 32))
+		k := ipcache.Key(netip.PrefixFrom(a, 32))
 		if err := st.Objs.Ipcache.Put(&k, &bpfobj.TypesIpcacheValue{Identity: 2}); err != nil {
 			t.Fatalf("fill the ipcache: entry %d: %v", i, err)
 		}
@@ -84,4 +85,25 @@ func count(it interface {
 		n++
 	}
 	return n, it.Err()
+}
+
+// An address another writer holds in the ipcache (an identity given to it)
+// is refused, and the failed Create neither overwrites nor removes that
+// entry.
+func TestCreateLeavesOthersIPCacheEntry(t *testing.T) {
+	w := newProgWorld(t)
+	st := core.Of(w.dp)
+	a := netip.MustParseAddr("198.18.1.60")
+	p := netip.PrefixFrom(a, 32)
+	if err := ipcache.Put(st.Objs.Ipcache, p, ipcache.Entry{Identity: 4242}, ipcache.Identity); err != nil {
+		t.Fatal(err)
+	}
+	s := Spec{ID: 60, IPv4: a, Identity: 1000, NetNS: testutil.Name("sluice-t-")}
+	if _, err := Create(context.Background(), w.dp, s); !errors.Is(err, datapath.ErrExists) {
+		Delete(context.Background(), w.dp, s.ID)
+		t.Fatalf("Create over another writer's address: %v, want ErrExists", err)
+	}
+	if e, ok, err := ipcache.Lookup(st.Objs.Ipcache, p); err != nil || !ok || e.Identity != 4242 {
+		t.Errorf("the other writer's entry after the refused Create: %+v %v %v", e, ok, err)
+	}
 }

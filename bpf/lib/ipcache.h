@@ -17,12 +17,24 @@ struct ipcache_key {
 
 #define IPCACHE_PREFIX_BASE 32
 
+/* Who wrote an entry; only its writer changes or removes it (the rules are
+ * in internal/ipcache). */
+enum ipcache_source {
+	IPCACHE_SOURCE_ENDPOINT = 1, /* a local endpoint's address */
+	IPCACHE_SOURCE_NODE = 2,     /* a remote node's pod CIDRs */
+	IPCACHE_SOURCE_IDENTITY = 3, /* an identity given to a prefix */
+};
+
 struct ipcache_value {
 	__u32 identity;
 	__u32 ifindex;   /* host-side interface of a local endpoint, else 0 */
 	__u8 tunnel[16]; /* underlay address of a remote node, zero when local */
 	__u8 tunnel_family;
-	__u8 pad[3];
+	__u8 source;     /* enum ipcache_source */
+	/* Bits of the entry's own prefix. A lookup returns the longest match;
+	 * this tells user space an exact entry from a covering one. */
+	__u8 prefix_len;
+	__u8 pad;
 };
 
 struct {

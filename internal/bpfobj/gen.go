@@ -8,4 +8,4 @@
 package bpfobj
 
 //go:generate go tool bpf2go -no-global-types Endpoint ../../bpf/endpoint.c
-//go:generate go tool bpf2go -no-global-types -type layout_stamp -type event_settings -type metrics_value -type endpoint_info -type endpoint_counters -type ledger_key -type ledger_record -type ipcache_key -type ipcache_value -type event -type drop_reason -type trace_point -type event_type -type event_flag -type event_lost_cause -type direction -type layout_version -type event_version -type endpoint_flag Types ../../bpf/types.c
+//go:generate go tool bpf2go -no-global-types -type layout_stamp -type event_settings -type metrics_value -type endpoint_info -type endpoint_counters -type ledger_key -type ledger_record -type ipcache_key -type ipcache_value -type event -type drop_reason -type trace_point -type event_type -type event_flag -type event_lost_cause -type direction -type layout_version -type event_version -type endpoint_flag -type ipcache_source Types ../../bpf/types.c

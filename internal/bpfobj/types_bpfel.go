@@ -125,13 +125,23 @@ type TypesIpcacheKey struct {
 	Addr      [16]uint8
 }
 
+type TypesIpcacheSource uint32
+
+const (
+	TypesIpcacheSourceIPCACHE_SOURCE_ENDPOINT TypesIpcacheSource = 1
+	TypesIpcacheSourceIPCACHE_SOURCE_NODE     TypesIpcacheSource = 2
+	TypesIpcacheSourceIPCACHE_SOURCE_IDENTITY TypesIpcacheSource = 3
+)
+
 type TypesIpcacheValue struct {
 	_            structs.HostLayout
 	Identity     uint32
 	Ifindex      uint32
 	Tunnel       [16]uint8
 	TunnelFamily uint8
-	Pad          [3]uint8
+	Source       uint8
+	PrefixLen    uint8
+	Pad          uint8
 }
 
 type TypesLayoutStamp struct {
@@ -197,6 +207,7 @@ const (
 	TypesVarEventLostCause = "_event_lost_cause"
 	TypesVarEventType      = "_event_type"
 	TypesVarEventVersion   = "_event_version"
+	TypesVarIpcacheSource  = "_ipcache_source"
 	TypesVarLayoutVersion  = "_layout_version"
 	TypesVarTracePoint     = "_trace_point"
 )
@@ -273,6 +284,7 @@ type TypesVariableSpecs struct {
 	EventLostCause *ebpf.VariableSpec `ebpf:"_event_lost_cause"`
 	EventType      *ebpf.VariableSpec `ebpf:"_event_type"`
 	EventVersion   *ebpf.VariableSpec `ebpf:"_event_version"`
+	IpcacheSource  *ebpf.VariableSpec `ebpf:"_ipcache_source"`
 	LayoutVersion  *ebpf.VariableSpec `ebpf:"_layout_version"`
 	TracePoint     *ebpf.VariableSpec `ebpf:"_trace_point"`
 }
@@ -336,6 +348,7 @@ type TypesVariables struct {
 	EventLostCause *ebpf.Variable `ebpf:"_event_lost_cause"`
 	EventType      *ebpf.Variable `ebpf:"_event_type"`
 	EventVersion   *ebpf.Variable `ebpf:"_event_version"`
+	IpcacheSource  *ebpf.Variable `ebpf:"_ipcache_source"`
 	LayoutVersion  *ebpf.Variable `ebpf:"_layout_version"`
 	TracePoint     *ebpf.Variable `ebpf:"_trace_point"`
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/sluicedp/sluice/internal/attach"
 	"github.com/sluicedp/sluice/internal/bpfobj"
+	"github.com/sluicedp/sluice/internal/ipcache"
 	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
@@ -253,12 +254,15 @@ func (s *State) Undo(r *ledger.Record) error {
 	}
 	for _, e := range r.Made.Entries {
 		m := s.Map(e.Map)
-		if m == nil {
+		switch {
+		case m == nil:
 			errs = append(errs, fmt.Errorf("undo %v %d: no map %s", r.Kind, r.ID, e.Map))
-			continue
-		}
-		if err := m.Delete(e.Key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			errs = append(errs, fmt.Errorf("undo %v %d: delete from %s: %w", r.Kind, r.ID, e.Map, err))
+		case e.Source != 0:
+			errs = append(errs, ipcache.DeleteKey(m, e.Key, ipcache.Source(e.Source)))
+		default:
+			if err := m.Delete(e.Key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, fmt.Errorf("undo %v %d: delete from %s: %w", r.Kind, r.ID, e.Map, err))
+			}
 		}
 	}
 	if d := r.Made.Device; d != nil && d.Owned {
@@ -288,22 +292,6 @@ func deleteDevice(ns netns.NsHandle, d *ledger.Device) error {
 		return nil // another device took the name since
 	}
 	return netdev.Delete(ns, l.Index)
-}
-
-// IPCacheKey is the ipcache key of a prefix (see bpf/lib/ipcache.h): the
-// family byte and its padding count as 32 bits of the matched prefix.
-func IPCacheKey(p netip.Prefix) bpfobj.TypesIpcacheKey {
-	k := bpfobj.TypesIpcacheKey{Prefixlen: 32 + uint32(p.Bits())}
-	if p.Addr().Is4() {
-		k.Family = 4
-		a := p.Addr().As4()
-		copy(k.Addr[:], a[:])
-	} else {
-		k.Family = 6
-		a := p.Addr().As16()
-		copy(k.Addr[:], a[:])
-	}
-	return k
 }
 
 // MapError wraps an error of a map update, so that a full map matches

@@ -77,10 +77,13 @@ type Device struct {
 	Owned   bool   `json:"owned"`
 }
 
-// Entry is a key of one of the datapath's maps, by map name.
+// Entry is a key of one of the datapath's maps, by map name. Source, when
+// set, is the writer an ipcache entry must still have to be removed (see
+// internal/ipcache).
 type Entry struct {
-	Map string `json:"map"`
-	Key []byte `json:"key"`
+	Map    string `json:"map"`
+	Key    []byte `json:"key"`
+	Source uint8  `json:"source,omitempty"`
 }
 
 // ErrCorrupt reports a record that cannot be read: not JSON, or of another
