@@ -6,9 +6,12 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-// Errors returned by sluice. Every error from the library wraps one of these
-// (or an error of the kernel or cilium/ebpf) so that errors.Is works through
-// every layer.
+// Errors returned by sluice. Every error from the library wraps one of these,
+// or one of the standard library's os.ErrClosed (a call on a closed
+// handle), os.ErrNotExist (a handle on a datapath unloaded since) and
+// os.ErrPermission (missing privileges), with the kernel's errno or
+// cilium/ebpf's error beside it, so that errors.Is works through every
+// layer. The object packages (endpoint, policy, service) return these too.
 var (
 	// ErrInvalid means the input was rejected before anything changed.
 	ErrInvalid = errors.New("invalid argument")
