@@ -238,7 +238,7 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 		return nil, fmt.Errorf("stamp layout version: %w", err)
 	}
 	if events != nil {
-		if err := dp.SetEventConfig(*events); err != nil {
+		if err := dp.SetEventConfig(context.Background(), *events); err != nil {
 			st.Objs.Close()
 			return nil, err
 		}

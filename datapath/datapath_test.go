@@ -222,7 +222,7 @@ func TestEventsSwitchAndRateLimit(t *testing.T) {
 	runProbe(t, probe.ProbeTc, ReasonMalformed, Ingress, 0)
 	// Rate 1/s with a burst of 3: of 10 drops in a burst on one CPU, 3 are
 	// sent. (The limiter is per CPU, so the runs stay on CPU 0.)
-	if err := dp.SetEventConfig(EventConfig{Drops: true, RatePerCPU: 1, Burst: 3}); err != nil {
+	if err := dp.SetEventConfig(context.Background(), EventConfig{Drops: true, RatePerCPU: 1, Burst: 3}); err != nil {
 		t.Fatal(err)
 	}
 	onCPU0(t, func() error {
@@ -255,7 +255,7 @@ func TestEventsSwitchAndRateLimit(t *testing.T) {
 	if m[MetricKey{ReasonPolicyDenied, Ingress}].Packets != 10 || m[MetricKey{ReasonMalformed, Ingress}].Packets != 1 {
 		t.Errorf("counters must count every drop, events on or off: %v", m)
 	}
-	if err := dp.SetEventConfig(EventConfig{RatePerCPU: 5}); !errors.Is(err, ErrInvalid) {
+	if err := dp.SetEventConfig(context.Background(), EventConfig{RatePerCPU: 5}); !errors.Is(err, ErrInvalid) {
 		t.Errorf("rate without burst: %v, want ErrInvalid", err)
 	}
 }
@@ -443,10 +443,10 @@ func TestRingSizedForRate(t *testing.T) {
 	if got, want := uint64(small.st.Objs.Events.MaxEntries()), ringBytes(DefaultEventConfig(), cpus()); got != want {
 		t.Errorf("ring of %d bytes for the default config, want %d", got, want)
 	}
-	if err := small.SetEventConfig(big); !errors.Is(err, ErrInvalid) {
+	if err := small.SetEventConfig(context.Background(), big); !errors.Is(err, ErrInvalid) {
 		t.Errorf("a config the ring cannot hold: %v, want ErrInvalid", err)
 	}
-	if err := small.SetEventConfig(DefaultEventConfig()); err != nil {
+	if err := small.SetEventConfig(context.Background(), DefaultEventConfig()); err != nil {
 		t.Error(err)
 	}
 }

@@ -7,18 +7,20 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/packet"
 )
 
 // Event is a record from the datapath: a *DropEvent, a *TraceEvent or a
-// *LostEvent.
+// *LostEvent; or an *ErrorEvent from the reader.
 type Event interface {
 	fmt.Stringer
 	event()
@@ -75,14 +77,38 @@ func (e *LostEvent) String() string {
 }
 func (*LostEvent) event() {}
 
+// ErrorEvent reports what the Events reader failed to do: decode a record or
+// read the lost-record counters, after which it goes on, or read the ring
+// buffer, which ends the stream (Ended): the channel closes after it.
+type ErrorEvent struct {
+	Err   error
+	Ended bool
+}
+
+func (e *ErrorEvent) String() string {
+	if e.Ended {
+		return fmt.Sprintf("error, events end: %v", e.Err)
+	}
+	return fmt.Sprintf("error: %v", e.Err)
+}
+func (*ErrorEvent) event() {}
+
 // SetEventConfig switches events on or off and sets their rate limit, for
 // packets from now on. It returns ErrInvalid for a bad config, and for a
 // rate and burst whose records could overflow the datapath's ring buffer
 // (sized at its first Open from the CPU count and the event config then).
-func (dp *Datapath) SetEventConfig(cfg EventConfig) error {
+func (dp *Datapath) SetEventConfig(ctx context.Context, cfg EventConfig) error {
 	if err := cfg.validate(); err != nil {
 		return err
 	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	release, err := dp.st.Use()
+	if err != nil {
+		return err
+	}
+	defer release()
 	ring := uint64(dp.st.Objs.Events.MaxEntries())
 	if need := ringBytes(cfg, cpus()); cfg.RatePerCPU != 0 && need > ring {
 		return fmt.Errorf("events at %d/s and bursts of %d per CPU on %d CPUs need a ring of %d bytes, this datapath's has %d: %w",
@@ -104,6 +130,11 @@ func (dp *Datapath) SetEventConfig(cfg EventConfig) error {
 
 // EventConfig returns the event settings in force.
 func (dp *Datapath) EventConfig() (EventConfig, error) {
+	release, err := dp.st.Use()
+	if err != nil {
+		return EventConfig{}, err
+	}
+	defer release()
 	var v bpfobj.TypesEventSettings
 	if err := dp.st.Objs.EventConfig.Lookup(uint32(0), &v); err != nil {
 		return EventConfig{}, fmt.Errorf("read event config: %w", err)
@@ -158,22 +189,33 @@ const (
 const lostPoll = 250 * time.Millisecond
 
 // Events streams the datapath's events until ctx ends or the datapath is
-// closed, then closes the channel. Records lost since the call are reported as *LostEvent. One reader
-// at a time: a ring buffer hands each record to one consumer, so a second
-// call while one runs returns ErrExists.
+// closed, then closes the channel. Records lost since the call are reported
+// as *LostEvent. What the reader fails to do is reported as *ErrorEvent: a
+// record it cannot decode (one of another EVENT_VERSION matches
+// ErrIncompatible) and a failed read of the lost-record counters, after
+// which the stream goes on, and a failed read of the ring buffer, which is
+// the last event before the channel closes. A channel that closes without
+// such an event ended because ctx ended or the datapath was closed.
+//
+// A ring buffer hands each record to one consumer, so a datapath has one
+// reader at a time, across its handles and processes: while one runs,
+// Events on any handle in any process fails with ErrExists.
 func (dp *Datapath) Events(ctx context.Context) (<-chan Event, error) {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
-	if dp.stopEvents != nil {
-		return nil, fmt.Errorf("events: a reader is running already: %w", ErrExists)
+	unlock, err := lockReader(dp.st.Dir)
+	if err != nil {
+		return nil, err
 	}
 	rd, err := ringbuf.NewReader(dp.st.Objs.Events)
 	if err != nil {
+		unlock()
 		return nil, fmt.Errorf("events: %w", err)
 	}
 	last, err := dp.lostCounts()
 	if err != nil {
 		rd.Close()
+		unlock()
 		return nil, err
 	}
 
@@ -186,54 +228,131 @@ func (dp *Datapath) Events(ctx context.Context) (<-chan Event, error) {
 		defer func() {
 			stopRead()
 			rd.Close()
-			close(out)
 			dp.mu.Lock()
 			dp.stopEvents = nil
 			dp.mu.Unlock()
+			// Free for the next reader before the consumer sees the end.
+			unlock()
+			close(out)
 			cancel()
 			close(done)
 		}()
-		send := func(ev Event) bool {
-			select {
-			case out <- ev:
-				return true
-			case <-ctx.Done():
-				return false
-			}
-		}
-		nextCheck := time.Now().Add(lostPoll)
-		for {
-			rd.SetDeadline(nextCheck)
-			rec, err := rd.Read()
-			switch {
-			case err == nil:
-				if ev, err := decodeEvent(rec.RawSample); err == nil && !send(ev) {
-					return
-				}
-			case errors.Is(err, os.ErrDeadlineExceeded):
-			default: // closed: ctx ended
-				return
-			}
-			if ctx.Err() != nil {
-				return
-			}
-			if time.Now().Before(nextCheck) {
-				continue
-			}
-			nextCheck = time.Now().Add(lostPoll)
-			now, err := dp.lostCounts()
-			if err != nil {
-				continue
-			}
-			if lost := (LostEvent{now.RingFull - last.RingFull, now.RateLimited - last.RateLimited}); lost != (LostEvent{}) {
-				last = now
-				if !send(&lost) {
-					return
-				}
-			}
-		}
+		pumpEvents(ctx, rd, dp.lostCounts, last, out)
 	}()
 	return out, nil
+}
+
+// recordSource is what pumpEvents reads records from: a *ringbuf.Reader.
+type recordSource interface {
+	SetDeadline(time.Time)
+	Read() (ringbuf.Record, error)
+}
+
+// pumpEvents sends the events read from src to out, and increases of the
+// lost-record counters over last, until ctx ends or a read fails.
+func pumpEvents(ctx context.Context, src recordSource, lostCounts func() (LostEvent, error), last LostEvent, out chan<- Event) {
+	send := func(ev Event) bool {
+		select {
+		case out <- ev:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	lostFailed := false
+	nextCheck := time.Now().Add(lostPoll)
+	for {
+		src.SetDeadline(nextCheck)
+		rec, err := src.Read()
+		switch {
+		case err == nil:
+			ev, err := decodeEvent(rec.RawSample)
+			if err != nil {
+				ev = &ErrorEvent{Err: err}
+			}
+			if !send(ev) {
+				return
+			}
+		case errors.Is(err, os.ErrDeadlineExceeded):
+		case ctx.Err() != nil: // the reader was closed because ctx ended
+			return
+		default:
+			send(&ErrorEvent{Err: fmt.Errorf("read events: %w", err), Ended: true})
+			return
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		if time.Now().Before(nextCheck) {
+			continue
+		}
+		nextCheck = time.Now().Add(lostPoll)
+		now, err := lostCounts()
+		if err != nil {
+			// Reported once, not at every poll, until a read works again.
+			if !lostFailed && !send(&ErrorEvent{Err: err}) {
+				return
+			}
+			lostFailed = true
+			continue
+		}
+		lostFailed = false
+		if lost := (LostEvent{now.RingFull - last.RingFull, now.RateLimited - last.RateLimited}); lost != (LostEvent{}) {
+			last = now
+			if !send(&lost) {
+				return
+			}
+		}
+	}
+}
+
+// readerDir names the directory in a datapath's pin directory that the
+// running Events reader holds an exclusive flock on. bpffs takes directories
+// but no regular files, and the pin directory's own lock is the writers'
+// (core.LockDir), held only while they change the pins.
+const readerDir = "events-reader"
+
+// lockReader takes the reader lock of the datapath pinned in dir, without
+// waiting: it fails with ErrExists while another reader, in this process or
+// another, holds it. The lock goes with the file descriptor, so it is also
+// released when the process dies.
+func lockReader(dir string) (unlock func(), err error) {
+	path := filepath.Join(dir, readerDir)
+	for {
+		if err := os.Mkdir(path, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
+			return nil, fmt.Errorf("events: create reader lock: %w", err)
+		}
+		// O_CLOEXEC: a child process must not keep the lock after the reader ends.
+		fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if errors.Is(err, unix.ENOENT) {
+			continue // removed since the Mkdir
+		}
+		if err != nil {
+			return nil, fmt.Errorf("events: open %s: %w", path, err)
+		}
+		// flock locks belong to the open file description, so two handles of
+		// one process exclude each other as two processes do.
+		err = unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB)
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			unix.Close(fd)
+			return nil, fmt.Errorf("events of datapath %s: another reader holds them: %w", filepath.Base(dir), ErrExists)
+		}
+		if err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("events: lock %s: %w", path, err)
+		}
+		// A lock on a directory removed meanwhile would exclude nobody.
+		if sameFile(fd, path) {
+			return func() { unix.Close(fd) }, nil
+		}
+		unix.Close(fd)
+	}
+}
+
+// sameFile reports whether fd is the file at path.
+func sameFile(fd int, path string) bool {
+	var a, b unix.Stat_t
+	return unix.Fstat(fd, &a) == nil && unix.Stat(path, &b) == nil && a.Dev == b.Dev && a.Ino == b.Ino
 }
 
 // Lost returns how many records the datapath could not send since it was
@@ -241,6 +360,11 @@ func (dp *Datapath) Events(ctx context.Context) (<-chan Event, error) {
 func (dp *Datapath) Lost() (LostEvent, error) { return dp.lostCounts() }
 
 func (dp *Datapath) lostCounts() (LostEvent, error) {
+	release, err := dp.st.Use()
+	if err != nil {
+		return LostEvent{}, err
+	}
+	defer release()
 	var out LostEvent
 	for key, dst := range map[uint32]*uint64{
 		uint32(bpfobj.TypesEventLostCauseLOST_RING_FULL):    &out.RingFull,

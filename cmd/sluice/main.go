@@ -11,8 +11,9 @@
 //
 // It opens the datapath read-mostly: it never creates one (the name must be
 // pinned), and `events -traces` restores the event settings when it stops.
-// A ring buffer hands each record to one reader, so while `sluice events`
-// runs, the program that owns the datapath gets no events.
+// A datapath has one events reader at a time: `sluice events` fails while the
+// program that owns the datapath reads them, and while it runs, that
+// program's Events fails.
 package main
 
 import (
@@ -36,13 +37,13 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	if err := run(ctx, os.Args[1:], os.Stdout); err != nil {
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
 		fmt.Fprintln(os.Stderr, "sluice:", err)
 		os.Exit(1)
 	}
 }
 
-func run(ctx context.Context, args []string, out io.Writer) error {
+func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	fs := flag.NewFlagSet("sluice", flag.ContinueOnError)
 	fs.SetOutput(out)
 	bpffs := fs.String("bpffs", datapath.DefaultBPFFS, "BPF filesystem the datapath is pinned in")
@@ -87,7 +88,7 @@ func run(ctx context.Context, args []string, out io.Writer) error {
 	case "metrics":
 		return metrics(dp, out)
 	case "events":
-		return events(ctx, dp, *traces, out)
+		return events(ctx, dp, *traces, out, errOut)
 	case "endpoints":
 		return endpoints(dp, out)
 	default:
@@ -146,7 +147,16 @@ func metrics(dp *datapath.Datapath, out io.Writer) error {
 	return w.Flush()
 }
 
-func events(ctx context.Context, dp *datapath.Datapath, traces bool, out io.Writer) error {
+func events(ctx context.Context, dp *datapath.Datapath, traces bool, out, errOut io.Writer) error {
+	// The reader first: while another holds the events, their settings are
+	// that one's.
+	evs, err := dp.Events(ctx)
+	if errors.Is(err, datapath.ErrExists) {
+		return fmt.Errorf("another process is reading this datapath's events, and there is one reader at a time (%w)", err)
+	}
+	if err != nil {
+		return err
+	}
 	if traces {
 		was, err := dp.EventConfig()
 		if err != nil {
@@ -154,17 +164,33 @@ func events(ctx context.Context, dp *datapath.Datapath, traces bool, out io.Writ
 		}
 		now := was
 		now.Traces = true
-		if err := dp.SetEventConfig(now); err != nil {
+		if err := dp.SetEventConfig(context.Background(), now); err != nil {
 			return err
 		}
-		defer dp.SetEventConfig(was)
+		defer dp.SetEventConfig(context.Background(), was)
 	}
-	evs, err := dp.Events(ctx)
-	if err != nil {
-		return err
-	}
+	return printEvents(evs, out, errOut)
+}
+
+// printEvents prints events to out and the reader's errors to errOut as they
+// come. It returns the error that ended the stream, or one that counts the
+// errors the stream went on after.
+func printEvents(evs <-chan datapath.Event, out, errOut io.Writer) error {
+	failed := 0
 	for ev := range evs {
-		fmt.Fprintln(out, ev)
+		e, ok := ev.(*datapath.ErrorEvent)
+		switch {
+		case !ok:
+			fmt.Fprintln(out, ev)
+		case e.Ended:
+			return e.Err
+		default:
+			fmt.Fprintln(errOut, "sluice:", e.Err)
+			failed++
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("the events reader reported %d errors", failed)
 	}
 	return nil
 }

@@ -3,6 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
+	"io"
 	"net/netip"
 	"strings"
 	"testing"
@@ -15,19 +18,19 @@ import (
 
 func TestCommands(t *testing.T) {
 	var out bytes.Buffer
-	if err := run(context.Background(), []string{"reasons"}, &out); err != nil {
+	if err := run(context.Background(), []string{"reasons"}, &out, io.Discard); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(out.String(), "6     POLICY_DENIED") {
 		t.Errorf("reasons:\n%s", out.String())
 	}
-	if err := run(context.Background(), []string{"frobnicate"}, &out); err == nil {
+	if err := run(context.Background(), []string{"frobnicate"}, &out, io.Discard); err == nil {
 		t.Error("an unknown command was accepted")
 	}
 
 	testutil.Privileged(t)
 	bpffs := testutil.BPFFS(t)
-	if err := run(context.Background(), []string{"-bpffs", bpffs, "metrics"}, &out); err == nil {
+	if err := run(context.Background(), []string{"-bpffs", bpffs, "metrics"}, &out, io.Discard); err == nil {
 		t.Error("metrics with no datapath pinned succeeded")
 	}
 
@@ -56,9 +59,9 @@ func TestCommands(t *testing.T) {
 	// A spoofed ping while `sluice events` runs.
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	var events bytes.Buffer
+	var events, errs bytes.Buffer
 	done := make(chan error, 1)
-	go func() { done <- run(ctx, []string{"-bpffs", bpffs, "events"}, &events) }()
+	go func() { done <- run(ctx, []string{"-bpffs", bpffs, "events"}, &events, &errs) }()
 	time.Sleep(300 * time.Millisecond)
 	if testutil.Ping(t, workload.Handle, b.IPv4, testutil.PingOptions{Src: netip.MustParseAddr("198.18.1.99")}) != 0 {
 		t.Error("a ping from a spoofed source got through")
@@ -69,6 +72,26 @@ func TestCommands(t *testing.T) {
 	if !strings.Contains(events.String(), "drop SPOOFED_SOURCE_IP egress") || !strings.Contains(events.String(), "endpoint=1") {
 		t.Errorf("events:\n%s", events.String())
 	}
+	if errs.Len() != 0 {
+		t.Errorf("events wrote errors:\n%s", errs.String())
+	}
+
+	// While another reader holds the events, `sluice events` fails at once.
+	holdCtx, release := context.WithCancel(context.Background())
+	defer release()
+	held, err := dp.Events(holdCtx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	err = run(ctx, []string{"-bpffs", bpffs, "events"}, io.Discard, io.Discard)
+	if !errors.Is(err, datapath.ErrExists) || !strings.Contains(err.Error(), "another process is reading this datapath's events") {
+		t.Errorf("events while another reader runs: %v", err)
+	}
+	release()
+	for range held {
+	}
 
 	for cmd, want := range map[string]string{
 		"metrics":   "egress  SPOOFED_SOURCE_IP        1",
@@ -76,11 +99,39 @@ func TestCommands(t *testing.T) {
 		"lost":      "rate limited: 0",
 	} {
 		out.Reset()
-		if err := run(context.Background(), []string{"-bpffs", bpffs, cmd}, &out); err != nil {
+		if err := run(context.Background(), []string{"-bpffs", bpffs, cmd}, &out, io.Discard); err != nil {
 			t.Fatalf("%s: %v", cmd, err)
 		}
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("%s: want %q in\n%s", cmd, want, out.String())
 		}
+	}
+}
+
+// The reader's errors go to stderr; one that ends the stream is returned,
+// and the others make the command fail when the stream ends.
+func TestPrintEvents(t *testing.T) {
+	feed := func(evs ...datapath.Event) <-chan datapath.Event {
+		c := make(chan datapath.Event, len(evs))
+		for _, ev := range evs {
+			c <- ev
+		}
+		close(c)
+		return c
+	}
+	drop := &datapath.DropEvent{Reason: datapath.ReasonPolicyDenied}
+	undecodable := &datapath.ErrorEvent{Err: fmt.Errorf("decode event: record version 9: %w", datapath.ErrIncompatible)}
+	broken := &datapath.ErrorEvent{Err: errors.New("read events: broken"), Ended: true}
+
+	var out, errs bytes.Buffer
+	err := printEvents(feed(undecodable, drop), &out, &errs)
+	if err == nil || !strings.Contains(out.String(), "drop POLICY_DENIED") || errs.String() != "sluice: "+undecodable.Err.Error()+"\n" {
+		t.Errorf("an undecodable record: returned %v, printed %q and %q to stderr", err, out.String(), errs.String())
+	}
+	if err := printEvents(feed(drop, broken), io.Discard, io.Discard); err != broken.Err {
+		t.Errorf("a stream that broke: returned %v, want %v", err, broken.Err)
+	}
+	if err := printEvents(feed(drop), io.Discard, io.Discard); err != nil {
+		t.Errorf("a stream that ended: %v", err)
 	}
 }
