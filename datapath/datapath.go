@@ -10,6 +10,7 @@ package datapath
 
 import (
 	"context"
+	"encoding/json"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -80,6 +81,66 @@ func Open(ctx context.Context, cfg Config) (*Datapath, error) {
 // openNetNS opens the namespace spec names; an empty spec means the
 // calling thread's, held from now on so that later calls from any thread
 // act on the same one.
+// OpenReadOnly opens a pinned datapath for inspection, as the sluice
+// command does: it loads the pinned maps read-only and no program, takes no
+// lock, and changes nothing, so it works where a program would not load
+// and beside the process that owns the datapath. The one thing it writes is
+// its place in the event ring, as every events reader does. Calls that
+// would change the datapath fail with an error matching os.ErrPermission;
+// so does ReadStatus, since the handle knows no namespace. Only cfg.Name
+// and cfg.BPFFS are used. It returns ErrNotFound when no such datapath is
+// pinned and ErrIncompatible for pins of another layout.
+func OpenReadOnly(ctx context.Context, cfg Config) (*Datapath, error) {
+	if !validName.MatchString(cfg.Name) {
+		return nil, fmt.Errorf("datapath name %q: %w", cfg.Name, ErrInvalid)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if cfg.BPFFS == "" {
+		cfg.BPFFS = DefaultBPFFS
+	}
+	dir := filepath.Join(cfg.BPFFS, cfg.Name)
+	fresh, err := checkLayout(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open datapath %s: %w", cfg.Name, err)
+	}
+	if fresh {
+		return nil, fmt.Errorf("open datapath %s: no datapath pinned in %s: %w", cfg.Name, dir, ErrNotFound)
+	}
+	spec, err := bpfobj.LoadEndpoint()
+	if err != nil {
+		return nil, err
+	}
+	maps := map[string]*ebpf.Map{}
+	closeAll := func() {
+		for _, m := range maps {
+			m.Close()
+		}
+	}
+	for name := range spec.Maps {
+		// The ring is mapped writable to move the reader's position.
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: name != bpfobj.EndpointMapEvents})
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("open datapath %s: %w: map %s: %w", cfg.Name, ErrIncompatible, name, err)
+		}
+		maps[name] = m
+	}
+	st := &core.State{Name: cfg.Name, Dir: dir, NS: netns.None(), ReadOnly: true}
+	st.SetMaps(maps)
+	if info, err := st.Objs.Layout.Info(); err == nil {
+		st.LayoutID, _ = info.ID()
+	}
+	if r, err := ledger.Get(st.Objs.Ledger, ledger.KindDatapath, 0); err == nil {
+		var node nodeRecord
+		if json.Unmarshal(r.Object, &node) == nil {
+			st.PodCIDRs = node.PodCIDRs
+		}
+	}
+	return &Datapath{st: st}, nil
+}
+
 func openNetNS(spec string) (netns.NsHandle, error) {
 	if spec == "" {
 		ns, err := netns.Get()

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/internal/bpfobj"
+	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/packet"
 )
 
@@ -103,6 +104,9 @@ func (dp *Datapath) SetEventConfig(ctx context.Context, cfg EventConfig) error {
 	}
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if dp.st.ReadOnly {
+		return fmt.Errorf("set event config: %w", core.ErrReadOnly)
 	}
 	release, err := dp.st.Use()
 	if err != nil {

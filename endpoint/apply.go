@@ -3,6 +3,7 @@ package endpoint
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 
 	"github.com/cilium/ebpf"
@@ -101,8 +102,12 @@ type Status struct {
 }
 
 // ReadStatus returns an endpoint's status, or an error matching
-// datapath.ErrNotFound.
+// datapath.ErrNotFound. A handle opened read-only knows no namespace to
+// look in: it fails with an error matching os.ErrPermission.
 func ReadStatus(dp *datapath.Datapath, id uint16) (Status, error) {
+	if st := core.Of(dp); st.ReadOnly {
+		return Status{}, fmt.Errorf("endpoint %d: status: %w", id, core.ErrReadOnly)
+	}
 	ep, err := Get(dp, id)
 	if err != nil {
 		return Status{}, err

@@ -386,3 +386,51 @@ func TestLimits(t *testing.T) {
 		t.Errorf("%d endpoints listed, want 2", len(eps))
 	}
 }
+
+// A read-only handle lists and counts, loads no program, and refuses every
+// change; the event ring is the one thing it may consume.
+func TestOpenReadOnly(t *testing.T) {
+	bpffs := testutil.BPFFS(t)
+	n := newNodeAt(t, bpffs)
+	a := n.create(t, spec(1))
+	ro, err := datapath.OpenReadOnly(context.Background(), datapath.Config{Name: "node", BPFFS: bpffs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	if eps, err := endpoint.List(ro); err != nil || len(eps) != 1 || eps[0].ID != a.ID {
+		t.Errorf("List on a read-only handle: %v %v", eps, err)
+	}
+	if _, err := ro.Metrics(); err != nil {
+		t.Error(err)
+	}
+	if _, err := endpoint.ReadCounters(ro, a.ID); err != nil {
+		t.Error(err)
+	}
+	if core.Of(ro).Objs.FromEndpoint != nil {
+		t.Error("a read-only handle loaded a program")
+	}
+	for what, err := range map[string]error{
+		"Create":         func() error { _, err := endpoint.Create(context.Background(), ro, spec(2)); return err }(),
+		"Delete":         endpoint.Delete(context.Background(), ro, a.ID),
+		"SetEventConfig": ro.SetEventConfig(context.Background(), datapath.DefaultEventConfig()),
+		"ReadStatus":     func() error { _, err := endpoint.ReadStatus(ro, a.ID); return err }(),
+	} {
+		if !errors.Is(err, os.ErrPermission) {
+			t.Errorf("%s on a read-only handle: %v, want os.ErrPermission", what, err)
+		}
+	}
+	evs, err := ro.Events(context.Background())
+	if err != nil {
+		t.Errorf("events on a read-only handle: %v", err)
+	}
+	ro.Close()
+	for range evs {
+	}
+	if _, err := endpoint.Get(n.dp, a.ID); err != nil {
+		t.Errorf("the endpoint after the read-only handle: %v", err)
+	}
+	if _, err := datapath.OpenReadOnly(context.Background(), datapath.Config{Name: "none", BPFFS: bpffs}); !errors.Is(err, datapath.ErrNotFound) {
+		t.Errorf("read-only open of no datapath: %v, want ErrNotFound", err)
+	}
+}

@@ -9,8 +9,10 @@
 //	endpoints    endpoints with their addresses and counters
 //	lost         event records the datapath could not send
 //
-// It opens the datapath read-mostly: it never creates one (the name must be
-// pinned), and `events -traces` restores the event settings when it stops.
+// It opens the datapath read-only (maps only, no program, no lock), so it
+// works beside the program that owns it and where a program would not
+// load; `events -traces` opens it read-write to switch traces on, and
+// restores the event settings when it stops.
 // A datapath has one events reader at a time: `sluice events` fails while the
 // program that owns the datapath reads them, and while it runs, that
 // program's Events fails.
@@ -78,7 +80,12 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		}
 		*name = n
 	}
-	dp, err := datapath.Open(ctx, datapath.Config{Name: *name, BPFFS: *bpffs, MustExist: true})
+	// Read-only, but for events -traces, which switches traces on.
+	open := datapath.OpenReadOnly
+	if cmd == "events" && *traces {
+		open = datapath.Open
+	}
+	dp, err := open(ctx, datapath.Config{Name: *name, BPFFS: *bpffs, MustExist: true})
 	if err != nil {
 		return err
 	}

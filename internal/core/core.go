@@ -40,6 +40,7 @@ type State struct {
 	Objs     bpfobj.EndpointObjects
 	PodCIDRs []netip.Prefix
 	LayoutID ebpf.MapID // of the pinned layout map this State opened
+	ReadOnly bool       // opened for inspection: no changes
 
 	mu     sync.Mutex
 	rw     sync.RWMutex
@@ -72,6 +73,9 @@ func (s *State) Use() (release func(), err error) {
 // os.ErrClosed once the datapath is closed, and with errGone (matching
 // os.ErrNotExist) once it was unloaded, by this process or another.
 func (s *State) Lock() (unlock func(), err error) {
+	if s.ReadOnly {
+		return nil, fmt.Errorf("datapath %s: %w", s.Name, ErrReadOnly)
+	}
 	s.mu.Lock()
 	release, err := s.Use()
 	if err != nil {
@@ -113,6 +117,10 @@ func (s *State) checkPinned() error {
 // ErrUnloaded reports a handle on a datapath that was unloaded since it was
 // opened. It matches os.ErrNotExist.
 var ErrUnloaded = fmt.Errorf("unloaded since it was opened: %w", os.ErrNotExist)
+
+// ErrReadOnly reports a change asked of a datapath opened read-only. It
+// matches os.ErrPermission.
+var ErrReadOnly = fmt.Errorf("opened read-only: %w", os.ErrPermission)
 
 // Closed reports whether Close was called.
 func (s *State) Closed() bool {
@@ -214,10 +222,23 @@ func (s *State) maps() map[string]*ebpf.Map {
 	return out
 }
 
+// SetMaps puts maps, by name, into the State's objects.
+func (s *State) SetMaps(maps map[string]*ebpf.Map) {
+	v := reflect.ValueOf(&s.Objs.EndpointMaps).Elem()
+	for i := range v.NumField() {
+		if m, ok := maps[v.Type().Field(i).Tag.Get("ebpf")]; ok {
+			v.Field(i).Set(reflect.ValueOf(m))
+		}
+	}
+}
+
 // EndpointPrograms returns the endpoint programs, loading them, wired to the
 // datapath's maps, the first time they are needed: Open loads maps only, so
 // a program the kernel refuses fails the calls that need it, not Open.
 func (s *State) EndpointPrograms() (*bpfobj.EndpointPrograms, error) {
+	if s.ReadOnly {
+		return nil, fmt.Errorf("datapath %s: %w", s.Name, ErrReadOnly)
+	}
 	s.progMu.Lock()
 	defer s.progMu.Unlock()
 	if s.Objs.FromEndpoint != nil {
