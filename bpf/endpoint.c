@@ -11,18 +11,50 @@
 #include "lib/ipcache.h"
 #include "lib/endpoint.h"
 #include "lib/ledger.h"
+#include "lib/policy.h"
+#include "lib/ct.h"
+#include "lib/flow.h"
 
-/* to_endpoint delivers a packet to the local endpoint dst: it becomes a frame
- * from the endpoint's gateway to the endpoint, and crosses straight into the
+/* enforce decides a packet of endpoint ep in direction dir (its own: egress
+ * for what it sends, ingress for what it receives) from or to the remote
+ * identity: a packet of a tracked flow, a reply or a related ICMP error
+ * passes; a new flow meets the endpoint's policy, is counted against the
+ * rule that decided, reported when policy verdicts are on, and tracked if
+ * it passes. It returns 0 to let the packet on, or the drop verdict. */
+static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, __u16 ep, __u8 dir,
+				   __u32 identity)
+{
+	__u8 ct_dir = dir == DIR_EGRESS ? CT_EGRESS : CT_INGRESS;
+	struct ct_entry *entry;
+	struct policy_result res;
+
+	if (ct_lookup(f, ct_dir, skb->len, &entry) != CT_NEW)
+		return 0;
+	res = policy_check(ep, dir, identity, f->key.proto, f->l4_port);
+	policy_count(ep, dir, res.rule);
+	if (event_enabled(EVENT_FLAG_POLICY))
+		event_report_skb(skb, event_what(EVENT_POLICY, res.verdict, dir, f->key.proto), ep, identity,
+				 (__u32)res.rule << 16 | f->l4_port);
+	if (res.verdict == POLICY_DENIED)
+		return drop(skb, REASON_POLICY_DENIED, dir, ep);
+	ct_create(f, ct_dir, ep, identity, res.rule, res.verdict == POLICY_AUDITED, skb->len);
+	return 0;
+}
+
+/* to_endpoint delivers a packet from the remote identity to the local
+ * endpoint dst, if dst's ingress policy lets it: it becomes a frame from
+ * the endpoint's gateway to the endpoint, and crosses straight into the
  * endpoint's namespace (bpf_redirect_peer), without the host stack.
  *
  * What cannot be known here: whether the workload's end of the veth is up.
  * The kernel drops a packet redirected to a peer that is down after this
  * program has counted it as delivered. */
-static __always_inline int to_endpoint(struct __sk_buff *skb, struct endpoint_info *dst)
+static __always_inline int to_endpoint(struct __sk_buff *skb, struct endpoint_info *dst,
+				       struct flow *f, __u32 identity)
 {
 	struct ethhdr *eth;
 	__u32 mtu = 0;
+	int ret;
 
 	if (!(dst->flags & ENDPOINT_F_READY))
 		return drop(skb, REASON_ENDPOINT_NOT_READY, DIR_INGRESS, dst->id);
@@ -32,6 +64,9 @@ static __always_inline int to_endpoint(struct __sk_buff *skb, struct endpoint_in
 	 * veth pair with it). */
 	if (bpf_check_mtu(skb, dst->ifindex, &mtu, 0, 0) < 0)
 		return drop(skb, REASON_REDIRECT_FAILED, DIR_INGRESS, dst->id);
+	ret = enforce(skb, f, dst->id, DIR_INGRESS, identity);
+	if (ret)
+		return ret;
 
 	eth = header(skb, 0, sizeof(*eth));
 	if (!eth)
@@ -54,6 +89,13 @@ static __always_inline struct endpoint_info *local_endpoint(struct ipcache_value
 	return bpf_map_lookup_elem(&endpoints, &v->ifindex);
 }
 
+/* identity_of is the security identity of an ipcache entry: world for an
+ * address the ipcache does not know. */
+static __always_inline __u32 identity_of(struct ipcache_value *v)
+{
+	return v ? v->identity : IDENTITY_WORLD;
+}
+
 /* ttl_decrement lowers the IPv4 TTL by one as a router hop does. The TTL is
  * the high byte of its 16-bit checksum word, so the checksum grows by 0x0100
  * (RFC 1624 incremental update, as the kernel's ip_decrease_ttl does). */
@@ -69,7 +111,10 @@ static __always_inline void ttl_decrement(struct iphdr *ip)
 static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endpoint_info *src)
 {
 	struct iphdr *ip = header(skb, ETH_HLEN, sizeof(*ip));
+	struct ipcache_value *remote;
 	struct endpoint_info *dst;
+	struct flow f = {};
+	int ret;
 
 	if (!ip || !ipv4_valid(skb, ip))
 		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
@@ -77,11 +122,18 @@ static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endp
 		return drop(skb, REASON_SPOOFED_SOURCE_IP, DIR_EGRESS, src->id);
 	if (is_tunnel(ip->protocol))
 		return drop(skb, REASON_TUNNELED, DIR_EGRESS, src->id);
+	if (flow_parse4(skb, ip, &f) < 0)
+		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
 
-	dst = local_endpoint(ipcache_lookup4(ip->daddr));
+	remote = ipcache_lookup4(ip->daddr);
+	ret = enforce(skb, &f, src->id, DIR_EGRESS, identity_of(remote));
+	if (ret)
+		return ret;
+	/* enforce reads with helpers: ip is still valid */
+	dst = local_endpoint(remote);
 	if (dst && ip->ttl > 1) {
 		ttl_decrement(ip);
-		return to_endpoint(skb, dst);
+		return to_endpoint(skb, dst, &f, src->identity);
 	}
 	trace(skb, TRACE_TO_STACK, DIR_EGRESS, src->id);
 	return TC_ACT_OK;
@@ -90,8 +142,10 @@ static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endp
 static __always_inline int from_endpoint_ipv6(struct __sk_buff *skb, struct endpoint_info *src)
 {
 	struct ipv6hdr *ip = header(skb, ETH_HLEN, sizeof(*ip));
+	struct ipcache_value *remote;
 	struct endpoint_info *dst;
-	int proto;
+	struct flow f = {};
+	int ret;
 
 	if (!ip || !ipv6_valid(skb, ip))
 		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
@@ -109,17 +163,22 @@ static __always_inline int from_endpoint_ipv6(struct __sk_buff *skb, struct endp
 	if (!(src->flags & ENDPOINT_F_IPV6) || !ipv6_equal(ip->saddr, src->ipv6))
 		return drop(skb, REASON_SPOOFED_SOURCE_IP, DIR_EGRESS, src->id);
 
-	/* ipv6_upper_proto reads with a helper, which leaves ip valid. */
-	proto = ipv6_upper_proto(skb, ip->nexthdr);
-	if (proto < 0)
+	/* The parser reads with helpers, which leaves ip valid. */
+	if (flow_parse6(skb, ip, &f) < 0)
 		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
-	if (is_tunnel(proto))
+	if (is_tunnel(f.key.proto))
 		return drop(skb, REASON_TUNNELED, DIR_EGRESS, src->id);
 
-	dst = local_endpoint(ipcache_lookup6(ip->daddr));
+	remote = ipcache_lookup6(ip->daddr);
+	if (!flow_is_link_control(&f)) {
+		ret = enforce(skb, &f, src->id, DIR_EGRESS, identity_of(remote));
+		if (ret)
+			return ret;
+	}
+	dst = local_endpoint(remote);
 	if (dst && ip->hop_limit > 1) {
 		ip->hop_limit--; /* no checksum in the IPv6 header */
-		return to_endpoint(skb, dst);
+		return to_endpoint(skb, dst, &f, src->identity);
 	}
 	trace(skb, TRACE_TO_STACK, DIR_EGRESS, src->id);
 	return TC_ACT_OK;
@@ -183,6 +242,64 @@ int from_endpoint(struct __sk_buff *skb)
 	if (ret == TC_ACT_OK || ret == TC_ACT_REDIRECT)
 		forwarded(skb, DIR_EGRESS);
 	return ret;
+}
+
+/* from_host runs on tcx egress of an endpoint's host-side veth, on every
+ * packet the host stack sends to the workload (what other endpoints send
+ * comes by bpf_redirect_peer and never passes here), and enforces the
+ * endpoint's ingress policy on it. The remote identity is the host's for
+ * what the node itself sends (no ingress interface), the ipcache's (or
+ * world) for what it forwards. Link-scope IPv6 (neighbour discovery, MLD)
+ * and ARP pass. */
+SEC("tc")
+int from_host(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct endpoint_info *dst = bpf_map_lookup_elem(&endpoints, &ifindex);
+	struct ipcache_value *remote = NULL;
+	struct ethhdr *eth;
+	struct flow f = {};
+	int ret = 0;
+
+	if (!dst)
+		return TC_ACT_OK; /* being deleted */
+	pull_headers(skb);
+	eth = header(skb, 0, sizeof(*eth));
+	if (!eth)
+		return drop(skb, REASON_MALFORMED, DIR_INGRESS, dst->id);
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = header(skb, ETH_HLEN, sizeof(*ip));
+
+		if (!ip || !ipv4_valid(skb, ip) || flow_parse4(skb, ip, &f) < 0)
+			return drop(skb, REASON_MALFORMED, DIR_INGRESS, dst->id);
+		remote = ipcache_lookup4(ip->saddr);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip = header(skb, ETH_HLEN, sizeof(*ip));
+
+		if (!ip || !ipv6_valid(skb, ip))
+			return drop(skb, REASON_MALFORMED, DIR_INGRESS, dst->id);
+		/* Link-scope traffic from a link-scope source: neighbour
+		 * discovery and MLD the workload needs, as from_endpoint lets
+		 * through the other way. */
+		if ((ipv6_is_linklocal(ip->saddr) || ipv6_is_unspecified(ip->saddr)) &&
+		    (ipv6_is_linklocal(ip->daddr) || ipv6_is_linklocal_multicast(ip->daddr)))
+			goto deliver;
+		if (flow_parse6(skb, ip, &f) < 0)
+			return drop(skb, REASON_MALFORMED, DIR_INGRESS, dst->id);
+		if (flow_is_link_control(&f))
+			goto deliver;
+		remote = ipcache_lookup6(ip->saddr);
+	} else {
+		goto deliver;
+	}
+	ret = enforce(skb, &f, dst->id, DIR_INGRESS,
+		      skb->ingress_ifindex ? identity_of(remote) : IDENTITY_HOST);
+	if (ret)
+		return ret;
+deliver:
+	endpoint_count(dst->id, 1, skb->len);
+	forwarded(skb, DIR_INGRESS);
+	return TC_ACT_OK;
 }
 
 char __license[] SEC("license") = "GPL";

@@ -10,6 +10,8 @@
 #include "lib/ipcache.h"
 #include "lib/endpoint.h"
 #include "lib/ledger.h"
+#include "lib/policy.h"
+#include "lib/ct.h"
 
 struct event *_event __attribute__((unused));
 enum drop_reason *_drop_reason __attribute__((unused));
@@ -22,5 +24,11 @@ enum layout_version *_layout_version __attribute__((unused));
 enum event_version *_event_version __attribute__((unused));
 enum endpoint_flag *_endpoint_flag __attribute__((unused));
 enum ipcache_source *_ipcache_source __attribute__((unused));
+enum policy_entry_flag *_policy_entry_flag __attribute__((unused));
+enum policy_meta_flag *_policy_meta_flag __attribute__((unused));
+enum policy_shape *_policy_shape __attribute__((unused));
+enum policy_verdict *_policy_verdict __attribute__((unused));
+enum ct_dir *_ct_dir __attribute__((unused));
+enum ct_flag *_ct_flag __attribute__((unused));
 
 char __license[] SEC("license") = "GPL";

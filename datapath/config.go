@@ -51,12 +51,19 @@ type Limits struct {
 	// IPCache is how many prefixes the ipcache holds (the addresses of
 	// local endpoints among them): 2 to 1<<24, DefaultIPCache when 0.
 	IPCache int
+	// Conntrack is how many flows the datapath tracks at once (each
+	// connection between two local endpoints takes two): 1024 to 1<<24,
+	// DefaultConntrack when 0. Its map is allocated whole when the
+	// datapath is made, about 150 bytes a flow. When it is full the least
+	// recently used flow makes room.
+	Conntrack int
 }
 
 // Default capacities.
 const (
 	DefaultEndpoints = 16384
 	DefaultIPCache   = 65536
+	DefaultConntrack = 131072
 )
 
 // ledgerSpare is room in the ledger beyond one record per endpoint: the
@@ -70,6 +77,9 @@ func (l Limits) withDefaults() Limits {
 	if l.IPCache == 0 {
 		l.IPCache = DefaultIPCache
 	}
+	if l.Conntrack == 0 {
+		l.Conntrack = DefaultConntrack
+	}
 	return l
 }
 
@@ -79,6 +89,9 @@ func (l Limits) validate() error {
 	}
 	if l.IPCache < 0 || l.IPCache == 1 || l.IPCache > 1<<24 {
 		return fmt.Errorf("limit of %d ipcache prefixes: want 2 to %d: %w", l.IPCache, 1<<24, ErrInvalid)
+	}
+	if l.Conntrack != 0 && (l.Conntrack < 1024 || l.Conntrack > 1<<24) {
+		return fmt.Errorf("limit of %d tracked flows: want 1024 to %d: %w", l.Conntrack, 1<<24, ErrInvalid)
 	}
 	return nil
 }
@@ -154,6 +167,9 @@ func (n *Node) validate() error {
 type EventConfig struct {
 	Drops  bool // report dropped packets
 	Traces bool // report packets passing trace points (verbose)
+	// PolicyVerdicts reports the policy verdict on every new flow
+	// (allowed, denied, audited) as a PolicyEvent.
+	PolicyVerdicts bool
 	// RatePerCPU caps the records sent per second on each CPU; 0 means no
 	// limit. Records over the limit are counted (LostEvent), not sent.
 	RatePerCPU uint32

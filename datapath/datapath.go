@@ -321,6 +321,7 @@ func sizeMaps(spec *ebpf.CollectionSpec, dir string, limits Limits, events *Even
 		bpfobj.EndpointMapEpCounters: uint32(limits.Endpoints),
 		bpfobj.EndpointMapIpcache:    uint32(limits.IPCache),
 		bpfobj.EndpointMapLedger:     uint32(limits.Endpoints) + ledgerSpare,
+		bpfobj.EndpointMapConntrack:  uint32(limits.Conntrack),
 		bpfobj.EndpointMapEvents:     uint32(ringBytes(ev, cpus())),
 	}
 	for name, size := range want {

@@ -36,6 +36,9 @@ func open(t *testing.T, cfg Config) *Datapath {
 	if cfg.BPFFS == "" {
 		cfg.BPFFS = testutil.BPFFS(t)
 	}
+	if cfg.Limits.Conntrack == 0 {
+		cfg.Limits.Conntrack = 4096 // small, quick to make
+	}
 	dp, err := Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -66,6 +66,46 @@ type TraceEvent struct {
 func (e *TraceEvent) String() string { return fmt.Sprintf("trace %s %s", e.Point, &e.Packet) }
 func (*TraceEvent) event()           {}
 
+// PolicyEvent reports the policy verdict on a new flow of an endpoint.
+type PolicyEvent struct {
+	Verdict  Verdict
+	Remote   Identity // the identity of the other side
+	Rule     int      // index of the rule that decided, in its direction; -1: none (no policy, or no rule matched)
+	Protocol uint8    // IP protocol number
+	Port     uint16   // destination port; for ICMP and ICMPv6, type << 8 | code
+	Packet
+}
+
+func (e *PolicyEvent) String() string {
+	rule := "no rule"
+	if e.Rule >= 0 {
+		rule = fmt.Sprintf("rule %d", e.Rule)
+	}
+	return fmt.Sprintf("policy %s %s remote=%s proto=%d port=%d (%s) %s", e.Verdict, e.Direction, e.Remote, e.Protocol, e.Port, rule, &e.Packet)
+}
+func (*PolicyEvent) event() {}
+
+// Verdict is what policy decided for a new flow.
+type Verdict uint8
+
+const (
+	VerdictAllowed = Verdict(bpfobj.TypesPolicyVerdictPOLICY_ALLOWED)
+	VerdictDenied  = Verdict(bpfobj.TypesPolicyVerdictPOLICY_DENIED)
+	VerdictAudited = Verdict(bpfobj.TypesPolicyVerdictPOLICY_AUDITED) // denied, let through in audit mode
+)
+
+func (v Verdict) String() string {
+	switch v {
+	case VerdictAllowed:
+		return "allowed"
+	case VerdictDenied:
+		return "denied"
+	case VerdictAudited:
+		return "audited"
+	}
+	return fmt.Sprintf("verdict %d", uint8(v))
+}
+
 // LostEvent reports records the datapath could not send since the last
 // report: the ring buffer was full, or the rate limit held them back.
 type LostEvent struct {
@@ -125,6 +165,9 @@ func (dp *Datapath) SetEventConfig(ctx context.Context, cfg EventConfig) error {
 	if cfg.Traces {
 		v.Flags |= eventFlagTraces
 	}
+	if cfg.PolicyVerdicts {
+		v.Flags |= eventFlagPolicy
+	}
 	v.Rate, v.Burst = cfg.RatePerCPU, cfg.Burst
 	if err := dp.st.Objs.EventConfig.Put(uint32(0), &v); err != nil {
 		return fmt.Errorf("set event config: %w", err)
@@ -144,10 +187,11 @@ func (dp *Datapath) EventConfig() (EventConfig, error) {
 		return EventConfig{}, fmt.Errorf("read event config: %w", err)
 	}
 	return EventConfig{
-		Drops:      v.Flags&eventFlagDrops != 0,
-		Traces:     v.Flags&eventFlagTraces != 0,
-		RatePerCPU: v.Rate,
-		Burst:      v.Burst,
+		Drops:          v.Flags&eventFlagDrops != 0,
+		Traces:         v.Flags&eventFlagTraces != 0,
+		PolicyVerdicts: v.Flags&eventFlagPolicy != 0,
+		RatePerCPU:     v.Rate,
+		Burst:          v.Burst,
 	}, nil
 }
 
@@ -187,6 +231,7 @@ func cpus() int {
 const (
 	eventFlagDrops  = uint32(bpfobj.TypesEventFlagEVENT_FLAG_DROPS)
 	eventFlagTraces = uint32(bpfobj.TypesEventFlagEVENT_FLAG_TRACES)
+	eventFlagPolicy = uint32(bpfobj.TypesEventFlagEVENT_FLAG_POLICY)
 )
 
 // lostPoll is how often Events checks the lost-record counters.
@@ -406,6 +451,9 @@ func decodeEvent(raw []byte) (Event, error) {
 		return &DropEvent{Reason: Reason(rec.Code), Packet: p}, nil
 	case bpfobj.TypesEventTypeEVENT_TRACE:
 		return &TraceEvent{Point: TracePoint(rec.Code), Packet: p}, nil
+	case bpfobj.TypesEventTypeEVENT_POLICY:
+		return &PolicyEvent{Verdict: Verdict(rec.Code), Remote: Identity(rec.Identity), Rule: int(int16(rec.Rule)),
+			Protocol: rec.Proto, Port: rec.Port, Packet: p}, nil
 	}
 	return nil, fmt.Errorf("decode event: unknown type %d", rec.Type)
 }

@@ -65,10 +65,11 @@ func newNodeAt(t testing.TB, bpffs string) *node {
 func (n *node) open(t testing.TB) *datapath.Datapath {
 	t.Helper()
 	dp, err := datapath.Open(context.Background(), datapath.Config{
-		Name:  "node",
-		NetNS: n.ns.Path,
-		BPFFS: n.bpffs,
-		Node:  datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
+		Name:   "node",
+		NetNS:  n.ns.Path,
+		BPFFS:  n.bpffs,
+		Node:   datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
+		Limits: datapath.Limits{Conntrack: 4096}, // small, quick to make
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -348,7 +349,8 @@ func openLegacy(t *testing.T) (*datapath.Datapath, *testutil.NetNS) {
 	ns := testutil.NewNetNS(t)
 	dp, err := datapath.Open(context.Background(), datapath.Config{
 		Name: "node", NetNS: ns.Path, BPFFS: testutil.BPFFS(t), TCAttach: datapath.AttachLegacy,
-		Node: datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
+		Node:   datapath.Node{PodCIDRs: []netip.Prefix{podCIDR4, podCIDR6}},
+		Limits: datapath.Limits{Conntrack: 4096},
 	})
 	if err != nil {
 		t.Fatal(err)

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netns"
@@ -36,9 +37,13 @@ import (
 //     the gateway and a permanent neighbour entry for it
 //     (`ip addr add`, `ip route add default via GW onlink`,
 //     `ip neigh add GW lladdr HOSTMAC nud permanent`);
-//   - the from-endpoint program on the host end's tcx ingress, the endpoint
-//     map and ipcache entries, and only then the host end up: the workload
-//     cannot send a packet that the program does not see.
+//   - the from-endpoint program on the host end's tcx ingress (from-host on
+//     its egress), the endpoint map and ipcache entries, and only then the
+//     host end up: the workload cannot send a packet that the program does
+//     not see;
+//   - in the datapath's namespace, a route to each address through the host
+//     end (`ip route replace ADDR dev HOSTIF scope link`), so the node
+//     reaches the endpoint.
 //
 // Bad input returns a datapath.ErrInvalid error; an ID, address or interface
 // name in use returns datapath.ErrExists; a namespace path that does not
@@ -114,7 +119,16 @@ func settle(st *core.State, id uint16) error {
 func intent(ep *Endpoint) *ledger.Record {
 	rec := &ledger.Record{Kind: ledger.KindEndpoint, ID: uint32(ep.ID), State: ledger.Creating}
 	rec.Made.Device = &ledger.Device{Name: ep.HostIfName, Owned: !ep.Adopted()}
-	rec.Made.Links = []string{linkKey(ep.ID)}
+	rec.Made.Links = links(ep.ID)
+	// Its policy, if one is applied, goes with it: too many entries to
+	// list, so swept by the endpoint field of their keys.
+	id := uint32(ep.ID)
+	rec.Made.Sweeps = []ledger.Sweep{
+		{Map: "policy", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyKey{}.Endpoint)), Size: 2, Value: id},
+		{Map: "policy_meta", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyMetaKey{}.Endpoint)), Size: 2, Value: id},
+		{Map: "policy_counters", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyCounterKey{}.Endpoint)), Size: 2, Value: id},
+	}
+	rec.Made.Records = []ledger.Ref{{Kind: ledger.KindPolicy, ID: id}}
 	if ep.OwnsNetNS {
 		rec.Made.NetNS = ep.NetNS
 	}
@@ -169,11 +183,21 @@ func connect(st *core.State, ep *Endpoint) (err error) {
 	if err := st.AttachTC(ep.HostIfindex, attach.Ingress, progs.FromEndpoint, linkKey(ep.ID)); err != nil {
 		return fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
 	}
+	if err := st.AttachTC(ep.HostIfindex, attach.Egress, progs.FromHost, egressKey(ep.ID)); err != nil {
+		return fmt.Errorf("endpoint %d: attach from-host to %s: %w", ep.ID, ep.HostIfName, err)
+	}
 	if err := register(st, ep); err != nil {
 		return err
 	}
 	if err := netdev.SetUp(st.NS, ep.HostIfName); err != nil {
 		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+	}
+	// The node reaches the endpoint through its host end; the routes go
+	// with the device.
+	for _, a := range addrs(ep) {
+		if err := netdev.HostRoute(st.NS, ep.HostIfName, a); err != nil {
+			return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+		}
 	}
 	if !ep.Adopted() { // an adopted pair's far end is the caller's to set up
 		if err := waitRunning(st, ep); err != nil {
@@ -241,7 +265,15 @@ func setReady(st *core.State, ep *Endpoint, ready bool) error {
 	return nil
 }
 
-func linkKey(id uint16) string { return fmt.Sprintf("endpoint-%d", id) }
+// linkKey names the attachment of from-endpoint to an endpoint's host end
+// (tcx ingress); egressKey that of from-host (tcx egress).
+func linkKey(id uint16) string   { return fmt.Sprintf("endpoint-%d", id) }
+func egressKey(id uint16) string { return fmt.Sprintf("endpoint-%d-egress", id) }
+
+// links are an endpoint's attachments, as its ledger record names them.
+func links(id uint16) []ledger.Link {
+	return []ledger.Link{{Key: linkKey(id)}, {Key: egressKey(id), Egress: true}}
+}
 
 // checkFree fails with ErrExists when the endpoint's ID, addresses or host
 // interface are taken.
@@ -490,11 +522,7 @@ func List(dp *datapath.Datapath) ([]*Endpoint, error) {
 // for an unknown ID and datapath.ErrInvalid for a reserved identity or labels
 // too large; on error nothing changed.
 func Update(ctx context.Context, dp *datapath.Datapath, id uint16, c Changes) (*Endpoint, error) {
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	st := core.Of(dp)
-	unlock, err := st.Lock()
+	st, unlock, err := core.Change(ctx, dp)
 	if err != nil {
 		return nil, err
 	}
@@ -556,11 +584,7 @@ func Update(ctx context.Context, dp *datapath.Datapath, id uint16, c Changes) (*
 // endpoint is recorded as being deleted: it is no longer listed, and
 // Delete, Reconcile or the next Open finishes the job.
 func Delete(ctx context.Context, dp *datapath.Datapath, id uint16) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	st := core.Of(dp)
-	unlock, err := st.Lock()
+	st, unlock, err := core.Change(ctx, dp)
 	if err != nil {
 		return err
 	}

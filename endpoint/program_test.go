@@ -34,7 +34,8 @@ func newProgWorld(t testing.TB) *progWorld {
 	node := testutil.NewNetNS(t)
 	dp, err := datapath.Open(context.Background(), datapath.Config{
 		Name: "node", NetNS: node.Path, BPFFS: testutil.BPFFS(t),
-		Node: datapath.Node{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24"), netip.MustParsePrefix("fd00:1::/64")}},
+		Node:   datapath.Node{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24"), netip.MustParsePrefix("fd00:1::/64")}},
+		Limits: datapath.Limits{Conntrack: 4096},
 	})
 	if err != nil {
 		t.Fatal(err)

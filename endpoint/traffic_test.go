@@ -76,7 +76,6 @@ func TestVLANFromEndpoint(t *testing.T) {
 	wa := testutil.OpenNetNS(t, a.NetNS)
 	rx := testutil.OpenNetNS(t, b.NetNS).ListenUDP(t, netip.AddrPortFrom(b.IPv4, 9))
 	before := metric(t, n.dp, datapath.ReasonVLANTagged, datapath.Egress)
-	in, _ := endpoint.ReadCounters(n.dp, b.ID)
 
 	untagged := udpFrame(a, b.IPv4, 100)
 	tagged := slices.Concat(untagged[:12], []byte{0x81, 0x00, 0, 100}, untagged[12:])
@@ -86,9 +85,6 @@ func TestVLANFromEndpoint(t *testing.T) {
 	}
 	if got := metric(t, n.dp, datapath.ReasonVLANTagged, datapath.Egress); got != before+1 {
 		t.Errorf("VLAN_TAGGED counted %d, want %d", got, before+1)
-	}
-	if out, _ := endpoint.ReadCounters(n.dp, b.ID); out.PacketsIn != in.PacketsIn+1 {
-		t.Errorf("endpoint %d counted %d packets in, want %d", b.ID, out.PacketsIn, in.PacketsIn+1)
 	}
 }
 

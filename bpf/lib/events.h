@@ -16,12 +16,13 @@
 
 /* Version of struct event; a reader refuses records of another version. */
 enum event_version {
-	EVENT_VERSION = 1,
+	EVENT_VERSION = 2,
 };
 
 enum event_type {
 	EVENT_DROP = 1,
 	EVENT_TRACE = 2,
+	EVENT_POLICY = 3, /* a policy verdict on a new flow; code: enum policy_verdict */
 };
 
 /* One ring buffer record. */
@@ -35,7 +36,12 @@ struct event {
 	__u32 endpoint;/* endpoint ID, 0 when none */
 	__u64 time_ns; /* CLOCK_MONOTONIC */
 	__u32 cap_len; /* valid bytes in packet[] */
-	__u32 reserved;
+	/* Policy verdicts: */
+	__u32 identity; /* the remote identity */
+	__u16 rule;     /* the rule that decided, 0xffff for none */
+	__u16 port;     /* destination port, or ICMP type << 8 | code */
+	__u8 proto;
+	__u8 pad[7];
 	__u8 packet[EVENT_CAPTURE_LEN];
 };
 
@@ -43,6 +49,7 @@ struct event {
 enum event_flag {
 	EVENT_FLAG_DROPS = 1 << 0,
 	EVENT_FLAG_TRACES = 1 << 1,
+	EVENT_FLAG_POLICY = 1 << 2, /* policy verdicts on new flows */
 };
 
 struct event_settings {
@@ -161,7 +168,11 @@ static __always_inline struct event *event_begin(__u8 type, __u8 code, __u8 dir,
 	e->endpoint = endpoint;
 	e->time_ns = now;
 	e->cap_len = 0;
-	e->reserved = 0;
+	e->identity = 0;
+	e->rule = 0;
+	e->port = 0;
+	e->proto = 0;
+	__builtin_memset(e->pad, 0, sizeof(e->pad));
 	return e;
 }
 
@@ -181,19 +192,33 @@ static __always_inline __u32 capture_len(__u32 len)
 
 /* event_report_skb sends one record with the head of a tc packet. It is a
  * global function, so the verifier checks it once for every call site, and
- * the program holds one copy of it. */
-__noinline int event_report_skb(struct __sk_buff *skb, __u8 type, __u8 code, __u8 dir, __u32 endpoint)
+ * the program holds one copy of it. Its arguments are packed to fit a BPF
+ * call: what is type << 24 | code << 16 | dir << 8 | proto; identity,
+ * rule << 16 | port and proto are a policy verdict's, 0 for other events. */
+__noinline int event_report_skb(struct __sk_buff *skb, __u32 what, __u32 endpoint, __u32 identity,
+				__u32 rule_port)
 {
-	struct event *e = event_begin(type, code, dir, skb->ifindex, skb->len, endpoint);
+	struct event *e = event_begin(what >> 24, (what >> 16) & 0xff, (what >> 8) & 0xff, skb->ifindex,
+				      skb->len, endpoint);
 	__u32 n;
 
 	if (!e)
 		return 0;
+	e->identity = identity;
+	e->rule = rule_port >> 16;
+	e->port = rule_port & 0xffff;
+	e->proto = what & 0xff;
 	n = capture_len(skb->len);
 	if (n && bpf_skb_load_bytes(skb, 0, e->packet, n) == 0)
 		e->cap_len = n;
 	bpf_ringbuf_submit(e, 0);
 	return 0;
+}
+
+/* event_what packs the first argument of event_report_skb. */
+static __always_inline __u32 event_what(__u8 type, __u8 code, __u8 dir, __u8 proto)
+{
+	return (__u32)type << 24 | (__u32)code << 16 | (__u32)dir << 8 | proto;
 }
 
 /* event_report_xdp is event_report_skb for XDP programs. */
@@ -219,7 +244,7 @@ static __always_inline int drop(struct __sk_buff *skb, enum drop_reason reason,
 {
 	metrics_count(reason, dir, skb->len);
 	if (event_enabled(EVENT_FLAG_DROPS))
-		event_report_skb(skb, EVENT_DROP, reason, dir, endpoint);
+		event_report_skb(skb, event_what(EVENT_DROP, reason, dir, 0), endpoint, 0, 0);
 	return TC_ACT_SHOT;
 }
 
@@ -228,7 +253,7 @@ static __always_inline void trace(struct __sk_buff *skb, enum trace_point point,
 				  enum direction dir, __u32 endpoint)
 {
 	if (event_enabled(EVENT_FLAG_TRACES))
-		event_report_skb(skb, EVENT_TRACE, point, dir, endpoint);
+		event_report_skb(skb, event_what(EVENT_TRACE, point, dir, 0), endpoint, 0, 0);
 }
 
 /* forwarded counts a packet the datapath lets through. */

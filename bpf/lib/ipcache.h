@@ -23,6 +23,7 @@ enum ipcache_source {
 	IPCACHE_SOURCE_ENDPOINT = 1, /* a local endpoint's address */
 	IPCACHE_SOURCE_NODE = 2,     /* a remote node's pod CIDRs */
 	IPCACHE_SOURCE_IDENTITY = 3, /* an identity given to a prefix */
+	IPCACHE_SOURCE_CIDR = 4,     /* a CIDR peer of policies */
 };
 
 struct ipcache_value {

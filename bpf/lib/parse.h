@@ -110,30 +110,40 @@ static __always_inline int ipv6_is_exthdr(__u8 nexthdr)
 	       nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_FRAGMENT || nexthdr == IPPROTO_AH;
 }
 
-/* ipv6_upper_proto finds the protocol after the IPv6 extension headers of
- * the packet whose IPv6 header is at ETH_HLEN and whose first next-header
- * value is nexthdr: hop-by-hop, routing, destination options, fragment and
- * authentication headers are skipped. It returns the protocol, or -1 when a
- * header is cut short or there are more than IPV6_MAX_EXTHDRS. */
-static __always_inline int ipv6_upper_proto(struct __sk_buff *skb, __u8 nexthdr)
+/* ipv6_upper_proto finds the protocol after the extension headers of the
+ * IPv6 header at l3off, whose next-header value is nexthdr: hop-by-hop,
+ * routing, destination options, fragment and authentication headers are
+ * skipped. It returns the protocol, or -1 when a header is cut short or
+ * there are more than IPV6_MAX_EXTHDRS; *l4off is where the protocol's
+ * header starts, and *later_fragment says the packet is a fragment other
+ * than the first, which holds no such header. */
+static __always_inline int ipv6_upper_proto(struct __sk_buff *skb, __u32 l3off, __u8 nexthdr,
+					    __u32 *l4off, __u8 *later_fragment)
 {
-	__u32 off = ETH_HLEN + sizeof(struct ipv6hdr);
+	__u32 off = l3off + sizeof(struct ipv6hdr);
 	struct ipv6_opt_hdr opt;
+	__be16 frag_off;
 
+	*later_fragment = 0;
 #pragma unroll
 	for (int i = 0; i < IPV6_MAX_EXTHDRS; i++) {
 		if (!ipv6_is_exthdr(nexthdr))
-			return nexthdr;
+			break;
 		if (bpf_skb_load_bytes(skb, off, &opt, sizeof(opt)) < 0)
 			return -1;
-		if (nexthdr == IPPROTO_FRAGMENT)
+		if (nexthdr == IPPROTO_FRAGMENT) {
+			if (bpf_skb_load_bytes(skb, off + 2, &frag_off, sizeof(frag_off)) < 0)
+				return -1;
+			*later_fragment = (bpf_ntohs(frag_off) & 0xfff8) != 0;
 			off += 8;
-		else if (nexthdr == IPPROTO_AH)
+		} else if (nexthdr == IPPROTO_AH) {
 			off += (opt.hdrlen + 2) * 4;
-		else
+		} else {
 			off += (opt.hdrlen + 1) * 8;
+		}
 		nexthdr = opt.nexthdr;
 	}
+	*l4off = off;
 	return ipv6_is_exthdr(nexthdr) ? -1 : nexthdr;
 }
 

@@ -16,17 +16,23 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	EndpointMapEndpoints     = "endpoints"
-	EndpointMapEpCounters    = "ep_counters"
-	EndpointMapEventConfig   = "event_config"
-	EndpointMapEventLimiter  = "event_limiter"
-	EndpointMapEventLost     = "event_lost"
-	EndpointMapEvents        = "events"
-	EndpointMapIpcache       = "ipcache"
-	EndpointMapLayout        = "layout"
-	EndpointMapLedger        = "ledger"
-	EndpointMapMetrics       = "metrics"
-	EndpointProgFromEndpoint = "from_endpoint"
+	EndpointMapConntrack      = "conntrack"
+	EndpointMapEndpoints      = "endpoints"
+	EndpointMapEpCounters     = "ep_counters"
+	EndpointMapEventConfig    = "event_config"
+	EndpointMapEventLimiter   = "event_limiter"
+	EndpointMapEventLost      = "event_lost"
+	EndpointMapEvents         = "events"
+	EndpointMapIpcache        = "ipcache"
+	EndpointMapLayout         = "layout"
+	EndpointMapLedger         = "ledger"
+	EndpointMapLedgerBlobs    = "ledger_blobs"
+	EndpointMapMetrics        = "metrics"
+	EndpointMapPolicy         = "policy"
+	EndpointMapPolicyCounters = "policy_counters"
+	EndpointMapPolicyMeta     = "policy_meta"
+	EndpointProgFromEndpoint  = "from_endpoint"
+	EndpointProgFromHost      = "from_host"
 )
 
 // LoadEndpoint returns the embedded CollectionSpec for Endpoint.
@@ -72,22 +78,28 @@ type EndpointSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type EndpointProgramSpecs struct {
 	FromEndpoint *ebpf.ProgramSpec `ebpf:"from_endpoint"`
+	FromHost     *ebpf.ProgramSpec `ebpf:"from_host"`
 }
 
 // EndpointMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type EndpointMapSpecs struct {
-	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
-	EpCounters   *ebpf.MapSpec `ebpf:"ep_counters"`
-	EventConfig  *ebpf.MapSpec `ebpf:"event_config"`
-	EventLimiter *ebpf.MapSpec `ebpf:"event_limiter"`
-	EventLost    *ebpf.MapSpec `ebpf:"event_lost"`
-	Events       *ebpf.MapSpec `ebpf:"events"`
-	Ipcache      *ebpf.MapSpec `ebpf:"ipcache"`
-	Layout       *ebpf.MapSpec `ebpf:"layout"`
-	Ledger       *ebpf.MapSpec `ebpf:"ledger"`
-	Metrics      *ebpf.MapSpec `ebpf:"metrics"`
+	Conntrack      *ebpf.MapSpec `ebpf:"conntrack"`
+	Endpoints      *ebpf.MapSpec `ebpf:"endpoints"`
+	EpCounters     *ebpf.MapSpec `ebpf:"ep_counters"`
+	EventConfig    *ebpf.MapSpec `ebpf:"event_config"`
+	EventLimiter   *ebpf.MapSpec `ebpf:"event_limiter"`
+	EventLost      *ebpf.MapSpec `ebpf:"event_lost"`
+	Events         *ebpf.MapSpec `ebpf:"events"`
+	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
+	Layout         *ebpf.MapSpec `ebpf:"layout"`
+	Ledger         *ebpf.MapSpec `ebpf:"ledger"`
+	LedgerBlobs    *ebpf.MapSpec `ebpf:"ledger_blobs"`
+	Metrics        *ebpf.MapSpec `ebpf:"metrics"`
+	Policy         *ebpf.MapSpec `ebpf:"policy"`
+	PolicyCounters *ebpf.MapSpec `ebpf:"policy_counters"`
+	PolicyMeta     *ebpf.MapSpec `ebpf:"policy_meta"`
 }
 
 // EndpointVariableSpecs contains global variables before they are loaded into the kernel.
@@ -116,20 +128,26 @@ func (o *EndpointObjects) Close() error {
 //
 // It can be passed to LoadEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type EndpointMaps struct {
-	Endpoints    *ebpf.Map `ebpf:"endpoints"`
-	EpCounters   *ebpf.Map `ebpf:"ep_counters"`
-	EventConfig  *ebpf.Map `ebpf:"event_config"`
-	EventLimiter *ebpf.Map `ebpf:"event_limiter"`
-	EventLost    *ebpf.Map `ebpf:"event_lost"`
-	Events       *ebpf.Map `ebpf:"events"`
-	Ipcache      *ebpf.Map `ebpf:"ipcache"`
-	Layout       *ebpf.Map `ebpf:"layout"`
-	Ledger       *ebpf.Map `ebpf:"ledger"`
-	Metrics      *ebpf.Map `ebpf:"metrics"`
+	Conntrack      *ebpf.Map `ebpf:"conntrack"`
+	Endpoints      *ebpf.Map `ebpf:"endpoints"`
+	EpCounters     *ebpf.Map `ebpf:"ep_counters"`
+	EventConfig    *ebpf.Map `ebpf:"event_config"`
+	EventLimiter   *ebpf.Map `ebpf:"event_limiter"`
+	EventLost      *ebpf.Map `ebpf:"event_lost"`
+	Events         *ebpf.Map `ebpf:"events"`
+	Ipcache        *ebpf.Map `ebpf:"ipcache"`
+	Layout         *ebpf.Map `ebpf:"layout"`
+	Ledger         *ebpf.Map `ebpf:"ledger"`
+	LedgerBlobs    *ebpf.Map `ebpf:"ledger_blobs"`
+	Metrics        *ebpf.Map `ebpf:"metrics"`
+	Policy         *ebpf.Map `ebpf:"policy"`
+	PolicyCounters *ebpf.Map `ebpf:"policy_counters"`
+	PolicyMeta     *ebpf.Map `ebpf:"policy_meta"`
 }
 
 func (m *EndpointMaps) Close() error {
 	return _EndpointClose(
+		m.Conntrack,
 		m.Endpoints,
 		m.EpCounters,
 		m.EventConfig,
@@ -139,7 +157,11 @@ func (m *EndpointMaps) Close() error {
 		m.Ipcache,
 		m.Layout,
 		m.Ledger,
+		m.LedgerBlobs,
 		m.Metrics,
+		m.Policy,
+		m.PolicyCounters,
+		m.PolicyMeta,
 	)
 }
 
@@ -154,11 +176,13 @@ type EndpointVariables struct {
 // It can be passed to LoadEndpointObjects or ebpf.CollectionSpec.LoadAndAssign.
 type EndpointPrograms struct {
 	FromEndpoint *ebpf.Program `ebpf:"from_endpoint"`
+	FromHost     *ebpf.Program `ebpf:"from_host"`
 }
 
 func (p *EndpointPrograms) Close() error {
 	return _EndpointClose(
 		p.FromEndpoint,
+		p.FromHost,
 	)
 }
 

@@ -13,6 +13,47 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type TypesCtDir uint32
+
+const (
+	TypesCtDirCT_EGRESS  TypesCtDir = 0
+	TypesCtDirCT_INGRESS TypesCtDir = 1
+)
+
+type TypesCtEntry struct {
+	_        structs.HostLayout
+	Expires  uint64
+	Endpoint uint16
+	Flags    uint8
+	TcpFlags uint8
+	Identity uint32
+	Rule     uint16
+	RevNat   uint16
+	Backend  uint32
+	Packets  uint64
+	Bytes    uint64
+}
+
+type TypesCtFlag uint32
+
+const (
+	TypesCtFlagCT_F_SEEN_REPLY TypesCtFlag = 1
+	TypesCtFlagCT_F_CLOSING    TypesCtFlag = 2
+	TypesCtFlagCT_F_AUDITED    TypesCtFlag = 4
+)
+
+type TypesCtKey struct {
+	_      structs.HostLayout
+	Saddr  [16]uint8
+	Daddr  [16]uint8
+	Sport  uint16
+	Dport  uint16
+	Proto  uint8
+	Family uint8
+	Dir    uint8
+	Pad    uint8
+}
+
 type TypesDirection uint32
 
 const (
@@ -78,8 +119,13 @@ type TypesEvent struct {
 	Endpoint uint32
 	TimeNs   uint64
 	CapLen   uint32
-	Reserved uint32
+	Identity uint32
+	Rule     uint16
+	Port     uint16
+	Proto    uint8
+	Pad      [7]uint8
 	Packet   [128]uint8
+	_        [4]byte
 }
 
 type TypesEventFlag uint32
@@ -87,6 +133,7 @@ type TypesEventFlag uint32
 const (
 	TypesEventFlagEVENT_FLAG_DROPS  TypesEventFlag = 1
 	TypesEventFlagEVENT_FLAG_TRACES TypesEventFlag = 2
+	TypesEventFlagEVENT_FLAG_POLICY TypesEventFlag = 4
 )
 
 type TypesEventLostCause uint32
@@ -107,14 +154,15 @@ type TypesEventSettings struct {
 type TypesEventType uint32
 
 const (
-	TypesEventTypeEVENT_DROP  TypesEventType = 1
-	TypesEventTypeEVENT_TRACE TypesEventType = 2
+	TypesEventTypeEVENT_DROP   TypesEventType = 1
+	TypesEventTypeEVENT_TRACE  TypesEventType = 2
+	TypesEventTypeEVENT_POLICY TypesEventType = 3
 )
 
 type TypesEventVersion uint32
 
 const (
-	TypesEventVersionEVENT_VERSION TypesEventVersion = 1
+	TypesEventVersionEVENT_VERSION TypesEventVersion = 2
 )
 
 type TypesIpcacheKey struct {
@@ -131,6 +179,7 @@ const (
 	TypesIpcacheSourceIPCACHE_SOURCE_ENDPOINT TypesIpcacheSource = 1
 	TypesIpcacheSourceIPCACHE_SOURCE_NODE     TypesIpcacheSource = 2
 	TypesIpcacheSourceIPCACHE_SOURCE_IDENTITY TypesIpcacheSource = 3
+	TypesIpcacheSourceIPCACHE_SOURCE_CIDR     TypesIpcacheSource = 4
 )
 
 type TypesIpcacheValue struct {
@@ -156,6 +205,19 @@ const (
 	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 2
 )
 
+type TypesLedgerBlob struct {
+	_    structs.HostLayout
+	Len  uint32
+	Data [4096]uint8
+}
+
+type TypesLedgerBlobKey struct {
+	_     structs.HostLayout
+	Kind  uint32
+	Id    uint32
+	Chunk uint32
+}
+
 type TypesLedgerKey struct {
 	_    structs.HostLayout
 	Kind uint32
@@ -173,6 +235,82 @@ type TypesMetricsValue struct {
 	Bytes   uint64
 }
 
+type TypesPolicyCounter struct {
+	_     structs.HostLayout
+	Flows uint64
+}
+
+type TypesPolicyCounterKey struct {
+	_        structs.HostLayout
+	Endpoint uint16
+	Dir      uint8
+	Pad      uint8
+	Rule     uint16
+	Pad2     uint16
+}
+
+type TypesPolicyEntry struct {
+	_     structs.HostLayout
+	Rule  uint16
+	Flags uint8
+	Pad   uint8
+}
+
+type TypesPolicyEntryFlag uint32
+
+const (
+	TypesPolicyEntryFlagPOLICY_DENY TypesPolicyEntryFlag = 1
+)
+
+type TypesPolicyKey struct {
+	_          structs.HostLayout
+	Identity   uint32
+	Endpoint   uint16
+	Dir        uint8
+	Proto      uint8
+	Port       uint16
+	PortPrefix uint8
+	Pad        uint8
+}
+
+type TypesPolicyMetaFlag uint32
+
+const (
+	TypesPolicyMetaFlagPOLICY_META_AUDIT TypesPolicyMetaFlag = 1
+)
+
+type TypesPolicyMetaKey struct {
+	_        structs.HostLayout
+	Endpoint uint16
+	Dir      uint8
+	Pad      uint8
+}
+
+type TypesPolicyMetaValue struct {
+	_            structs.HostLayout
+	PortPrefixes uint32
+	Shapes       uint8
+	Flags        uint8
+	Pad          uint16
+}
+
+type TypesPolicyShape uint32
+
+const (
+	TypesPolicyShapePOLICY_SHAPE_ID_PROTO  TypesPolicyShape = 1
+	TypesPolicyShapePOLICY_SHAPE_ID_ANY    TypesPolicyShape = 2
+	TypesPolicyShapePOLICY_SHAPE_ANY_PROTO TypesPolicyShape = 4
+	TypesPolicyShapePOLICY_SHAPE_ANY_ANY   TypesPolicyShape = 8
+)
+
+type TypesPolicyVerdict uint32
+
+const (
+	TypesPolicyVerdictPOLICY_ALLOWED TypesPolicyVerdict = 1
+	TypesPolicyVerdictPOLICY_DENIED  TypesPolicyVerdict = 2
+	TypesPolicyVerdictPOLICY_AUDITED TypesPolicyVerdict = 3
+)
+
 type TypesTracePoint uint32
 
 const (
@@ -189,27 +327,38 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	TypesMapEndpoints      = "endpoints"
-	TypesMapEpCounters     = "ep_counters"
-	TypesMapEventConfig    = "event_config"
-	TypesMapEventLimiter   = "event_limiter"
-	TypesMapEventLost      = "event_lost"
-	TypesMapEvents         = "events"
-	TypesMapIpcache        = "ipcache"
-	TypesMapLayout         = "layout"
-	TypesMapLedger         = "ledger"
-	TypesMapMetrics        = "metrics"
-	TypesVarDirection      = "_direction"
-	TypesVarDropReason     = "_drop_reason"
-	TypesVarEndpointFlag   = "_endpoint_flag"
-	TypesVarEvent          = "_event"
-	TypesVarEventFlag      = "_event_flag"
-	TypesVarEventLostCause = "_event_lost_cause"
-	TypesVarEventType      = "_event_type"
-	TypesVarEventVersion   = "_event_version"
-	TypesVarIpcacheSource  = "_ipcache_source"
-	TypesVarLayoutVersion  = "_layout_version"
-	TypesVarTracePoint     = "_trace_point"
+	TypesMapConntrack       = "conntrack"
+	TypesMapEndpoints       = "endpoints"
+	TypesMapEpCounters      = "ep_counters"
+	TypesMapEventConfig     = "event_config"
+	TypesMapEventLimiter    = "event_limiter"
+	TypesMapEventLost       = "event_lost"
+	TypesMapEvents          = "events"
+	TypesMapIpcache         = "ipcache"
+	TypesMapLayout          = "layout"
+	TypesMapLedger          = "ledger"
+	TypesMapLedgerBlobs     = "ledger_blobs"
+	TypesMapMetrics         = "metrics"
+	TypesMapPolicy          = "policy"
+	TypesMapPolicyCounters  = "policy_counters"
+	TypesMapPolicyMeta      = "policy_meta"
+	TypesVarCtDir           = "_ct_dir"
+	TypesVarCtFlag          = "_ct_flag"
+	TypesVarDirection       = "_direction"
+	TypesVarDropReason      = "_drop_reason"
+	TypesVarEndpointFlag    = "_endpoint_flag"
+	TypesVarEvent           = "_event"
+	TypesVarEventFlag       = "_event_flag"
+	TypesVarEventLostCause  = "_event_lost_cause"
+	TypesVarEventType       = "_event_type"
+	TypesVarEventVersion    = "_event_version"
+	TypesVarIpcacheSource   = "_ipcache_source"
+	TypesVarLayoutVersion   = "_layout_version"
+	TypesVarPolicyEntryFlag = "_policy_entry_flag"
+	TypesVarPolicyMetaFlag  = "_policy_meta_flag"
+	TypesVarPolicyShape     = "_policy_shape"
+	TypesVarPolicyVerdict   = "_policy_verdict"
+	TypesVarTracePoint      = "_trace_point"
 )
 
 // LoadTypes returns the embedded CollectionSpec for Types.
@@ -260,33 +409,44 @@ type TypesProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TypesMapSpecs struct {
-	Endpoints    *ebpf.MapSpec `ebpf:"endpoints"`
-	EpCounters   *ebpf.MapSpec `ebpf:"ep_counters"`
-	EventConfig  *ebpf.MapSpec `ebpf:"event_config"`
-	EventLimiter *ebpf.MapSpec `ebpf:"event_limiter"`
-	EventLost    *ebpf.MapSpec `ebpf:"event_lost"`
-	Events       *ebpf.MapSpec `ebpf:"events"`
-	Ipcache      *ebpf.MapSpec `ebpf:"ipcache"`
-	Layout       *ebpf.MapSpec `ebpf:"layout"`
-	Ledger       *ebpf.MapSpec `ebpf:"ledger"`
-	Metrics      *ebpf.MapSpec `ebpf:"metrics"`
+	Conntrack      *ebpf.MapSpec `ebpf:"conntrack"`
+	Endpoints      *ebpf.MapSpec `ebpf:"endpoints"`
+	EpCounters     *ebpf.MapSpec `ebpf:"ep_counters"`
+	EventConfig    *ebpf.MapSpec `ebpf:"event_config"`
+	EventLimiter   *ebpf.MapSpec `ebpf:"event_limiter"`
+	EventLost      *ebpf.MapSpec `ebpf:"event_lost"`
+	Events         *ebpf.MapSpec `ebpf:"events"`
+	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
+	Layout         *ebpf.MapSpec `ebpf:"layout"`
+	Ledger         *ebpf.MapSpec `ebpf:"ledger"`
+	LedgerBlobs    *ebpf.MapSpec `ebpf:"ledger_blobs"`
+	Metrics        *ebpf.MapSpec `ebpf:"metrics"`
+	Policy         *ebpf.MapSpec `ebpf:"policy"`
+	PolicyCounters *ebpf.MapSpec `ebpf:"policy_counters"`
+	PolicyMeta     *ebpf.MapSpec `ebpf:"policy_meta"`
 }
 
 // TypesVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TypesVariableSpecs struct {
-	Direction      *ebpf.VariableSpec `ebpf:"_direction"`
-	DropReason     *ebpf.VariableSpec `ebpf:"_drop_reason"`
-	EndpointFlag   *ebpf.VariableSpec `ebpf:"_endpoint_flag"`
-	Event          *ebpf.VariableSpec `ebpf:"_event"`
-	EventFlag      *ebpf.VariableSpec `ebpf:"_event_flag"`
-	EventLostCause *ebpf.VariableSpec `ebpf:"_event_lost_cause"`
-	EventType      *ebpf.VariableSpec `ebpf:"_event_type"`
-	EventVersion   *ebpf.VariableSpec `ebpf:"_event_version"`
-	IpcacheSource  *ebpf.VariableSpec `ebpf:"_ipcache_source"`
-	LayoutVersion  *ebpf.VariableSpec `ebpf:"_layout_version"`
-	TracePoint     *ebpf.VariableSpec `ebpf:"_trace_point"`
+	CtDir           *ebpf.VariableSpec `ebpf:"_ct_dir"`
+	CtFlag          *ebpf.VariableSpec `ebpf:"_ct_flag"`
+	Direction       *ebpf.VariableSpec `ebpf:"_direction"`
+	DropReason      *ebpf.VariableSpec `ebpf:"_drop_reason"`
+	EndpointFlag    *ebpf.VariableSpec `ebpf:"_endpoint_flag"`
+	Event           *ebpf.VariableSpec `ebpf:"_event"`
+	EventFlag       *ebpf.VariableSpec `ebpf:"_event_flag"`
+	EventLostCause  *ebpf.VariableSpec `ebpf:"_event_lost_cause"`
+	EventType       *ebpf.VariableSpec `ebpf:"_event_type"`
+	EventVersion    *ebpf.VariableSpec `ebpf:"_event_version"`
+	IpcacheSource   *ebpf.VariableSpec `ebpf:"_ipcache_source"`
+	LayoutVersion   *ebpf.VariableSpec `ebpf:"_layout_version"`
+	PolicyEntryFlag *ebpf.VariableSpec `ebpf:"_policy_entry_flag"`
+	PolicyMetaFlag  *ebpf.VariableSpec `ebpf:"_policy_meta_flag"`
+	PolicyShape     *ebpf.VariableSpec `ebpf:"_policy_shape"`
+	PolicyVerdict   *ebpf.VariableSpec `ebpf:"_policy_verdict"`
+	TracePoint      *ebpf.VariableSpec `ebpf:"_trace_point"`
 }
 
 // TypesObjects contains all objects after they have been loaded into the kernel.
@@ -309,20 +469,26 @@ func (o *TypesObjects) Close() error {
 //
 // It can be passed to LoadTypesObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TypesMaps struct {
-	Endpoints    *ebpf.Map `ebpf:"endpoints"`
-	EpCounters   *ebpf.Map `ebpf:"ep_counters"`
-	EventConfig  *ebpf.Map `ebpf:"event_config"`
-	EventLimiter *ebpf.Map `ebpf:"event_limiter"`
-	EventLost    *ebpf.Map `ebpf:"event_lost"`
-	Events       *ebpf.Map `ebpf:"events"`
-	Ipcache      *ebpf.Map `ebpf:"ipcache"`
-	Layout       *ebpf.Map `ebpf:"layout"`
-	Ledger       *ebpf.Map `ebpf:"ledger"`
-	Metrics      *ebpf.Map `ebpf:"metrics"`
+	Conntrack      *ebpf.Map `ebpf:"conntrack"`
+	Endpoints      *ebpf.Map `ebpf:"endpoints"`
+	EpCounters     *ebpf.Map `ebpf:"ep_counters"`
+	EventConfig    *ebpf.Map `ebpf:"event_config"`
+	EventLimiter   *ebpf.Map `ebpf:"event_limiter"`
+	EventLost      *ebpf.Map `ebpf:"event_lost"`
+	Events         *ebpf.Map `ebpf:"events"`
+	Ipcache        *ebpf.Map `ebpf:"ipcache"`
+	Layout         *ebpf.Map `ebpf:"layout"`
+	Ledger         *ebpf.Map `ebpf:"ledger"`
+	LedgerBlobs    *ebpf.Map `ebpf:"ledger_blobs"`
+	Metrics        *ebpf.Map `ebpf:"metrics"`
+	Policy         *ebpf.Map `ebpf:"policy"`
+	PolicyCounters *ebpf.Map `ebpf:"policy_counters"`
+	PolicyMeta     *ebpf.Map `ebpf:"policy_meta"`
 }
 
 func (m *TypesMaps) Close() error {
 	return _TypesClose(
+		m.Conntrack,
 		m.Endpoints,
 		m.EpCounters,
 		m.EventConfig,
@@ -332,7 +498,11 @@ func (m *TypesMaps) Close() error {
 		m.Ipcache,
 		m.Layout,
 		m.Ledger,
+		m.LedgerBlobs,
 		m.Metrics,
+		m.Policy,
+		m.PolicyCounters,
+		m.PolicyMeta,
 	)
 }
 
@@ -340,17 +510,23 @@ func (m *TypesMaps) Close() error {
 //
 // It can be passed to LoadTypesObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TypesVariables struct {
-	Direction      *ebpf.Variable `ebpf:"_direction"`
-	DropReason     *ebpf.Variable `ebpf:"_drop_reason"`
-	EndpointFlag   *ebpf.Variable `ebpf:"_endpoint_flag"`
-	Event          *ebpf.Variable `ebpf:"_event"`
-	EventFlag      *ebpf.Variable `ebpf:"_event_flag"`
-	EventLostCause *ebpf.Variable `ebpf:"_event_lost_cause"`
-	EventType      *ebpf.Variable `ebpf:"_event_type"`
-	EventVersion   *ebpf.Variable `ebpf:"_event_version"`
-	IpcacheSource  *ebpf.Variable `ebpf:"_ipcache_source"`
-	LayoutVersion  *ebpf.Variable `ebpf:"_layout_version"`
-	TracePoint     *ebpf.Variable `ebpf:"_trace_point"`
+	CtDir           *ebpf.Variable `ebpf:"_ct_dir"`
+	CtFlag          *ebpf.Variable `ebpf:"_ct_flag"`
+	Direction       *ebpf.Variable `ebpf:"_direction"`
+	DropReason      *ebpf.Variable `ebpf:"_drop_reason"`
+	EndpointFlag    *ebpf.Variable `ebpf:"_endpoint_flag"`
+	Event           *ebpf.Variable `ebpf:"_event"`
+	EventFlag       *ebpf.Variable `ebpf:"_event_flag"`
+	EventLostCause  *ebpf.Variable `ebpf:"_event_lost_cause"`
+	EventType       *ebpf.Variable `ebpf:"_event_type"`
+	EventVersion    *ebpf.Variable `ebpf:"_event_version"`
+	IpcacheSource   *ebpf.Variable `ebpf:"_ipcache_source"`
+	LayoutVersion   *ebpf.Variable `ebpf:"_layout_version"`
+	PolicyEntryFlag *ebpf.Variable `ebpf:"_policy_entry_flag"`
+	PolicyMetaFlag  *ebpf.Variable `ebpf:"_policy_meta_flag"`
+	PolicyShape     *ebpf.Variable `ebpf:"_policy_shape"`
+	PolicyVerdict   *ebpf.Variable `ebpf:"_policy_verdict"`
+	TracePoint      *ebpf.Variable `ebpf:"_trace_point"`
 }
 
 // TypesPrograms contains all programs after they have been loaded into the kernel.

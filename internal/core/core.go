@@ -6,6 +6,7 @@
 package core
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -95,6 +96,21 @@ func (s *State) Lock() (unlock func(), err error) {
 		return nil, err
 	}
 	return func() { unlockDir(); release(); s.mu.Unlock() }, nil
+}
+
+// Change starts a change to the datapath dp (a *datapath.Datapath): it
+// checks ctx and takes the lock. Every object package's changing call
+// begins with it.
+func Change(ctx context.Context, dp any) (st *State, unlock func(), err error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+	st = Of(dp)
+	unlock, err = st.Lock()
+	if err != nil {
+		return nil, nil, err
+	}
+	return st, unlock, nil
 }
 
 // checkPinned fails when the pins are no longer the ones this State opened:
@@ -269,8 +285,12 @@ func (s *State) EndpointPrograms() (*bpfobj.EndpointPrograms, error) {
 func (s *State) Undo(r *ledger.Record) error {
 	var errs []error
 	if d := r.Made.Device; d != nil {
-		for _, key := range r.Made.Links {
-			errs = append(errs, s.DetachTC(d.Ifindex, attach.Ingress, key))
+		for _, l := range r.Made.Links {
+			hook := attach.Ingress
+			if l.Egress {
+				hook = attach.Egress
+			}
+			errs = append(errs, s.DetachTC(d.Ifindex, hook, l.Key))
 		}
 	}
 	for _, e := range r.Made.Entries {
@@ -286,6 +306,12 @@ func (s *State) Undo(r *ledger.Record) error {
 			}
 		}
 	}
+	for _, sw := range r.Made.Sweeps {
+		errs = append(errs, s.Sweep(sw))
+	}
+	for _, ref := range r.Made.Records {
+		errs = append(errs, ledger.DeleteBlob(s.Objs.LedgerBlobs, ref.Kind, ref.ID), ledger.Delete(s.Objs.Ledger, ref.Kind, ref.ID))
+	}
 	if d := r.Made.Device; d != nil && d.Owned {
 		errs = append(errs, deleteDevice(s.NS, d))
 	}
@@ -296,6 +322,36 @@ func (s *State) Undo(r *ledger.Record) error {
 		return fmt.Errorf("undo %v %d: %w", r.Kind, r.ID, err)
 	}
 	return ledger.Delete(s.Objs.Ledger, r.Kind, r.ID)
+}
+
+// Sweep deletes every entry of a map whose key matches.
+func (s *State) Sweep(sw ledger.Sweep) error {
+	m := s.Map(sw.Map)
+	if m == nil {
+		return fmt.Errorf("sweep: no map %s", sw.Map)
+	}
+	var keys [][]byte
+	var cur any // nil: from the first key
+	for {
+		next := make([]byte, m.KeySize())
+		err := m.NextKey(cur, next)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("sweep %s: %w", sw.Map, err)
+		}
+		if sw.Matches(next) {
+			keys = append(keys, next)
+		}
+		cur = next
+	}
+	for _, k := range keys {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("sweep %s: %w", sw.Map, err)
+		}
+	}
+	return nil
 }
 
 // deleteDevice deletes the device the record names: the one with its index,

@@ -5,7 +5,8 @@
 //
 //   - each entry has one writer, its Source: a local endpoint writes the
 //     host prefixes of its addresses; a remote node (later) its pod CIDRs;
-//     an identity assignment (later) the prefixes it names;
+//     an identity assignment the prefixes it names; policies their CIDR
+//     peers, with identities of their own;
 //   - Put adds a prefix, or replaces one of its own source; a prefix of
 //     another source is ErrOwned, so nobody overwrites, and later deletes,
 //     what another object wrote;
@@ -33,6 +34,7 @@ const (
 	Endpoint = Source(bpfobj.TypesIpcacheSourceIPCACHE_SOURCE_ENDPOINT)
 	Node     = Source(bpfobj.TypesIpcacheSourceIPCACHE_SOURCE_NODE)
 	Identity = Source(bpfobj.TypesIpcacheSourceIPCACHE_SOURCE_IDENTITY)
+	CIDR     = Source(bpfobj.TypesIpcacheSourceIPCACHE_SOURCE_CIDR)
 )
 
 func (s Source) String() string {
@@ -43,6 +45,8 @@ func (s Source) String() string {
 		return "node"
 	case Identity:
 		return "identity assignment"
+	case CIDR:
+		return "CIDR peer"
 	}
 	return fmt.Sprintf("source %d", uint8(s))
 }

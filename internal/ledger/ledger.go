@@ -13,6 +13,7 @@ package ledger
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -34,6 +35,12 @@ const (
 	// KindDatapath records the datapath itself (ID 0): what its first Open
 	// was given.
 	KindDatapath Kind = 2
+	// KindPolicy records the policy of the endpoint with the same ID
+	// (package policy).
+	KindPolicy Kind = 3
+	// KindCIDR records an identity given to a CIDR peer of policies (ID:
+	// the identity's offset in the CIDR identity range).
+	KindCIDR Kind = 4
 )
 
 // State is where an object is in its life.
@@ -63,11 +70,46 @@ type Made struct {
 	// Device is a device in the datapath's namespace: deleted when Owned,
 	// and stripped of the datapath's programs either way.
 	Device *Device `json:"device,omitempty"`
-	// Links are the keys of tc attachments (pinned links and legacy
-	// filters) on Device.
-	Links []string `json:"links,omitempty"`
+	// Links are the tc attachments (pinned links and legacy filters) on
+	// Device.
+	Links []Link `json:"links,omitempty"`
 	// Entries are map entries it wrote.
 	Entries []Entry `json:"entries,omitempty"`
+	// Sweeps remove every entry of a map whose key holds a value, for
+	// entries too many to list (an endpoint's policy entries).
+	Sweeps []Sweep `json:"sweeps,omitempty"`
+	// Records are other records that go with this one (an endpoint's
+	// policy), removed with it, their blobs included.
+	Records []Ref `json:"records,omitempty"`
+}
+
+// Sweep names the entries of a map whose key has, at byte Offset, the
+// little-or-big-endian-native unsigned integer Value of Size bytes (2 or 4).
+type Sweep struct {
+	Map    string `json:"map"`
+	Offset int    `json:"offset"`
+	Size   int    `json:"size"`
+	Value  uint32 `json:"value"`
+}
+
+// Matches reports whether a raw key has the sweep's value.
+func (s Sweep) Matches(key []byte) bool {
+	if s.Offset < 0 || s.Offset+s.Size > len(key) {
+		return false
+	}
+	switch s.Size {
+	case 2:
+		return uint32(binary.NativeEndian.Uint16(key[s.Offset:])) == s.Value
+	case 4:
+		return binary.NativeEndian.Uint32(key[s.Offset:]) == s.Value
+	}
+	return false
+}
+
+// Ref names a record.
+type Ref struct {
+	Kind Kind   `json:"kind"`
+	ID   uint32 `json:"id"`
 }
 
 // Device names a network device. Ifindex is 0 until it exists.
@@ -75,6 +117,12 @@ type Device struct {
 	Name    string `json:"name"`
 	Ifindex int    `json:"ifindex,omitempty"`
 	Owned   bool   `json:"owned"`
+}
+
+// Link is a tc attachment by its key, on the device's ingress or egress.
+type Link struct {
+	Key    string `json:"key"`
+	Egress bool   `json:"egress,omitempty"`
 }
 
 // Entry is a key of one of the datapath's maps, by map name. Source, when
@@ -177,6 +225,71 @@ func (k Kind) String() string {
 		return "endpoint"
 	case KindDatapath:
 		return "datapath"
+	case KindPolicy:
+		return "policy"
+	case KindCIDR:
+		return "CIDR identity"
 	}
 	return fmt.Sprintf("kind %d", uint32(k))
+}
+
+// PutBlob stores data as the blob of a record, in chunks, replacing the
+// previous one.
+func PutBlob(m *ebpf.Map, kind Kind, id uint32, data []byte) error {
+	var v bpfobj.TypesLedgerBlob
+	n := uint32(0)
+	for off := 0; off < len(data) || off == 0; off += len(v.Data) {
+		chunk := data[off:min(off+len(v.Data), len(data))]
+		v.Len = uint32(len(chunk))
+		copy(v.Data[:], chunk)
+		k := bpfobj.TypesLedgerBlobKey{Kind: uint32(kind), Id: id, Chunk: n}
+		if err := m.Update(&k, &v, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("write blob of %v %d: %w", kind, id, err)
+		}
+		n++
+		if len(data) == 0 {
+			break
+		}
+	}
+	return deleteBlobFrom(m, kind, id, n)
+}
+
+// GetBlob returns the blob of a record, or an error matching
+// ebpf.ErrKeyNotExist.
+func GetBlob(m *ebpf.Map, kind Kind, id uint32) ([]byte, error) {
+	var (
+		out []byte
+		v   bpfobj.TypesLedgerBlob
+	)
+	for n := uint32(0); ; n++ {
+		k := bpfobj.TypesLedgerBlobKey{Kind: uint32(kind), Id: id, Chunk: n}
+		err := m.Lookup(&k, &v)
+		if errors.Is(err, ebpf.ErrKeyNotExist) && n > 0 {
+			return out, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read blob of %v %d: %w", kind, id, err)
+		}
+		if v.Len > uint32(len(v.Data)) {
+			return nil, fmt.Errorf("%w: blob chunk of %d bytes", ErrCorrupt, v.Len)
+		}
+		out = append(out, v.Data[:v.Len]...)
+	}
+}
+
+// DeleteBlob removes the blob of a record; a missing one is not an error.
+func DeleteBlob(m *ebpf.Map, kind Kind, id uint32) error { return deleteBlobFrom(m, kind, id, 0) }
+
+// deleteBlobFrom removes the chunks of a blob from chunk n on.
+func deleteBlobFrom(m *ebpf.Map, kind Kind, id uint32, n uint32) error {
+	for ; ; n++ {
+		k := bpfobj.TypesLedgerBlobKey{Kind: uint32(kind), Id: id, Chunk: n}
+		err := m.Delete(&k)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("delete blob of %v %d: %w", kind, id, err)
+		}
+	}
 }

@@ -196,6 +196,20 @@ func SetUp(ns netns.NsHandle, dev string) error {
 	})
 }
 
+// HostRoute routes addr (as a /32 or /128) through device dev in ns, on the
+// link: how the node reaches an endpoint's address. Equivalent to:
+// `ip -n NS route replace ADDR dev DEV scope link`.
+func HostRoute(ns netns.NsHandle, dev string, addr netip.Addr) error {
+	return onDevice(ns, dev, func(h *netlink.Handle, l netlink.Link) error {
+		dst := &net.IPNet{IP: addr.AsSlice(), Mask: net.CIDRMask(addr.BitLen(), addr.BitLen())}
+		route := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK}
+		if err := h.RouteReplace(route); err != nil {
+			return fmt.Errorf("route %s via %s: %w", addr, dev, err)
+		}
+		return nil
+	})
+}
+
 // WaitRunning waits until device dev in ns is operationally up: its carrier
 // is on and the kernel has given it a queueing discipline to send through.
 // Setting a veth end up turns its carrier on at once, but the kernel

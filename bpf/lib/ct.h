@@ -1,0 +1,193 @@
+/* Connection tracking: one LRU map for the whole datapath, shared by policy
+ * (a flow allowed once is not looked up again, its replies and related
+ * ICMP errors pass) and, later, service load balancing (the backend a flow
+ * was sent to, the reverse NAT to apply to its replies). The layout is
+ * written down in docs/architecture.md. */
+#pragma once
+
+#include "common.h"
+#include "../include/net.h"
+
+#define CT_ENTRIES 262144
+
+#define NSEC_PER_SEC_CT 1000000000ULL
+/* Lifetimes, as Cilium's defaults. */
+#define CT_LIFETIME_SYN (60 * NSEC_PER_SEC_CT)
+#define CT_LIFETIME_TCP (6 * 3600 * NSEC_PER_SEC_CT)
+#define CT_LIFETIME_CLOSE (10 * NSEC_PER_SEC_CT)
+#define CT_LIFETIME_OTHER (60 * NSEC_PER_SEC_CT)
+
+/* Whose entry: the endpoint that sent the flow's first packet (egress) or
+ * the one it was delivered to (ingress). A flow between two local
+ * endpoints has one of each. */
+enum ct_dir {
+	CT_EGRESS = 0,
+	CT_INGRESS = 1,
+};
+
+/* The flow as its first packet had it. Addresses are 16 bytes for both
+ * families (IPv4 in the first 4). */
+struct ct_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport; /* ICMP echo: the identifier; 0 for other L4 */
+	__be16 dport;
+	__u8 proto;
+	__u8 family; /* 4 or 6 */
+	__u8 dir;    /* enum ct_dir */
+	__u8 pad;
+};
+
+enum ct_flag {
+	CT_F_SEEN_REPLY = 1 << 0, /* a packet went the other way */
+	CT_F_CLOSING = 1 << 1,    /* FIN or RST seen */
+	CT_F_AUDITED = 1 << 2,    /* policy would have denied it (audit mode) */
+};
+
+struct ct_entry {
+	__u64 expires;      /* CLOCK_MONOTONIC ns; user space removes expired ones */
+	__u16 endpoint;     /* the endpoint whose entry it is */
+	__u8 flags;         /* enum ct_flag */
+	__u8 tcp_flags;     /* every TCP flag seen, both ways */
+	__u32 identity;     /* the remote identity when it was created */
+	__u16 rule;         /* the policy rule that allowed it, POLICY_NO_RULE if none */
+	__u16 rev_nat;      /* service: reverse NAT index; 0: none (reserved) */
+	__u32 backend;      /* service: backend ID; 0: none (reserved) */
+	__u64 packets;      /* both ways; approximate (see ct_touch) */
+	__u64 bytes;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CT_ENTRIES);
+	__type(key, struct ct_key);
+	__type(value, struct ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} conntrack SEC(".maps");
+
+enum ct_status {
+	CT_NEW = 0,
+	CT_ESTABLISHED = 1, /* a packet of a known flow, the way it started */
+	CT_REPLY = 2,       /* a packet of a known flow, the other way */
+	CT_RELATED = 3,     /* an ICMP error about a known flow */
+};
+
+/* The flow a packet belongs to, filled in by the parser. */
+struct flow {
+	struct ct_key key;   /* as this packet has it (dir set by the caller) */
+	__u8 tcp_flags;      /* of this packet */
+	__u8 icmp_error;     /* an ICMP error: related holds the flow it is about */
+	__u16 l4_port;       /* dport, or ICMP type << 8 | code, host order */
+	struct ct_key related;
+};
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+static __always_inline void ct_reverse(struct ct_key *out, const struct ct_key *in, __u8 dir)
+{
+	__builtin_memcpy(out->saddr, in->daddr, 16);
+	__builtin_memcpy(out->daddr, in->saddr, 16);
+	out->sport = in->dport;
+	out->dport = in->sport;
+	out->proto = in->proto;
+	out->family = in->family;
+	out->dir = dir;
+	out->pad = 0;
+}
+
+static __always_inline __u64 ct_lifetime(__u8 proto, __u8 seen_flags, __u8 entry_flags)
+{
+	if (proto != IPPROTO_TCP)
+		return CT_LIFETIME_OTHER;
+	if (entry_flags & CT_F_CLOSING)
+		return CT_LIFETIME_CLOSE;
+	if ((seen_flags & TCP_ACK) && (entry_flags & CT_F_SEEN_REPLY))
+		return CT_LIFETIME_TCP;
+	return CT_LIFETIME_SYN;
+}
+
+/* ct_touch updates a found entry with this packet: flags, counters and,
+ * when it changed by more than a second, its expiry. */
+static __always_inline void ct_touch(struct ct_entry *e, const struct flow *f, int reply, __u32 len)
+{
+	__u64 now = bpf_ktime_get_ns();
+	__u8 flags = e->flags;
+	__u64 expires;
+
+	if (reply)
+		flags |= CT_F_SEEN_REPLY;
+	if (f->tcp_flags & (TCP_FIN | TCP_RST))
+		flags |= CT_F_CLOSING;
+	if (flags != e->flags)
+		e->flags = flags;
+	if ((e->tcp_flags | f->tcp_flags) != e->tcp_flags)
+		e->tcp_flags |= f->tcp_flags;
+	/* Plain adds: two CPUs counting one flow at once may lose a count,
+	 * which an atomic add would prevent at several times the cost. */
+	e->packets++;
+	e->bytes += len;
+	expires = now + ct_lifetime(f->key.proto, e->tcp_flags, flags);
+	if (expires > e->expires + NSEC_PER_SEC_CT || expires < e->expires)
+		e->expires = expires;
+}
+
+/* ct_lookup finds the flow of a packet seen in direction dir (the key's dir
+ * is set by it): the flow itself, its reverse (a reply), or, for an ICMP
+ * error, the flow it is about. *entry is the entry found. */
+static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 len, struct ct_entry **entry)
+{
+	struct ct_key rev;
+	struct ct_entry *e;
+
+	f->key.dir = dir;
+	e = bpf_map_lookup_elem(&conntrack, &f->key);
+	if (e) {
+		ct_touch(e, f, 0, len);
+		*entry = e;
+		return CT_ESTABLISHED;
+	}
+	ct_reverse(&rev, &f->key, dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS);
+	e = bpf_map_lookup_elem(&conntrack, &rev);
+	if (e) {
+		ct_touch(e, f, 1, len);
+		*entry = e;
+		return CT_REPLY;
+	}
+	if (f->icmp_error) {
+		/* The error answers a packet the endpoint sent (its egress
+		 * entry) or one delivered to it (its ingress entry). */
+		f->related.dir = dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
+		e = bpf_map_lookup_elem(&conntrack, &f->related);
+		if (!e) {
+			ct_reverse(&rev, &f->related, dir);
+			e = bpf_map_lookup_elem(&conntrack, &rev);
+		}
+		if (e) {
+			*entry = e;
+			return CT_RELATED;
+		}
+	}
+	return CT_NEW;
+}
+
+/* ct_create records a new flow that policy let through. */
+static __always_inline void ct_create(struct flow *f, __u8 dir, __u16 ep, __u32 identity, __u16 rule,
+				      __u8 audited, __u32 len)
+{
+	struct ct_entry e = {
+		.endpoint = ep,
+		.identity = identity,
+		.rule = rule,
+		.tcp_flags = f->tcp_flags,
+		.flags = audited ? CT_F_AUDITED : 0,
+		.packets = 1,
+		.bytes = len,
+	};
+
+	f->key.dir = dir;
+	e.expires = bpf_ktime_get_ns() + ct_lifetime(f->key.proto, f->tcp_flags, e.flags);
+	bpf_map_update_elem(&conntrack, &f->key, &e, BPF_ANY);
+}

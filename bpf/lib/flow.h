@@ -1,0 +1,173 @@
+/* The flow a packet belongs to: addresses, protocol, ports (or the ICMP
+ * identifier), TCP flags, and for an ICMP error the flow it is about. It is
+ * what conntrack keys on and what policy decides by. */
+#pragma once
+
+#include "common.h"
+#include "../include/net.h"
+#include "parse.h"
+#include "ct.h"
+
+/* ICMP and ICMPv6 types the parser tells apart. */
+#define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
+#define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PKT_TOOBIG 2
+#define ICMPV6_TIME_EXCEED 3
+#define ICMPV6_PARAMPROB 4
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
+
+struct l4_ports {
+	__be16 sport;
+	__be16 dport;
+};
+
+/* icmp_head is the first 8 bytes of an ICMP or ICMPv6 header. */
+struct icmp_head {
+	__u8 type;
+	__u8 code;
+	__be16 checksum;
+	__be16 id; /* echo */
+	__be16 seq;
+};
+
+/* flow_l4 fills in the ports of proto, whose header starts at off, into key:
+ * TCP, UDP and SCTP ports; for ICMP echo the identifier, as the source
+ * port of a request and the destination port of a reply, so that a reply
+ * is the reverse of its request. It returns the ICMP head, or type 0xff. */
+static __always_inline int flow_l4(struct __sk_buff *skb, __u32 off, __u8 proto, struct ct_key *key,
+				   struct icmp_head *icmp)
+{
+	struct l4_ports ports;
+
+	icmp->type = 0xff;
+	switch (proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		if (bpf_skb_load_bytes(skb, off, &ports, sizeof(ports)) < 0)
+			return -1;
+		key->sport = ports.sport;
+		key->dport = ports.dport;
+		return 0;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6:
+		if (bpf_skb_load_bytes(skb, off, icmp, sizeof(*icmp)) < 0)
+			return -1;
+		if (icmp->type == ICMP_ECHO || icmp->type == ICMPV6_ECHO_REQUEST)
+			key->sport = icmp->id;
+		else if (icmp->type == ICMP_ECHOREPLY || icmp->type == ICMPV6_ECHO_REPLY)
+			key->dport = icmp->id;
+		return 0;
+	}
+	return 0;
+}
+
+/* flow_is_link_control reports neighbour discovery (router and neighbour
+ * solicitations and advertisements, redirects) and MLD: ICMPv6 that keeps
+ * the link working, sent from global addresses too. Policy does not apply
+ * to it, as it does not to ARP. */
+static __always_inline int flow_is_link_control(const struct flow *f)
+{
+	__u8 type = f->l4_port >> 8;
+
+	return f->key.proto == IPPROTO_ICMPV6 &&
+	       ((type >= 130 && type <= 137) || type == 143);
+}
+
+static __always_inline int icmp4_is_error(__u8 type)
+{
+	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+}
+
+static __always_inline int icmp6_is_error(__u8 type)
+{
+	return type == ICMPV6_DEST_UNREACH || type == ICMPV6_PKT_TOOBIG ||
+	       type == ICMPV6_TIME_EXCEED || type == ICMPV6_PARAMPROB;
+}
+
+/* flow_parse4 fills f from the IPv4 header ip (after the Ethernet header),
+ * which the caller checked. Returns -1 for headers cut short. */
+static __always_inline int flow_parse4(struct __sk_buff *skb, struct iphdr *ip, struct flow *f)
+{
+	__u32 off = ETH_HLEN + ipv4_hdrlen(ip);
+	struct icmp_head icmp;
+	struct iphdr inner;
+
+	f->key.family = 4;
+	f->key.proto = ip->protocol;
+	*(__be32 *)f->key.saddr = ip->saddr;
+	*(__be32 *)f->key.daddr = ip->daddr;
+	if (bpf_ntohs(ip->frag_off) & 0x1fff)
+		return 0; /* a later fragment: no ports */
+	if (flow_l4(skb, off, ip->protocol, &f->key, &icmp) < 0)
+		return -1;
+	f->l4_port = bpf_ntohs(f->key.dport);
+	if (ip->protocol == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, off + 13, &f->tcp_flags, 1) < 0)
+			return -1;
+	} else if (ip->protocol == IPPROTO_ICMP) {
+		f->l4_port = (__u16)icmp.type << 8 | icmp.code;
+		if (!icmp4_is_error(icmp.type))
+			return 0;
+		/* The packet the error is about follows the ICMP header. */
+		if (bpf_skb_load_bytes(skb, off + 8, &inner, sizeof(inner)) < 0 || ipv4_version(&inner) != 4)
+			return 0; /* not one to relate: policy decides it */
+		f->icmp_error = 1;
+		f->related.family = 4;
+		f->related.proto = inner.protocol;
+		*(__be32 *)f->related.saddr = inner.saddr;
+		*(__be32 *)f->related.daddr = inner.daddr;
+		if (flow_l4(skb, off + 8 + ipv4_hdrlen(&inner), inner.protocol, &f->related, &icmp) < 0)
+			f->icmp_error = 0;
+	}
+	return 0;
+}
+
+/* flow_parse6 is flow_parse4 for the IPv6 header ip. */
+static __always_inline int flow_parse6(struct __sk_buff *skb, struct ipv6hdr *ip, struct flow *f)
+{
+	struct icmp_head icmp;
+	struct ipv6hdr inner;
+	__u8 later_fragment;
+	__u32 off, inner_off;
+	int proto;
+
+	f->key.family = 6;
+	__builtin_memcpy(f->key.saddr, ip->saddr, 16);
+	__builtin_memcpy(f->key.daddr, ip->daddr, 16);
+	proto = ipv6_upper_proto(skb, ETH_HLEN, ip->nexthdr, &off, &later_fragment);
+	if (proto < 0)
+		return -1;
+	f->key.proto = proto;
+	if (later_fragment)
+		return 0;
+	if (flow_l4(skb, off, proto, &f->key, &icmp) < 0)
+		return -1;
+	f->l4_port = bpf_ntohs(f->key.dport);
+	if (proto == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, off + 13, &f->tcp_flags, 1) < 0)
+			return -1;
+	} else if (proto == IPPROTO_ICMPV6) {
+		f->l4_port = (__u16)icmp.type << 8 | icmp.code;
+		if (!icmp6_is_error(icmp.type))
+			return 0;
+		if (bpf_skb_load_bytes(skb, off + 8, &inner, sizeof(inner)) < 0 || ipv6_version(&inner) != 6)
+			return 0;
+		proto = ipv6_upper_proto(skb, off + 8, inner.nexthdr, &inner_off, &later_fragment);
+		if (proto < 0)
+			return 0;
+		f->icmp_error = 1;
+		f->related.family = 6;
+		f->related.proto = proto;
+		__builtin_memcpy(f->related.saddr, inner.saddr, 16);
+		__builtin_memcpy(f->related.daddr, inner.daddr, 16);
+		if (flow_l4(skb, inner_off, proto, &f->related, &icmp) < 0)
+			f->icmp_error = 0;
+	}
+	return 0;
+}

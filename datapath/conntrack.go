@@ -1,0 +1,146 @@
+package datapath
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/sluicedp/sluice/internal/bpfobj"
+)
+
+// Flow is a connection the datapath tracks, as the endpoint it belongs to
+// saw its first packet.
+type Flow struct {
+	Src, Dst netip.AddrPort // ports: TCP, UDP, SCTP; the ICMP echo identifier as Src's port (a request) or Dst's (a reply)
+	Protocol uint8
+	// Direction is the endpoint's: Egress for a flow it opened, Ingress
+	// for one opened towards it. A flow between two local endpoints is
+	// tracked once for each.
+	Direction Direction
+	Endpoint  uint16
+	Remote    Identity // the other side's identity when the flow began
+	Rule      int      // the policy rule that allowed it; -1: none
+	Expires   time.Time
+	Packets   uint64 // both ways, approximate
+	Bytes     uint64
+	Replied   bool // a packet went the other way
+	Closing   bool // TCP FIN or RST seen
+	Audited   bool // policy would have denied it (audit mode)
+}
+
+func (f Flow) String() string {
+	return fmt.Sprintf("%s %s > %s proto %d endpoint %d remote %s packets %d", f.Direction, f.Src, f.Dst, f.Protocol, f.Endpoint, f.Remote, f.Packets)
+}
+
+// Flows returns every tracked flow, expired ones included until
+// CollectFlows removes them.
+func (dp *Datapath) Flows() ([]Flow, error) {
+	release, err := dp.st.Use()
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	var (
+		out []Flow
+		k   bpfobj.TypesCtKey
+		v   bpfobj.TypesCtEntry
+	)
+	now, wall := monotonic(), time.Now()
+	it := dp.st.Objs.Conntrack.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, flowOf(&k, &v, now, wall))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list flows: %w", err)
+	}
+	return out, nil
+}
+
+// CollectFlows removes the tracked flows whose lifetime is over and returns
+// how many it removed. The map is an LRU and makes room by itself when
+// full; calling this now and then (a minute, say) keeps expired flows from
+// being taken for live ones and from taking the room.
+func (dp *Datapath) CollectFlows(ctx context.Context) (int, error) {
+	release, err := dp.st.Use()
+	if err != nil {
+		return 0, err
+	}
+	defer release()
+	var (
+		k       bpfobj.TypesCtKey
+		v       bpfobj.TypesCtEntry
+		expired []bpfobj.TypesCtKey
+	)
+	now := monotonic()
+	it := dp.st.Objs.Conntrack.Iterate()
+	for it.Next(&k, &v) {
+		if v.Expires < now {
+			expired = append(expired, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("collect flows: %w", err)
+	}
+	n := 0
+	for _, k := range expired {
+		if err := ctx.Err(); err != nil {
+			return n, err
+		}
+		err := dp.st.Objs.Conntrack.Delete(&k)
+		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("collect flows: %w", err)
+		}
+		n++
+	}
+	return n, nil
+}
+
+// monotonic is CLOCK_MONOTONIC in nanoseconds, the clock of
+// bpf_ktime_get_ns.
+func monotonic() uint64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	return uint64(ts.Nano())
+}
+
+func flowOf(k *bpfobj.TypesCtKey, v *bpfobj.TypesCtEntry, now uint64, wall time.Time) Flow {
+	addr := func(b [16]byte) netip.Addr {
+		if k.Family == 4 {
+			return netip.AddrFrom4([4]byte(b[:4]))
+		}
+		return netip.AddrFrom16(b)
+	}
+	f := Flow{
+		Src:      netip.AddrPortFrom(addr(k.Saddr), be16(k.Sport)),
+		Dst:      netip.AddrPortFrom(addr(k.Daddr), be16(k.Dport)),
+		Protocol: k.Proto,
+		Endpoint: v.Endpoint,
+		Remote:   Identity(v.Identity),
+		Rule:     int(int16(v.Rule)),
+		Expires:  wall.Add(time.Duration(int64(v.Expires) - int64(now))),
+		Packets:  v.Packets,
+		Bytes:    v.Bytes,
+		Replied:  v.Flags&uint8(bpfobj.TypesCtFlagCT_F_SEEN_REPLY) != 0,
+		Closing:  v.Flags&uint8(bpfobj.TypesCtFlagCT_F_CLOSING) != 0,
+		Audited:  v.Flags&uint8(bpfobj.TypesCtFlagCT_F_AUDITED) != 0,
+	}
+	f.Direction = Egress
+	if k.Dir == uint8(bpfobj.TypesCtDirCT_INGRESS) {
+		f.Direction = Ingress
+	}
+	return f
+}
+
+// be16 reads a __be16 field: the bytes as they were on the wire, in a
+// native integer.
+func be16(v uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], v)
+	return binary.BigEndian.Uint16(b[:])
+}
