@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
@@ -166,10 +168,17 @@ func TestFromEndpointUndeliverable(t *testing.T) {
 	w := newProgWorld(t)
 	a, b := w.a, w.b
 	st := core.Of(w.dp)
+	// Ghost endpoint 77, with counters of its own: b's count what the
+	// node sends it meanwhile.
+	const ghostID = 77
+	zero := make([]bpfobj.TypesEndpointCounters, ebpf.MustPossibleCPU())
+	if err := st.Objs.EpCounters.Put(uint32(ghostID), zero); err != nil {
+		t.Fatal(err)
+	}
 	put := func(addr netip.Addr, ifindex int, ready bool) {
 		t.Helper()
 		ghost := *b
-		ghost.HostIfindex, ghost.IPv4 = ifindex, addr
+		ghost.ID, ghost.HostIfindex, ghost.IPv4 = ghostID, ifindex, addr
 		info := endpointInfo(&ghost, ready)
 		if err := st.Objs.Endpoints.Put(uint32(ifindex), &info); err != nil {
 			t.Fatal(err)
@@ -183,14 +192,14 @@ func TestFromEndpointUndeliverable(t *testing.T) {
 	gone, notReady := netip.MustParseAddr("198.18.1.78"), netip.MustParseAddr("198.18.1.79")
 	put(gone, 999998, true)
 	put(notReady, b.HostIfindex+1000, false)
-	before, _ := ReadCounters(w.dp, b.ID)
+	before, _ := ReadCounters(w.dp, ghostID)
 	udp := &packet.UDP{SrcPort: 1, DstPort: 2}
 	in := datapath.Ingress
 	w.check(t, a, []verdictCase{
 		{"interface gone", frame(a, gone, udp), progtest.TCActShot, datapath.ReasonRedirectFailed, in},
 		{"endpoint not ready", frame(a, notReady, udp), progtest.TCActShot, datapath.ReasonEndpointNotReady, in},
 	})
-	if after, _ := ReadCounters(w.dp, b.ID); after.PacketsIn != before.PacketsIn {
+	if after, _ := ReadCounters(w.dp, ghostID); after.PacketsIn != before.PacketsIn {
 		t.Errorf("packets in went from %d to %d for packets that were dropped", before.PacketsIn, after.PacketsIn)
 	}
 }

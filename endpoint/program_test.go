@@ -166,8 +166,8 @@ func TestFromEndpointRewrite(t *testing.T) {
 	}
 
 	c, err := ReadCounters(w.dp, b.ID)
-	if err != nil || c.PacketsIn != 2 {
-		t.Errorf("endpoint %d counters %+v (%v), want 2 packets in", b.ID, c, err)
+	if err != nil || c.PacketsIn < 2 {
+		t.Errorf("endpoint %d counters %+v (%v), want at least the 2 packets in", b.ID, c, err)
 	}
 }
 

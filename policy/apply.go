@@ -22,7 +22,8 @@ import (
 
 // Changes says what Apply or Delete changed in the datapath's maps.
 type Changes struct {
-	Added   int // entries written: new, or with a new value
+	Added   int // entries written that were not there
+	Changed int // entries written over another value
 	Removed int // entries deleted
 }
 
@@ -174,7 +175,8 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (changes Ch
 	if changes, err = write(st, endpoint, want); err != nil {
 		return changes, err
 	}
-	if want != nil {
+	// Flows lose permission only when entries went or changed.
+	if want != nil && changes.Removed+changes.Changed > 0 {
 		if err := revokeFlows(st, endpoint, want); err != nil {
 			return changes, err
 		}
@@ -226,8 +228,12 @@ func write(st *core.State, endpoint uint16, want *MapEntries) (changes Changes, 
 				err = deleteKey(st.Objs.Policy, &k)
 				changes.Removed++
 			} else {
+				if _, had := have.Entries[k]; had {
+					changes.Changed++
+				} else {
+					changes.Added++
+				}
 				err = st.Objs.Policy.Put(&k, &v)
-				changes.Added++
 			}
 			if err != nil {
 				restore(st, have, want)
@@ -341,21 +347,27 @@ func counterSweep(endpoint uint16) ledger.Sweep {
 	return ledger.Sweep{Map: "policy_counters", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyCounterKey{}.Endpoint)), Size: 2, Value: uint32(endpoint)}
 }
 
-// current reads the endpoint's entries from the maps.
+// current reads the endpoint's entries from the maps, in batches: a
+// policy of thousands of rules in a few system calls.
 func current(st *core.State, endpoint uint16) (*MapEntries, error) {
 	m := newMapEntries()
-	var (
-		k bpfobj.TypesPolicyKey
-		v bpfobj.TypesPolicyEntry
-	)
-	it := st.Objs.Policy.Iterate()
-	for it.Next(&k, &v) {
-		if k.Endpoint == endpoint {
-			m.Entries[k] = v
+	const batch = 4096
+	keys := make([]bpfobj.TypesPolicyKey, batch)
+	vals := make([]bpfobj.TypesPolicyEntry, batch)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := st.Objs.Policy.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			if keys[i].Endpoint == endpoint {
+				m.Entries[keys[i]] = vals[i]
+			}
 		}
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("read policy entries: %w", err)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read policy entries: %w", err)
+		}
 	}
 	for _, dir := range []uint8{0, 1} {
 		mk := bpfobj.TypesPolicyMetaKey{Endpoint: endpoint, Dir: dir}

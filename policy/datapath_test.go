@@ -29,14 +29,20 @@ type node struct {
 	a, b, c *endpoint.Endpoint
 }
 
-func newNode(t *testing.T) *node {
+func newNode(t testing.TB) *node {
+	t.Helper()
+	return newNodeWith(t, datapath.Limits{Conntrack: 4096}) // small, quick to make
+}
+
+// newNodeWith is newNode with map sizes of its own.
+func newNodeWith(t testing.TB, limits datapath.Limits) *node {
 	t.Helper()
 	testutil.Privileged(t)
 	ns := testutil.NewNetNS(t)
 	dp, err := datapath.Open(context.Background(), datapath.Config{
 		Name: "node", NetNS: ns.Path, BPFFS: testutil.BPFFS(t),
 		Node:   datapath.Node{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24"), netip.MustParsePrefix("fd00:1::/64")}},
-		Limits: datapath.Limits{Conntrack: 4096}, // small, quick to make
+		Limits: limits,
 	})
 	if err != nil {
 		t.Fatal(err)
