@@ -52,7 +52,9 @@
 //
 // A policy decides the first packet of a flow only. Its replies, and the
 // ICMP errors it causes, pass because connection tracking knows the flow:
-// the policy is not looked up for them.
+// the policy is not looked up for them. When Apply replaces a policy, the
+// tracked flows the new one no longer allows are forgotten, so their next
+// packets meet it and are dropped; the flows it still allows go on.
 //
 // # Which rule decides
 //

@@ -7,6 +7,7 @@
 //	metrics      packets and bytes by direction and reason
 //	events       drop events as they happen (-traces: trace points too)
 //	endpoints    endpoints with their addresses and counters
+//	flows        tracked connections, with the policy rule that allowed each
 //	lost         event records the datapath could not send
 //
 // It opens the datapath read-only (maps only, no program, no lock), so it
@@ -67,7 +68,7 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		return reasons(out)
 	}
 	switch cmd {
-	case "metrics", "events", "endpoints", "lost":
+	case "metrics", "events", "endpoints", "flows", "lost":
 	default:
 		fs.Usage()
 		return fmt.Errorf("unknown command %q", cmd)
@@ -98,6 +99,8 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		return events(ctx, dp, *traces, out, errOut)
 	case "endpoints":
 		return endpoints(dp, out)
+	case "flows":
+		return flows(dp, out)
 	default:
 		lost, err := dp.Lost()
 		if err != nil {
@@ -220,6 +223,36 @@ func endpoints(dp *datapath.Datapath, out io.Writer) error {
 		}
 		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%d\t%s\n", ep.ID, ep.Identity, addr(ep.IPv4.String(), ep.IPv4.IsValid()),
 			addr(ep.IPv6.String(), ep.IPv6.IsValid()), ep.HostIfName, cmp.Or(ep.NetNS, "-"), c.PacketsOut, c.PacketsIn, strings.Join(labels, ","))
+	}
+	return w.Flush()
+}
+
+func flows(dp *datapath.Datapath, out io.Writer) error {
+	list, err := dp.Flows()
+	if err != nil {
+		return err
+	}
+	slices.SortFunc(list, func(a, b datapath.Flow) int {
+		return cmp.Or(cmp.Compare(a.Endpoint, b.Endpoint), cmp.Compare(a.Src.String(), b.Src.String()), cmp.Compare(a.Dst.String(), b.Dst.String()))
+	})
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "ENDPOINT	DIR	PROTO	SOURCE	DESTINATION	REMOTE	RULE	PKTS	STATE")
+	for _, f := range list {
+		state := "new"
+		switch {
+		case f.Closing:
+			state = "closing"
+		case f.Replied:
+			state = "established"
+		}
+		if f.Audited {
+			state += ",audited"
+		}
+		rule := "-"
+		if f.Rule >= 0 {
+			rule = fmt.Sprint(f.Rule)
+		}
+		fmt.Fprintf(w, "%d	%s	%d	%s	%s	%s	%s	%d	%s\n", f.Endpoint, f.Direction, f.Protocol, f.Src, f.Dst, f.Remote, rule, f.Packets, state)
 	}
 	return w.Flush()
 }

@@ -93,9 +93,14 @@ func TestCommands(t *testing.T) {
 	for range held {
 	}
 
+	// A ping that gets through leaves a tracked flow.
+	if testutil.Ping(t, workload.Handle, b.IPv4, testutil.PingOptions{}) == 0 {
+		t.Error("no reply from endpoint 2")
+	}
 	for cmd, want := range map[string]string{
 		"metrics":   "egress  SPOOFED_SOURCE_IP        1",
 		"endpoints": "198.18.1.10",
+		"flows":     "198.18.1.10:",
 		"lost":      "rate limited: 0",
 	} {
 		out.Reset()
