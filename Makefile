@@ -21,9 +21,14 @@ test:
 # instructions the verifier processed, load time.
 STATS := -v -run '^TestProgramStats$$' ./internal/bpfobj
 
+# A bounded fuzz pass: random policies and packets, compiled entries against
+# the semantics.
+FUZZ := -run '^$$' -fuzz '^FuzzCompile$$' -fuzztime 30s ./policy
+
 test-host:
 	go test -count=1 $(STATS)
 	go test -race -count=1 ./...
+	go test $(FUZZ)
 
 # KERNELVM_ARGS: go test style flags and packages, e.g. -run TestFoo ./datapath
 # (tools/kernelvm/README.md).

@@ -56,14 +56,15 @@ func open(t *testing.T, cfg Config) *Datapath {
 func loadProbe(t *testing.T, dp *Datapath) *bpftest.ProbeObjects {
 	t.Helper()
 	var objs bpftest.ProbeObjects
-	err := bpftest.LoadProbeObjects(&objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
-		"layout":        dp.st.Objs.Layout,
-		"metrics":       dp.st.Objs.Metrics,
-		"events":        dp.st.Objs.Events,
-		"event_config":  dp.st.Objs.EventConfig,
-		"event_limiter": dp.st.Objs.EventLimiter,
-		"event_lost":    dp.st.Objs.EventLost,
-	}})
+	spec, err := bpftest.LoadProbe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	maps := map[string]*ebpf.Map{} // the datapath's, by name
+	for name := range spec.Maps {
+		maps[name] = dp.st.Map(name)
+	}
+	err = bpftest.LoadProbeObjects(&objs, &ebpf.CollectionOptions{MapReplacements: maps})
 	if err != nil {
 		t.Fatalf("load probe: %+v", err)
 	}

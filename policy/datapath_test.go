@@ -377,6 +377,86 @@ func TestScenarios(t *testing.T) {
 		}, func(t *testing.T, n *node) []check {
 			return []check{{"tcp", n.a, n.b, 80, true}, {"tcp", n.c, n.b, 80, true}, {"tcp", n.c, n.b, 81, false}}
 		}},
+		{"TCP to any port", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{allow([]policy.Peer{id(1001)}, policy.Port{Protocol: policy.TCP})}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"tcp", n.a, n.b, 80, true}, {"tcp", n.a, n.b, 4444, true}, {"udp", n.a, n.b, 53, false}}
+		}},
+		{"any protocol", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{allow([]policy.Peer{id(1001)}, policy.Port{Protocol: policy.AnyProtocol})}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"tcp", n.a, n.b, 80, true}, {"udp", n.a, n.b, 53, true}, {"icmp", n.a, n.b, 0, true}, {"tcp", n.c, n.b, 80, false}}
+		}},
+		{"several peers", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{allow([]policy.Peer{id(1001), id(1003)}, tcpPort(80))}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"tcp", n.a, n.b, 80, true}, {"tcp", n.c, n.b, 80, true}}
+		}},
+		{"several ports", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{allow(nil, tcpPort(80), policy.Port{Protocol: policy.UDP, Port: 53})}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"tcp", n.a, n.b, 80, true}, {"udp", n.a, n.b, 53, true}, {"tcp", n.a, n.b, 53, false}, {"udp", n.a, n.b, 80, false}}
+		}},
+		{"deny an identity, allow the rest", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{allow(nil), denyRule([]policy.Peer{id(1003)})}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"tcp", n.a, n.b, 80, true}, {"icmp", n.a, n.b, 0, true}, {"tcp", n.c, n.b, 80, false}, {"icmp", n.c, n.b, 0, false}}
+		}},
+		{"egress deny a port", func(n *node) []applied {
+			return []applied{{n.a.ID, policy.Policy{Egress: []policy.Rule{allow(nil), denyRule(nil, tcpPort(81))}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"tcp", n.a, n.b, 80, true}, {"tcp", n.a, n.b, 81, false}, {"tcp", n.a, n.c, 81, false}}
+		}},
+		{"UDP range", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{allow(nil, policy.Port{Protocol: policy.UDP, Port: 5000, EndPort: 5010})}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"udp", n.a, n.b, 5005, true}, {"udp", n.a, n.b, 5010, true}, {"udp", n.a, n.b, 5011, false}, {"udp", n.a, n.b, 4999, false}}
+		}},
+		{"ICMP type and code", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{
+				allow(nil, policy.Port{Protocol: policy.ICMP, ICMPType: u8(8), ICMPCode: u8(0)}, policy.Port{Protocol: policy.ICMPv6, ICMPType: u8(128), ICMPCode: u8(0)}),
+			}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"icmp", n.a, n.b, 0, true}}
+		}},
+		{"ICMP type with another code", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{
+				allow(nil, policy.Port{Protocol: policy.ICMP, ICMPType: u8(8), ICMPCode: u8(1)}, policy.Port{Protocol: policy.ICMPv6, ICMPType: u8(128), ICMPCode: u8(1)}),
+			}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"icmp", n.a, n.b, 0, false}}
+		}},
+		{"egress deny world", func(n *node) []applied {
+			return []applied{{n.a.ID, policy.Policy{Egress: []policy.Rule{allow(nil), denyRule([]policy.Peer{{Reserved: policy.World}})}}}}
+		}, func(t *testing.T, n *node) []check {
+			out := n.outside(t, "198.19.4.1", "fd00:2:4::1")
+			return []check{{"tcp", n.a, out, 80, false}, {"tcp", n.a, n.b, 80, true}}
+		}},
+		{"egress deny a CIDR", func(n *node) []applied {
+			return []applied{{n.a.ID, policy.Policy{Egress: []policy.Rule{allow(nil),
+				denyRule([]policy.Peer{cidr("198.19.5.0/24"), cidr("fd00:2:5::/48")})}}}}
+		}, func(t *testing.T, n *node) []check {
+			denied, other := n.outside(t, "198.19.5.1", "fd00:2:5::1"), n.outside(t, "198.19.6.1", "fd00:2:6::1")
+			return []check{{"tcp", n.a, denied, 80, false}, {"tcp", n.a, other, 80, true}}
+		}},
+		{"both directions default deny", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{}, Egress: []policy.Rule{}}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"tcp", n.a, n.b, 80, false}, {"tcp", n.b, n.a, 80, false}, {"icmp", n.b, n.a, 0, false}}
+		}},
+		{"the sender allows, the receiver does not", func(n *node) []applied {
+			return []applied{
+				{n.a.ID, policy.Policy{Egress: []policy.Rule{allow(nil)}}},
+				{n.b.ID, policy.Policy{Ingress: []policy.Rule{allow([]policy.Peer{id(1003)})}}},
+			}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"tcp", n.a, n.b, 80, false}, {"tcp", n.c, n.b, 80, true}}
+		}},
+		{"audit with an allow rule", func(n *node) []applied {
+			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{allow([]policy.Peer{id(1001)})}, Audit: true}}}
+		}, func(t *testing.T, n *node) []check {
+			return []check{{"tcp", n.a, n.b, 80, true}, {"tcp", n.c, n.b, 80, true}}
+		}},
 		{"audit lets through", func(n *node) []applied {
 			return []applied{{n.b.ID, policy.Policy{Ingress: []policy.Rule{}, Audit: true}}}
 		}, func(t *testing.T, n *node) []check {

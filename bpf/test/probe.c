@@ -5,6 +5,7 @@
  * (0: forward), bit 8 the direction, bits 16-31 the endpoint ID. */
 #include "../lib/common.h"
 #include "../lib/events.h"
+#include "../lib/policy.h"
 
 SEC("tc")
 int probe_tc(struct __sk_buff *skb)
@@ -38,3 +39,26 @@ int probe_xdp(struct xdp_md *ctx)
 }
 
 char __license[] SEC("license") = "GPL";
+
+/* What probe_policy decides, after the Ethernet header of its frame. */
+struct policy_probe_args {
+	__u32 identity;
+	__u16 endpoint;
+	__u8 dir;
+	__u8 proto;
+	__u16 port;
+	__u16 pad;
+};
+
+/* Runs the datapath's policy decision on the arguments in the frame and
+ * returns its packed result (verdict << 16 | rule), so tests can compare
+ * the program itself with the semantics. */
+SEC("tc")
+int probe_policy(struct __sk_buff *skb)
+{
+	struct policy_probe_args a;
+
+	if (bpf_skb_load_bytes(skb, 14, &a, sizeof(a)) < 0)
+		return -1;
+	return policy_decide(a.endpoint, a.dir, a.identity, a.proto, a.port);
+}

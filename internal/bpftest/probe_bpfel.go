@@ -16,14 +16,18 @@ import (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	ProbeMapEventConfig  = "event_config"
-	ProbeMapEventLimiter = "event_limiter"
-	ProbeMapEventLost    = "event_lost"
-	ProbeMapEvents       = "events"
-	ProbeMapLayout       = "layout"
-	ProbeMapMetrics      = "metrics"
-	ProbeProgProbeTc     = "probe_tc"
-	ProbeProgProbeXdp    = "probe_xdp"
+	ProbeMapEventConfig    = "event_config"
+	ProbeMapEventLimiter   = "event_limiter"
+	ProbeMapEventLost      = "event_lost"
+	ProbeMapEvents         = "events"
+	ProbeMapLayout         = "layout"
+	ProbeMapMetrics        = "metrics"
+	ProbeMapPolicy         = "policy"
+	ProbeMapPolicyCounters = "policy_counters"
+	ProbeMapPolicyMeta     = "policy_meta"
+	ProbeProgProbePolicy   = "probe_policy"
+	ProbeProgProbeTc       = "probe_tc"
+	ProbeProgProbeXdp      = "probe_xdp"
 )
 
 // LoadProbe returns the embedded CollectionSpec for Probe.
@@ -68,20 +72,24 @@ type ProbeSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ProbeProgramSpecs struct {
-	ProbeTc  *ebpf.ProgramSpec `ebpf:"probe_tc"`
-	ProbeXdp *ebpf.ProgramSpec `ebpf:"probe_xdp"`
+	ProbePolicy *ebpf.ProgramSpec `ebpf:"probe_policy"`
+	ProbeTc     *ebpf.ProgramSpec `ebpf:"probe_tc"`
+	ProbeXdp    *ebpf.ProgramSpec `ebpf:"probe_xdp"`
 }
 
 // ProbeMapSpecs contains maps before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type ProbeMapSpecs struct {
-	EventConfig  *ebpf.MapSpec `ebpf:"event_config"`
-	EventLimiter *ebpf.MapSpec `ebpf:"event_limiter"`
-	EventLost    *ebpf.MapSpec `ebpf:"event_lost"`
-	Events       *ebpf.MapSpec `ebpf:"events"`
-	Layout       *ebpf.MapSpec `ebpf:"layout"`
-	Metrics      *ebpf.MapSpec `ebpf:"metrics"`
+	EventConfig    *ebpf.MapSpec `ebpf:"event_config"`
+	EventLimiter   *ebpf.MapSpec `ebpf:"event_limiter"`
+	EventLost      *ebpf.MapSpec `ebpf:"event_lost"`
+	Events         *ebpf.MapSpec `ebpf:"events"`
+	Layout         *ebpf.MapSpec `ebpf:"layout"`
+	Metrics        *ebpf.MapSpec `ebpf:"metrics"`
+	Policy         *ebpf.MapSpec `ebpf:"policy"`
+	PolicyCounters *ebpf.MapSpec `ebpf:"policy_counters"`
+	PolicyMeta     *ebpf.MapSpec `ebpf:"policy_meta"`
 }
 
 // ProbeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -110,12 +118,15 @@ func (o *ProbeObjects) Close() error {
 //
 // It can be passed to LoadProbeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ProbeMaps struct {
-	EventConfig  *ebpf.Map `ebpf:"event_config"`
-	EventLimiter *ebpf.Map `ebpf:"event_limiter"`
-	EventLost    *ebpf.Map `ebpf:"event_lost"`
-	Events       *ebpf.Map `ebpf:"events"`
-	Layout       *ebpf.Map `ebpf:"layout"`
-	Metrics      *ebpf.Map `ebpf:"metrics"`
+	EventConfig    *ebpf.Map `ebpf:"event_config"`
+	EventLimiter   *ebpf.Map `ebpf:"event_limiter"`
+	EventLost      *ebpf.Map `ebpf:"event_lost"`
+	Events         *ebpf.Map `ebpf:"events"`
+	Layout         *ebpf.Map `ebpf:"layout"`
+	Metrics        *ebpf.Map `ebpf:"metrics"`
+	Policy         *ebpf.Map `ebpf:"policy"`
+	PolicyCounters *ebpf.Map `ebpf:"policy_counters"`
+	PolicyMeta     *ebpf.Map `ebpf:"policy_meta"`
 }
 
 func (m *ProbeMaps) Close() error {
@@ -126,6 +137,9 @@ func (m *ProbeMaps) Close() error {
 		m.Events,
 		m.Layout,
 		m.Metrics,
+		m.Policy,
+		m.PolicyCounters,
+		m.PolicyMeta,
 	)
 }
 
@@ -139,12 +153,14 @@ type ProbeVariables struct {
 //
 // It can be passed to LoadProbeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type ProbePrograms struct {
-	ProbeTc  *ebpf.Program `ebpf:"probe_tc"`
-	ProbeXdp *ebpf.Program `ebpf:"probe_xdp"`
+	ProbePolicy *ebpf.Program `ebpf:"probe_policy"`
+	ProbeTc     *ebpf.Program `ebpf:"probe_tc"`
+	ProbeXdp    *ebpf.Program `ebpf:"probe_xdp"`
 }
 
 func (p *ProbePrograms) Close() error {
 	return _ProbeClose(
+		p.ProbePolicy,
 		p.ProbeTc,
 		p.ProbeXdp,
 	)
