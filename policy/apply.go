@@ -1,8 +1,10 @@
 package policy
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/gob"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -30,8 +32,9 @@ type Changes struct {
 // record is an endpoint's policy as the ledger keeps it; the policy itself
 // is the record's blob (a policy of many rules does not fit a record).
 type record struct {
-	Version  int            `json:"version"`
-	Prefixes []netip.Prefix `json:"prefixes,omitempty"` // the CIDR identities it holds
+	Version    int            `json:"version"`
+	Generation uint64         `json:"generation"`         // one more at every Apply
+	Prefixes   []netip.Prefix `json:"prefixes,omitempty"` // the CIDR identities it holds
 }
 
 const recordVersion = 1
@@ -47,7 +50,7 @@ func Apply(ctx context.Context, dp *datapath.Datapath, endpoint uint16, p Policy
 	if err != nil {
 		return Changes{}, err
 	}
-	doc, err := json.Marshal(p)
+	doc, err := encode(p)
 	if err != nil {
 		return Changes{}, err
 	}
@@ -113,12 +116,43 @@ func get(st *core.State, endpoint uint16) (Policy, error) {
 	if err != nil {
 		return Policy{}, err
 	}
-	var p Policy
-	if err := json.Unmarshal(doc, &p); err != nil {
+	p, err := decode(doc)
+	if err != nil {
 		return Policy{}, fmt.Errorf("policy of endpoint %d: %w: %w", endpoint, datapath.ErrIncompatible, err)
 	}
 	return p, nil
 }
+
+// docVersion starts a stored policy: the version of its encoding, gob (a
+// tenth of the size of JSON for a policy of many rules, and faster).
+const docVersion = 1
+
+func encode(p Policy) ([]byte, error) {
+	buf := bytes.NewBuffer([]byte{docVersion})
+	if err := gob.NewEncoder(buf).Encode(p); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}
+
+func decode(doc []byte) (Policy, error) {
+	var p Policy
+	if len(doc) == 0 || doc[0] != docVersion {
+		return p, fmt.Errorf("stored policy of another version")
+	}
+	err := gob.NewDecoder(bytes.NewReader(doc[1:])).Decode(&p)
+	return p, err
+}
+
+// memo is what Apply last wrote for an endpoint through this handle:
+// valid while the ledger record has the same generation.
+type memo struct {
+	generation uint64
+	entries    *MapEntries
+	doc        []byte
+}
+
+func memoKey(endpoint uint16) string { return fmt.Sprintf("policy/%d", endpoint) }
 
 // checkEndpoint fails with ErrNotFound unless the endpoint exists and is
 // ready.
@@ -140,6 +174,12 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (changes Ch
 	var old record
 	if r, err := ledger.Get(st.Objs.Ledger, ledger.KindPolicy, uint32(endpoint)); err == nil {
 		json.Unmarshal(r.Object, &old)
+	}
+	// What this handle wrote last, if nobody wrote since: no need to read
+	// the maps back.
+	var last *memo
+	if v, ok := st.Memo.LoadAndDelete(memoKey(endpoint)); ok && v.(*memo).generation == old.Generation {
+		last = v.(*memo)
 	}
 	var want *MapEntries
 	var rec record
@@ -165,15 +205,27 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (changes Ch
 		if want, err = c.Resolve(endpoint, ids); err != nil {
 			return changes, err
 		}
-		rec = record{Version: recordVersion, Prefixes: c.Prefixes()}
+		rec = record{Version: recordVersion, Generation: old.Generation + 1, Prefixes: c.Prefixes()}
 		// The record first, so that a process killed half-way leaves it
-		// naming this endpoint's entries to sweep.
-		if err := putRecord(st, endpoint, rec, doc); err != nil {
+		// naming this endpoint's entries to sweep, and another handle's
+		// memo out of date.
+		var oldDoc []byte
+		if last != nil {
+			oldDoc = last.doc
+		}
+		if err := putRecord(st, endpoint, rec, doc, oldDoc); err != nil {
 			return changes, err
 		}
 	}
-	if changes, err = write(st, endpoint, want); err != nil {
+	var have *MapEntries
+	if last != nil {
+		have = last.entries
+	}
+	if changes, err = write(st, endpoint, have, want); err != nil {
 		return changes, err
+	}
+	if want != nil {
+		st.Memo.Store(memoKey(endpoint), &memo{generation: rec.Generation, entries: want, doc: doc})
 	}
 	// Flows lose permission only when entries went or changed.
 	if want != nil && changes.Removed+changes.Changed > 0 {
@@ -201,17 +253,24 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (changes Ch
 // write makes the endpoint's map entries want, in Plan's order: no packet
 // sees a mix that neither the old nor the new entries would give. On error
 // what it wrote is put back.
-func write(st *core.State, endpoint uint16, want *MapEntries) (changes Changes, err error) {
-	have, err := current(st, endpoint)
-	if err != nil {
-		return changes, err
+func write(st *core.State, endpoint uint16, have, want *MapEntries) (changes Changes, err error) {
+	if have == nil {
+		if have, err = current(st, endpoint); err != nil {
+			return changes, err
+		}
 	}
-	add, _ := Diff(have, want)
-	if len(have.Entries)+len(add.Entries) > int(st.Objs.Policy.MaxEntries()) {
+	steps := Plan(have, want)
+	adds := 0
+	for _, step := range steps {
+		if !step.Delete {
+			adds += len(step.Entries)
+		}
+	}
+	if len(have.Entries)+adds > int(st.Objs.Policy.MaxEntries()) {
 		return changes, fmt.Errorf("policy of endpoint %d needs %d more entries, the policy map holds %d in all: %w",
-			endpoint, len(add.Entries), st.Objs.Policy.MaxEntries(), datapath.ErrMapFull)
+			endpoint, adds, st.Objs.Policy.MaxEntries(), datapath.ErrMapFull)
 	}
-	for _, step := range Plan(have, want) {
+	for _, step := range steps {
 		for k, v := range step.Meta {
 			if step.Delete {
 				err = deleteKey(st.Objs.PolicyMeta, &k)
@@ -272,7 +331,16 @@ func refresh(st *core.State, except uint16, ids map[netip.Prefix]datapath.Identi
 		if err != nil {
 			return err
 		}
-		if _, err := write(st, ep, want); err != nil {
+		// A new generation: every handle's memo of ep is out of date.
+		rec.Generation++
+		if r.Object, err = json.Marshal(rec); err != nil {
+			return err
+		}
+		if err := ledger.Put(st.Objs.Ledger, r); err != nil {
+			return err
+		}
+		st.Memo.Delete(memoKey(ep))
+		if _, err := write(st, ep, nil, want); err != nil {
 			return err
 		}
 	}
@@ -318,7 +386,7 @@ func deleteKey(m *ebpf.Map, k any) error {
 
 // putRecord writes the ledger record and blob of an endpoint's policy. Its
 // sweeps and meta keys are what undoing it (with its endpoint) removes.
-func putRecord(st *core.State, endpoint uint16, rec record, doc []byte) error {
+func putRecord(st *core.State, endpoint uint16, rec record, doc, oldDoc []byte) error {
 	obj, err := json.Marshal(rec)
 	if err != nil {
 		return err
@@ -330,7 +398,7 @@ func putRecord(st *core.State, endpoint uint16, rec record, doc []byte) error {
 		{Map: "policy_meta", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyMetaKey{}.Endpoint)), Size: 2, Value: id},
 		counterSweep(endpoint),
 	}
-	if err := ledger.PutBlob(st.Objs.LedgerBlobs, ledger.KindPolicy, id, doc); err != nil {
+	if err := ledger.PutBlob(st.Objs.LedgerBlobs, ledger.KindPolicy, id, doc, oldDoc); err != nil {
 		return core.MapError(err, datapath.ErrMapFull, fmt.Sprintf("policy of endpoint %d", endpoint))
 	}
 	if err := ledger.Put(st.Objs.Ledger, r); err != nil {

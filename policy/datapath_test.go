@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
@@ -798,3 +799,28 @@ func TestNestedCIDRsAcrossPolicies(t *testing.T) {
 	}
 	n.run(t, []check{{"tcp", n.a, out, 82, true}, {"tcp", n.c, out, 80, true}})
 }
+
+// Two handles on one datapath take turns: each Apply starts from what is
+// in the maps, not from what that handle wrote last.
+func TestTwoHandles(t *testing.T) {
+	n := newNode(t)
+	other, err := datapath.Open(context.Background(), datapath.Config{Name: "node", NetNS: n.ns.Path, BPFFS: filepathDir(n.dp)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	port := func(p uint16, id datapath.Identity) policy.Policy {
+		return policy.Policy{Ingress: []policy.Rule{{Peers: []policy.Peer{{Identity: id}}, Ports: []policy.Port{{Protocol: policy.TCP, Port: p}}}}}
+	}
+	for i, step := range []struct {
+		dp *datapath.Datapath
+		p  policy.Policy
+	}{{n.dp, port(80, 1001)}, {other, port(81, 1003)}, {n.dp, port(82, 1001)}} {
+		if _, err := policy.Apply(context.Background(), step.dp, n.b.ID, step.p); err != nil {
+			t.Fatalf("apply %d: %v", i, err)
+		}
+	}
+	n.run(t, []check{{"tcp", n.a, n.b, 82, true}, {"tcp", n.a, n.b, 80, false}, {"tcp", n.c, n.b, 81, false}})
+}
+
+func filepathDir(dp *datapath.Datapath) string { return filepath.Dir(dp.PinDir()) }

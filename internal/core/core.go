@@ -48,6 +48,11 @@ type State struct {
 	closed bool
 
 	progMu sync.Mutex // loading programs
+
+	// Memo holds what object packages last wrote through this handle, so
+	// a change need not read it back from the maps; each package checks
+	// its memo against the ledger before trusting it.
+	Memo sync.Map
 }
 
 var of func(any) *State

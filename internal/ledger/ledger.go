@@ -234,12 +234,17 @@ func (k Kind) String() string {
 }
 
 // PutBlob stores data as the blob of a record, in chunks, replacing the
-// previous one.
-func PutBlob(m *ebpf.Map, kind Kind, id uint32, data []byte) error {
+// previous one. When old is what the blob holds now, only the chunks that
+// differ are written.
+func PutBlob(m *ebpf.Map, kind Kind, id uint32, data, old []byte) error {
 	var v bpfobj.TypesLedgerBlob
 	n := uint32(0)
 	for off := 0; off < len(data) || off == 0; off += len(v.Data) {
 		chunk := data[off:min(off+len(v.Data), len(data))]
+		if old != nil && off < len(old) && bytes.Equal(chunk, old[off:min(off+len(v.Data), len(old))]) {
+			n++
+			continue
+		}
 		v.Len = uint32(len(chunk))
 		copy(v.Data[:], chunk)
 		k := bpfobj.TypesLedgerBlobKey{Kind: uint32(kind), Id: id, Chunk: n}
