@@ -548,8 +548,8 @@ func publishCIDRs(st *core.State, fresh []netip.Prefix) error {
 }
 
 // releaseCIDRs drops endpoint from the users of the prefixes in drop that
-// keep does not hold; a prefix left with no user loses its identity and
-// its ipcache entry.
+// keep does not hold, and every user whose policy is gone; a prefix left
+// with no user loses its identity and its ipcache entry.
 func releaseCIDRs(st *core.State, endpoint uint16, drop, keep []netip.Prefix) {
 	recs, err := ledger.List(st.Objs.Ledger, ledger.KindCIDR)
 	if err != nil {
@@ -557,10 +557,19 @@ func releaseCIDRs(st *core.State, endpoint uint16, drop, keep []netip.Prefix) {
 	}
 	for _, r := range recs {
 		var c cidrRecord
-		if json.Unmarshal(r.Object, &c) != nil || !slices.Contains(drop, c.Prefix) || slices.Contains(keep, c.Prefix) {
+		if json.Unmarshal(r.Object, &c) != nil || slices.Contains(keep, c.Prefix) {
 			continue
 		}
-		c.Users = slices.DeleteFunc(c.Users, func(u uint16) bool { return u == endpoint })
+		// Users whose policy is gone (an endpoint deleted with its
+		// policy) go too, whichever endpoint applies now.
+		users := slices.DeleteFunc(slices.Clone(c.Users), func(u uint16) bool {
+			_, err := ledger.Get(st.Objs.Ledger, ledger.KindPolicy, uint32(u))
+			return (u == endpoint && slices.Contains(drop, c.Prefix)) || errors.Is(err, ebpf.ErrKeyNotExist)
+		})
+		if len(users) == len(c.Users) {
+			continue
+		}
+		c.Users = users
 		if len(c.Users) == 0 {
 			st.Undo(r)
 			continue

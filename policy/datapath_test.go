@@ -17,6 +17,8 @@ import (
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
+	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ipcache"
 	"github.com/sluicedp/sluice/internal/nsrun"
 	"github.com/sluicedp/sluice/internal/testutil"
 	"github.com/sluicedp/sluice/policy"
@@ -824,3 +826,33 @@ func TestTwoHandles(t *testing.T) {
 }
 
 func filepathDir(dp *datapath.Datapath) string { return filepath.Dir(dp.PinDir()) }
+
+// A CIDR identity goes when the last policy naming it does, also when that
+// policy went with its endpoint.
+func TestCIDRIdentityReleased(t *testing.T) {
+	n := newNode(t)
+	p := netip.MustParsePrefix("198.19.11.0/24")
+	cidrPolicy := policy.Policy{Egress: []policy.Rule{{Peers: []policy.Peer{{CIDR: p}}}}}
+	if _, err := policy.Apply(context.Background(), n.dp, n.b.ID, cidrPolicy); err != nil {
+		t.Fatal(err)
+	}
+	inIPCache := func() bool {
+		_, ok, err := ipcache.Lookup(core.Of(n.dp).Objs.Ipcache, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ok
+	}
+	if !inIPCache() {
+		t.Fatal("the CIDR has no ipcache entry")
+	}
+	if err := endpoint.Delete(context.Background(), n.dp, n.b.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := policy.Apply(context.Background(), n.dp, n.a.ID, policy.Policy{Egress: []policy.Rule{{}}}); err != nil {
+		t.Fatal(err)
+	}
+	if inIPCache() {
+		t.Error("the CIDR of a deleted endpoint's policy kept its identity")
+	}
+}
