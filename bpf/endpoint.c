@@ -25,10 +25,9 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, __u16 
 				   __u32 identity)
 {
 	__u8 ct_dir = dir == DIR_EGRESS ? CT_EGRESS : CT_INGRESS;
-	struct ct_entry *entry;
 	struct policy_result res;
 
-	if (ct_lookup(f, ct_dir, skb->len, &entry) != CT_NEW)
+	if (ct_lookup(f, ct_dir, skb->len) != CT_NEW)
 		return 0;
 	res = policy_check(ep, dir, identity, f->key.proto, f->l4_port);
 	policy_count(ep, dir, res.rule);

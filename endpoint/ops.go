@@ -238,7 +238,7 @@ const runningTimeout = 10 * time.Second
 // waitRunning waits until both ends of a new endpoint's veth pair can send,
 // so that the endpoint works when Create returns.
 func waitRunning(st *core.State, ep *Endpoint) error {
-	ns, _, err := openNetNS(ep.NetNS, false)
+	ns, err := openNetNS(ep.NetNS, false)
 	if err != nil {
 		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
 	}
@@ -314,7 +314,7 @@ func checkFree(st *core.State, ep *Endpoint) error {
 // provision makes the workload's side: namespace, veth pair (its host end
 // down), addresses, routes.
 func provision(st *core.State, ep *Endpoint) error {
-	ns, _, err := openNetNS(ep.NetNS, ep.OwnsNetNS)
+	ns, err := openNetNS(ep.NetNS, ep.OwnsNetNS)
 	if err != nil {
 		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
 	}
@@ -377,25 +377,24 @@ func adopt(st *core.State, ep *Endpoint) error {
 	return nil
 }
 
-// openNetNS opens the namespace spec names, creating a named one that is
-// missing when create is set.
-func openNetNS(spec string, create bool) (ns netns.NsHandle, created bool, err error) {
-	if strings.ContainsRune(spec, '/') {
-		ns, err := netns.GetFromPath(spec)
-		if errors.Is(err, unix.ENOENT) {
-			return ns, false, fmt.Errorf("network namespace %s: %w", spec, datapath.ErrNotFound)
-		}
-		return ns, false, err
+// openNetNS opens the namespace spec names (a path, or a name under
+// /run/netns), creating a named one that is missing when create is set. A
+// missing one is otherwise ErrNotFound.
+func openNetNS(spec string, create bool) (netns.NsHandle, error) {
+	path := spec
+	if !strings.ContainsRune(spec, '/') {
+		path = filepath.Join("/run/netns", spec)
 	}
-	ns, err = netns.GetFromPath(filepath.Join("/run/netns", spec))
-	if err == nil {
-		return ns, false, nil
+	ns, err := netns.GetFromPath(path)
+	switch {
+	case err == nil:
+		return ns, nil
+	case !errors.Is(err, unix.ENOENT):
+		return ns, fmt.Errorf("network namespace %s: %w", spec, err)
+	case create && path != spec:
+		return nsrun.New(spec)
 	}
-	if !errors.Is(err, unix.ENOENT) || !create {
-		return ns, false, fmt.Errorf("network namespace %s: %w", spec, err)
-	}
-	ns, err = nsrun.New(spec)
-	return ns, err == nil, err
+	return ns, fmt.Errorf("network namespace %s: %w", spec, datapath.ErrNotFound)
 }
 
 // Mirrors enum endpoint_flag in bpf/lib/endpoint.h.

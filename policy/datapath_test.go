@@ -611,7 +611,7 @@ func tcpConn(t *testing.T, from, to *endpoint.Endpoint, addr netip.Addr) func(ti
 	t.Cleanup(func() { c.Close() })
 	return func(timeout time.Duration) bool {
 		c.SetDeadline(time.Now().Add(timeout))
-		if _, err := c.Write([]byte("ping")); err != nil {
+		if _, err := c.Write([]byte("echo")); err != nil {
 			return false
 		}
 		b := make([]byte, 4)

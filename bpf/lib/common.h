@@ -10,6 +10,8 @@ enum layout_version {
 	LAYOUT_VERSION = 2,
 };
 
+#define NSEC_PER_SEC 1000000000ULL
+
 /* Direction of a packet relative to the workload or node it concerns. */
 enum direction {
 	DIR_INGRESS = 0,

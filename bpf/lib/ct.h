@@ -10,12 +10,11 @@
 
 #define CT_ENTRIES 262144
 
-#define NSEC_PER_SEC_CT 1000000000ULL
 /* Lifetimes, as Cilium's defaults. */
-#define CT_LIFETIME_SYN (60 * NSEC_PER_SEC_CT)
-#define CT_LIFETIME_TCP (6 * 3600 * NSEC_PER_SEC_CT)
-#define CT_LIFETIME_CLOSE (10 * NSEC_PER_SEC_CT)
-#define CT_LIFETIME_OTHER (60 * NSEC_PER_SEC_CT)
+#define CT_LIFETIME_SYN (60 * NSEC_PER_SEC)
+#define CT_LIFETIME_TCP (6 * 3600 * NSEC_PER_SEC)
+#define CT_LIFETIME_CLOSE (10 * NSEC_PER_SEC)
+#define CT_LIFETIME_OTHER (60 * NSEC_PER_SEC)
 
 /* Whose entry: the endpoint that sent the flow's first packet (egress) or
  * the one it was delivered to (ingress). A flow between two local
@@ -130,14 +129,14 @@ static __always_inline void ct_touch(struct ct_entry *e, const struct flow *f, i
 	e->packets++;
 	e->bytes += len;
 	expires = now + ct_lifetime(f->key.proto, e->tcp_flags, flags);
-	if (expires > e->expires + NSEC_PER_SEC_CT || expires < e->expires)
+	if (expires > e->expires + NSEC_PER_SEC || expires < e->expires)
 		e->expires = expires;
 }
 
 /* ct_lookup finds the flow of a packet seen in direction dir (the key's dir
  * is set by it): the flow itself, its reverse (a reply), or, for an ICMP
- * error, the flow it is about. *entry is the entry found. */
-static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 len, struct ct_entry **entry)
+ * error, the flow it is about; the entry found is updated. */
+static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 len)
 {
 	struct ct_key rev;
 	struct ct_entry *e;
@@ -146,14 +145,12 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 
 	e = bpf_map_lookup_elem(&conntrack, &f->key);
 	if (e) {
 		ct_touch(e, f, 0, len);
-		*entry = e;
 		return CT_ESTABLISHED;
 	}
 	ct_reverse(&rev, &f->key, dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS);
 	e = bpf_map_lookup_elem(&conntrack, &rev);
 	if (e) {
 		ct_touch(e, f, 1, len);
-		*entry = e;
 		return CT_REPLY;
 	}
 	if (f->icmp_error) {
@@ -165,10 +162,8 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 
 			ct_reverse(&rev, &f->related, dir);
 			e = bpf_map_lookup_elem(&conntrack, &rev);
 		}
-		if (e) {
-			*entry = e;
+		if (e)
 			return CT_RELATED;
-		}
 	}
 	return CT_NEW;
 }

@@ -8,8 +8,6 @@
 #include "reasons.h"
 #include "metrics.h"
 
-#define NSEC_PER_SEC 1000000000ULL
-
 /* Bytes of the packet head copied into each event: a power of two, so that
  * a mask bounds the copy length for every verifier. */
 #define EVENT_CAPTURE_LEN 128

@@ -25,12 +25,12 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	testutil.Main(m, map[string]func(string) int{"ping": pingChild})
+	testutil.Main(m, map[string]func(string) int{"echo": echoChild})
 }
 
-// pingChild, given "NETNS-PATH ADDRESS", pings ADDRESS once from the
+// echoChild, given "NETNS-PATH ADDRESS", pings ADDRESS once from the
 // namespace: it returns 0 for a reply, 1 for none, 2 when it could not ping.
-func pingChild(arg string) int {
+func echoChild(arg string) int {
 	path, dst, _ := strings.Cut(arg, " ")
 	ns, err := netns.GetFromPath(path)
 	if err != nil {
@@ -50,7 +50,7 @@ func pingChild(arg string) int {
 
 // cgroupPing pings dst once from the network namespace at nsPath in a
 // process that starts inside the cgroup (clone3 with CLONE_INTO_CGROUP):
-// this test binary again, as pingChild. The test process itself stays out
+// this test binary again, as echoChild. The test process itself stays out
 // of the cgroup, and a cgroup v2 domain takes only whole processes.
 func cgroupPing(cgroup, nsPath string, dst netip.Addr) (bool, error) {
 	dir, err := os.Open(cgroup)
@@ -58,7 +58,7 @@ func cgroupPing(cgroup, nsPath string, dst netip.Addr) (bool, error) {
 		return false, err
 	}
 	defer dir.Close()
-	cmd, err := testutil.Child("ping", nsPath+" "+dst.String())
+	cmd, err := testutil.Child("echo", nsPath+" "+dst.String())
 	if err != nil {
 		return false, err
 	}

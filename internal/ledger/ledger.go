@@ -84,7 +84,7 @@ type Made struct {
 }
 
 // Sweep names the entries of a map whose key has, at byte Offset, the
-// little-or-big-endian-native unsigned integer Value of Size bytes (2 or 4).
+// unsigned integer Value of Size bytes (2 or 4), in native byte order.
 type Sweep struct {
 	Map    string `json:"map"`
 	Offset int    `json:"offset"`
