@@ -14,20 +14,27 @@
 #include "lib/policy.h"
 #include "lib/ct.h"
 #include "lib/flow.h"
+#include "lib/lb.h"
 
 /* enforce decides a packet of endpoint ep in direction dir (its own: egress
  * for what it sends, ingress for what it receives) from or to the remote
  * identity: a packet of a tracked flow, a reply or a related ICMP error
  * passes; a new flow meets the endpoint's policy, is counted against the
  * rule that decided, reported when policy verdicts are on, and tracked if
- * it passes. It returns 0 to let the packet on, or the drop verdict. */
+ * it passes. A reply delivered to the client of a service flow is made to
+ * come from the frontend. It returns 0 to let the packet on, or the drop
+ * verdict; packet pointers taken before are invalid after it. */
 static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, __u16 ep, __u8 dir,
 				   __u32 identity)
 {
 	__u8 ct_dir = dir == DIR_EGRESS ? CT_EGRESS : CT_INGRESS;
 	struct policy_result res;
+	enum ct_status status;
 
-	if (ct_lookup(f, ct_dir, skb->len) != CT_NEW)
+	status = ct_lookup(f, ct_dir, skb->len);
+	if (status == CT_REPLY && f->rev_nat && dir == DIR_INGRESS && lb_reverse(skb, f) < 0)
+		return drop(skb, REASON_MALFORMED, dir, ep);
+	if (status != CT_NEW)
 		return 0;
 	res = policy_check(ep, dir, identity, f->key.proto, f->l4_port);
 	policy_count(ep, dir, res.rule);
@@ -124,11 +131,18 @@ static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endp
 	if (flow_parse4(skb, ip, &f) < 0)
 		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
 
-	remote = ipcache_lookup4(ip->daddr);
+	/* Policy applies to where the packet goes after translation: the
+	 * backend's identity and port. */
+	ret = lb_translate(skb, &f, src->id);
+	if (ret)
+		return ret;
+	remote = ipcache_lookup4(*(__be32 *)f.key.daddr);
 	ret = enforce(skb, &f, src->id, DIR_EGRESS, identity_of(remote));
 	if (ret)
 		return ret;
-	/* enforce reads with helpers: ip is still valid */
+	ip = header(skb, ETH_HLEN, sizeof(*ip));
+	if (!ip)
+		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
 	dst = local_endpoint(remote);
 	if (dst && ip->ttl > 1) {
 		ttl_decrement(ip);
@@ -168,11 +182,19 @@ static __always_inline int from_endpoint_ipv6(struct __sk_buff *skb, struct endp
 	if (is_tunnel(f.key.proto))
 		return drop(skb, REASON_TUNNELED, DIR_EGRESS, src->id);
 
-	remote = ipcache_lookup6(ip->daddr);
 	if (!flow_is_link_control(&f)) {
+		ret = lb_translate(skb, &f, src->id);
+		if (ret)
+			return ret;
+		remote = ipcache_lookup6(f.key.daddr);
 		ret = enforce(skb, &f, src->id, DIR_EGRESS, identity_of(remote));
 		if (ret)
 			return ret;
+		ip = header(skb, ETH_HLEN, sizeof(*ip));
+		if (!ip)
+			return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
+	} else {
+		remote = ipcache_lookup6(ip->daddr);
 	}
 	dst = local_endpoint(remote);
 	if (dst && ip->hop_limit > 1) {

@@ -12,6 +12,7 @@
 #include "lib/ledger.h"
 #include "lib/policy.h"
 #include "lib/ct.h"
+#include "lib/service.h"
 
 struct event *_event __attribute__((unused));
 enum drop_reason *_drop_reason __attribute__((unused));
@@ -30,5 +31,7 @@ enum policy_shape *_policy_shape __attribute__((unused));
 enum policy_verdict *_policy_verdict __attribute__((unused));
 enum ct_dir *_ct_dir __attribute__((unused));
 enum ct_flag *_ct_flag __attribute__((unused));
+enum lb_flag *_lb_flag __attribute__((unused));
+enum lb_backend_state *_lb_backend_state __attribute__((unused));
 
 char __license[] SEC("license") = "GPL";

@@ -40,6 +40,13 @@ type Config struct {
 	// Limits sizes the maps of a new datapath; zero fields take the
 	// defaults. A re-opened datapath keeps the sizes its pinned maps have.
 	Limits Limits
+	// Cgroup is a cgroup v2 directory (such as
+	// /sys/fs/cgroup/workloads) whose processes have service frontends
+	// translated when their sockets connect and send, so that connected
+	// flows need no per-packet translation and see the frontend as their
+	// peer. The socket programs are attached there (moved there from where
+	// an earlier Open put them); empty leaves them as they are.
+	Cgroup string
 }
 
 // Limits are the capacities of a datapath's maps, fixed when it is first
@@ -57,6 +64,18 @@ type Limits struct {
 	// datapath is made, about 150 bytes a flow. When it is full the least
 	// recently used flow makes room.
 	Conntrack int
+	// Services is how many service frontends the datapath holds: 1 to
+	// 65535, DefaultServices when 0.
+	Services int
+	// Backends is how many backends all services have together: 1 to
+	// 1<<24, DefaultBackends when 0.
+	Backends int
+	// ServiceSlots is how many selection slots all services have
+	// together: a random service takes about as many as it has active
+	// backends (more with unequal weights), a Maglev one its table size.
+	// 1024 to 1<<26, DefaultServiceSlots when 0. Entries are allocated as
+	// they are used.
+	ServiceSlots int
 }
 
 // Default capacities.
@@ -64,6 +83,10 @@ const (
 	DefaultEndpoints = 16384
 	DefaultIPCache   = 65536
 	DefaultConntrack = 131072
+
+	DefaultServices     = 16384
+	DefaultBackends     = 131072
+	DefaultServiceSlots = 1 << 20
 )
 
 // ledgerSpare is room in the ledger beyond one record per endpoint: the
@@ -80,6 +103,15 @@ func (l Limits) withDefaults() Limits {
 	if l.Conntrack == 0 {
 		l.Conntrack = DefaultConntrack
 	}
+	if l.Services == 0 {
+		l.Services = DefaultServices
+	}
+	if l.Backends == 0 {
+		l.Backends = DefaultBackends
+	}
+	if l.ServiceSlots == 0 {
+		l.ServiceSlots = DefaultServiceSlots
+	}
 	return l
 }
 
@@ -92,6 +124,15 @@ func (l Limits) validate() error {
 	}
 	if l.Conntrack != 0 && (l.Conntrack < 1024 || l.Conntrack > 1<<24) {
 		return fmt.Errorf("limit of %d tracked flows: want 1024 to %d: %w", l.Conntrack, 1<<24, ErrInvalid)
+	}
+	if l.Services < 0 || l.Services > 65535 {
+		return fmt.Errorf("limit of %d services: want 1 to 65535: %w", l.Services, ErrInvalid)
+	}
+	if l.Backends < 0 || l.Backends > 1<<24 {
+		return fmt.Errorf("limit of %d backends: want 1 to %d: %w", l.Backends, 1<<24, ErrInvalid)
+	}
+	if l.ServiceSlots != 0 && (l.ServiceSlots < 1024 || l.ServiceSlots > 1<<26) {
+		return fmt.Errorf("limit of %d service slots: want 1024 to %d: %w", l.ServiceSlots, 1<<26, ErrInvalid)
 	}
 	return nil
 }

@@ -32,6 +32,13 @@ type Flow struct {
 	Replied   bool // a packet went the other way
 	Closing   bool // TCP FIN or RST seen
 	Audited   bool // policy would have denied it (audit mode)
+	// Service is the ID of the service the flow was translated for (its
+	// replies come from the frontend), 0 for none; Backend the backend it
+	// goes to. A translated flow has one more entry, with ToFrontend set,
+	// keyed as the client sent it: Dst is the frontend.
+	Service    uint16
+	Backend    uint32
+	ToFrontend bool
 }
 
 func (f Flow) String() string {
@@ -131,9 +138,13 @@ func flowOf(k *bpfobj.TypesCtKey, v *bpfobj.TypesCtEntry, now uint64, wall time.
 		Audited:  v.Flags&uint8(bpfobj.TypesCtFlagCT_F_AUDITED) != 0,
 	}
 	f.Direction = Egress
-	if k.Dir == uint8(bpfobj.TypesCtDirCT_INGRESS) {
+	switch k.Dir {
+	case uint8(bpfobj.TypesCtDirCT_INGRESS):
 		f.Direction = Ingress
+	case uint8(bpfobj.TypesCtDirCT_SERVICE):
+		f.ToFrontend = true
 	}
+	f.Service, f.Backend = v.RevNat, v.Backend
 	return f
 }
 

@@ -304,6 +304,12 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 			return nil, err
 		}
 	}
+	if cfg.Cgroup != "" {
+		if err := attachSocketPrograms(st, cfg.Cgroup); err != nil {
+			st.Objs.Close()
+			return nil, err
+		}
+	}
 	return dp, nil
 }
 
@@ -317,12 +323,19 @@ func sizeMaps(spec *ebpf.CollectionSpec, dir string, limits Limits, events *Even
 		ev = *events
 	}
 	want := map[string]uint32{
-		bpfobj.EndpointMapEndpoints:  uint32(limits.Endpoints),
-		bpfobj.EndpointMapEpCounters: uint32(limits.Endpoints),
-		bpfobj.EndpointMapIpcache:    uint32(limits.IPCache),
-		bpfobj.EndpointMapLedger:     uint32(limits.Endpoints) + ledgerSpare,
-		bpfobj.EndpointMapConntrack:  uint32(limits.Conntrack),
-		bpfobj.EndpointMapEvents:     uint32(ringBytes(ev, cpus())),
+		bpfobj.EndpointMapEndpoints:    uint32(limits.Endpoints),
+		bpfobj.EndpointMapEpCounters:   uint32(limits.Endpoints),
+		bpfobj.EndpointMapIpcache:      uint32(limits.IPCache),
+		bpfobj.EndpointMapLedger:       uint32(limits.Endpoints+limits.Services) + ledgerSpare,
+		bpfobj.EndpointMapConntrack:    uint32(limits.Conntrack),
+		bpfobj.EndpointMapLbFrontends:  uint32(limits.Services),
+		bpfobj.EndpointMapLbRevnat:     uint32(limits.Services),
+		bpfobj.EndpointMapLbBackends:   uint32(limits.Backends),
+		bpfobj.EndpointMapLbCounters:   uint32(limits.Backends),
+		bpfobj.EndpointMapLbSlots:      uint32(limits.ServiceSlots),
+		bpfobj.EndpointMapLbAffinity:   uint32(max(limits.Conntrack/4, 1024)),
+		bpfobj.EndpointMapLbSockRevnat: uint32(max(limits.Conntrack/4, 1024)),
+		bpfobj.EndpointMapEvents:       uint32(ringBytes(ev, cpus())),
 	}
 	for name, size := range want {
 		m := spec.Maps[name]
@@ -444,7 +457,7 @@ func (dp *Datapath) Reconcile(ctx context.Context) (int, error) {
 // reconcile undoes every record that is not Ready; call it with the lock.
 func reconcile(st *core.State) (int, error) {
 	n := 0
-	for _, kind := range []ledger.Kind{ledger.KindEndpoint} {
+	for _, kind := range []ledger.Kind{ledger.KindEndpoint, ledger.KindService} {
 		recs, err := ledger.List(st.Objs.Ledger, kind)
 		if err != nil {
 			return n, fmt.Errorf("reconcile: %w", err)
@@ -455,6 +468,13 @@ func reconcile(st *core.State) (int, error) {
 			}
 			if err := st.Undo(r); err != nil {
 				return n, fmt.Errorf("reconcile: %w", err)
+			}
+			if kind == ledger.KindService {
+				// The services' shared record goes too: every handle's
+				// memo of the set is stale.
+				if err := ledger.Delete(st.Objs.Ledger, ledger.KindService, 0); err != nil {
+					return n, fmt.Errorf("reconcile: %w", err)
+				}
 			}
 			n++
 		}

@@ -22,6 +22,12 @@ enum {
 	BPF_F_NO_PREALLOC = 1U << 0,
 };
 
+/* Checksum helper flags (bpf_l3_csum_replace, bpf_l4_csum_replace). */
+enum {
+	BPF_F_PSEUDO_HDR = 1ULL << 4,     /* the field is in the pseudo header too */
+	BPF_F_MARK_MANGLED_0 = 1ULL << 5, /* UDP: a 0 checksum (none) stays 0 */
+};
+
 /* bpf_map_update_elem flags. */
 enum {
 	BPF_ANY = 0,
@@ -106,11 +112,42 @@ static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
 static long (*bpf_map_delete_elem)(void *map, const void *key) = (void *)3;
 static __u64 (*bpf_ktime_get_ns)(void) = (void *)5;
+static __u32 (*bpf_get_prandom_u32)(void) = (void *)7;
+static long (*bpf_skb_store_bytes)(struct __sk_buff *skb, __u32 offset, const void *from, __u32 len, __u64 flags) = (void *)9;
+static long (*bpf_l3_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to, __u64 size) = (void *)10;
+static long (*bpf_l4_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to, __u64 flags) = (void *)11;
 static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) = (void *)26;
+static __s64 (*bpf_csum_diff)(__be32 *from, __u32 from_size, __be32 *to, __u32 to_size, __wsum seed) = (void *)28;
 static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
+static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)46;
 static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
 static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
 static long (*bpf_redirect_peer)(__u32 ifindex, __u64 flags) = (void *)155;
 static long (*bpf_check_mtu)(void *ctx, __u32 ifindex, __u32 *mtu_len, __s32 len_diff, __u64 flags) = (void *)163;
 static __u64 (*bpf_xdp_get_buff_len)(struct xdp_md *xdp_md) = (void *)188;
 static long (*bpf_xdp_load_bytes)(struct xdp_md *xdp_md, __u32 offset, void *buf, __u32 len) = (void *)189;
+
+/* The cgroup sock_addr program context (connect, sendmsg, recvmsg,
+ * getpeername of inet sockets). Field offsets are ABI: the verifier
+ * rewrites each access into the kernel's sockaddr and socket. The
+ * addresses are in network order; user_port is a __be16 widened to 32
+ * bits. Writes must be 4 bytes wide (8 also for user_ip6). */
+struct bpf_sock_addr {
+	__u32 user_family;
+	__u32 user_ip4;
+	__u32 user_ip6[4];
+	__u32 user_port;
+	__u32 family;
+	__u32 type;
+	__u32 protocol;
+	__u32 msg_src_ip4;
+	__u32 msg_src_ip6[4];
+	__u64 sk; /* a pointer in the kernel's view */
+};
+
+/* cgroup program verdicts: SYS_REJECT makes the call fail with EPERM. The
+ * recvmsg and getpeername hooks must always return SYS_PROCEED. */
+#define SYS_REJECT 0
+#define SYS_PROCEED 1
+
+static __u64 (*bpf_get_netns_cookie)(void *ctx) = (void *)122;

@@ -1,8 +1,8 @@
 /* Connection tracking: one LRU map for the whole datapath, shared by policy
  * (a flow allowed once is not looked up again, its replies and related
- * ICMP errors pass) and, later, service load balancing (the backend a flow
- * was sent to, the reverse NAT to apply to its replies). The layout is
- * written down in docs/architecture.md. */
+ * ICMP errors pass) and service load balancing (the backend a flow was sent
+ * to, the reverse NAT to apply to its replies). The layout is written down
+ * in docs/architecture.md. */
 #pragma once
 
 #include "common.h"
@@ -18,10 +18,12 @@
 
 /* Whose entry: the endpoint that sent the flow's first packet (egress) or
  * the one it was delivered to (ingress). A flow between two local
- * endpoints has one of each. */
+ * endpoints has one of each. A flow to a service frontend has a third,
+ * keyed as the client sent it (to the frontend), that holds its backend. */
 enum ct_dir {
 	CT_EGRESS = 0,
 	CT_INGRESS = 1,
+	CT_SERVICE = 2,
 };
 
 /* The flow as its first packet had it. Addresses are 16 bytes for both
@@ -50,8 +52,8 @@ struct ct_entry {
 	__u8 tcp_flags;     /* every TCP flag seen, both ways */
 	__u32 identity;     /* the remote identity when it was created */
 	__u16 rule;         /* the policy rule that allowed it, POLICY_NO_RULE if none */
-	__u16 rev_nat;      /* service: reverse NAT index; 0: none (reserved) */
-	__u32 backend;      /* service: backend ID; 0: none (reserved) */
+	__u16 rev_nat;      /* service ID whose frontend replies come from; 0: none */
+	__u32 backend;      /* service: backend ID (CT_SERVICE and CT_EGRESS entries) */
 	__u64 packets;      /* both ways; approximate (see ct_touch) */
 	__u64 bytes;
 };
@@ -77,6 +79,10 @@ struct flow {
 	__u8 tcp_flags;      /* of this packet */
 	__u8 icmp_error;     /* an ICMP error: related holds the flow it is about */
 	__u16 l4_port;       /* dport, or ICMP type << 8 | code, host order */
+	__u16 l4_off;        /* where the L4 header starts; 0 for a later fragment */
+	__u16 service;       /* translated for this service (ct_create records it) */
+	__u32 backend;       /* to this backend */
+	__u16 rev_nat;       /* a reply of a translated flow: ct_lookup found its service */
 	struct ct_key related;
 };
 
@@ -151,6 +157,7 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 
 	e = bpf_map_lookup_elem(&conntrack, &rev);
 	if (e) {
 		ct_touch(e, f, 1, len);
+		f->rev_nat = e->rev_nat;
 		return CT_REPLY;
 	}
 	if (f->icmp_error) {
@@ -168,7 +175,9 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 
 	return CT_NEW;
 }
 
-/* ct_create records a new flow that policy let through. */
+/* ct_create records a new flow that policy let through. The sender's entry
+ * of a flow translated for a service (and the service entry) names the
+ * service and backend, so that its replies are translated back. */
 static __always_inline void ct_create(struct flow *f, __u8 dir, __u16 ep, __u32 identity, __u16 rule,
 				      __u8 audited, __u32 len)
 {
@@ -182,6 +191,10 @@ static __always_inline void ct_create(struct flow *f, __u8 dir, __u16 ep, __u32 
 		.bytes = len,
 	};
 
+	if (dir != CT_INGRESS) {
+		e.rev_nat = f->service;
+		e.backend = f->backend;
+	}
 	f->key.dir = dir;
 	e.expires = bpf_ktime_get_ns() + ct_lifetime(f->key.proto, f->tcp_flags, e.flags);
 	bpf_map_update_elem(&conntrack, &f->key, &e, BPF_ANY);

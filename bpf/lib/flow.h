@@ -106,6 +106,7 @@ static __always_inline int flow_parse4(struct __sk_buff *skb, struct iphdr *ip, 
 		return 0; /* a later fragment: no ports */
 	if (flow_l4(skb, off, ip->protocol, &f->key, &icmp) < 0)
 		return -1;
+	f->l4_off = off;
 	f->l4_port = bpf_ntohs(f->key.dport);
 	if (ip->protocol == IPPROTO_TCP) {
 		if (bpf_skb_load_bytes(skb, off + 13, &f->tcp_flags, 1) < 0)
@@ -148,6 +149,7 @@ static __always_inline int flow_parse6(struct __sk_buff *skb, struct ipv6hdr *ip
 		return 0;
 	if (flow_l4(skb, off, proto, &f->key, &icmp) < 0)
 		return -1;
+	f->l4_off = off;
 	f->l4_port = bpf_ntohs(f->key.dport);
 	if (proto == IPPROTO_TCP) {
 		if (bpf_skb_load_bytes(skb, off + 13, &f->tcp_flags, 1) < 0)

@@ -25,6 +25,13 @@ const (
 	EndpointMapEvents         = "events"
 	EndpointMapIpcache        = "ipcache"
 	EndpointMapLayout         = "layout"
+	EndpointMapLbAffinity     = "lb_affinity"
+	EndpointMapLbBackends     = "lb_backends"
+	EndpointMapLbCounters     = "lb_counters"
+	EndpointMapLbFrontends    = "lb_frontends"
+	EndpointMapLbRevnat       = "lb_revnat"
+	EndpointMapLbSlots        = "lb_slots"
+	EndpointMapLbSockRevnat   = "lb_sock_revnat"
 	EndpointMapLedger         = "ledger"
 	EndpointMapLedgerBlobs    = "ledger_blobs"
 	EndpointMapMetrics        = "metrics"
@@ -94,6 +101,13 @@ type EndpointMapSpecs struct {
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
 	Layout         *ebpf.MapSpec `ebpf:"layout"`
+	LbAffinity     *ebpf.MapSpec `ebpf:"lb_affinity"`
+	LbBackends     *ebpf.MapSpec `ebpf:"lb_backends"`
+	LbCounters     *ebpf.MapSpec `ebpf:"lb_counters"`
+	LbFrontends    *ebpf.MapSpec `ebpf:"lb_frontends"`
+	LbRevnat       *ebpf.MapSpec `ebpf:"lb_revnat"`
+	LbSlots        *ebpf.MapSpec `ebpf:"lb_slots"`
+	LbSockRevnat   *ebpf.MapSpec `ebpf:"lb_sock_revnat"`
 	Ledger         *ebpf.MapSpec `ebpf:"ledger"`
 	LedgerBlobs    *ebpf.MapSpec `ebpf:"ledger_blobs"`
 	Metrics        *ebpf.MapSpec `ebpf:"metrics"`
@@ -137,6 +151,13 @@ type EndpointMaps struct {
 	Events         *ebpf.Map `ebpf:"events"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
 	Layout         *ebpf.Map `ebpf:"layout"`
+	LbAffinity     *ebpf.Map `ebpf:"lb_affinity"`
+	LbBackends     *ebpf.Map `ebpf:"lb_backends"`
+	LbCounters     *ebpf.Map `ebpf:"lb_counters"`
+	LbFrontends    *ebpf.Map `ebpf:"lb_frontends"`
+	LbRevnat       *ebpf.Map `ebpf:"lb_revnat"`
+	LbSlots        *ebpf.Map `ebpf:"lb_slots"`
+	LbSockRevnat   *ebpf.Map `ebpf:"lb_sock_revnat"`
 	Ledger         *ebpf.Map `ebpf:"ledger"`
 	LedgerBlobs    *ebpf.Map `ebpf:"ledger_blobs"`
 	Metrics        *ebpf.Map `ebpf:"metrics"`
@@ -156,6 +177,13 @@ func (m *EndpointMaps) Close() error {
 		m.Events,
 		m.Ipcache,
 		m.Layout,
+		m.LbAffinity,
+		m.LbBackends,
+		m.LbCounters,
+		m.LbFrontends,
+		m.LbRevnat,
+		m.LbSlots,
+		m.LbSockRevnat,
 		m.Ledger,
 		m.LedgerBlobs,
 		m.Metrics,

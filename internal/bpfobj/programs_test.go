@@ -19,6 +19,7 @@ import (
 // objects are the BPF objects whose programs the suite loads, by name.
 var objects = map[string]func() (*ebpf.CollectionSpec, error){
 	"endpoint": bpfobj.LoadEndpoint,
+	"sock":     bpfobj.LoadSock,
 	"probe":    bpftest.LoadProbe,
 }
 
@@ -61,11 +62,11 @@ func TestProgramStats(t *testing.T) {
 				}
 			}
 			coll.Close()
-			rows = append(rows, fmt.Sprintf("%-10s %-16s %-8s %6d %9s %9.1f", name, pname, prog.Type, len(prog.Instructions), verified, float64(took.Microseconds())/1000))
+			rows = append(rows, fmt.Sprintf("%-10s %-16s %-14s %6d %9s %9.1f", name, pname, prog.Type, len(prog.Instructions), verified, float64(took.Microseconds())/1000))
 		}
 	}
 	sort.Strings(rows)
-	t.Logf("BPF programs on Linux %s:\n%-10s %-16s %-8s %6s %9s %9s\n%s", unix.ByteSliceToString(u.Release[:]),
+	t.Logf("BPF programs on Linux %s:\n%-10s %-16s %-14s %6s %9s %9s\n%s", unix.ByteSliceToString(u.Release[:]),
 		"object", "program", "type", "insns", "verified", "load ms", strings.Join(rows, "\n"))
 }
 

@@ -18,6 +18,7 @@ type TypesCtDir uint32
 const (
 	TypesCtDirCT_EGRESS  TypesCtDir = 0
 	TypesCtDirCT_INGRESS TypesCtDir = 1
+	TypesCtDirCT_SERVICE TypesCtDir = 2
 )
 
 type TypesCtEntry struct {
@@ -202,8 +203,87 @@ type TypesLayoutStamp struct {
 type TypesLayoutVersion uint32
 
 const (
-	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 2
+	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 3
 )
+
+type TypesLbAffinityEntry struct {
+	_       structs.HostLayout
+	Last    uint64
+	Backend uint32
+	Pad     uint32
+}
+
+type TypesLbAffinityKey struct {
+	_       structs.HostLayout
+	Client  [16]uint8
+	Service uint32
+}
+
+type TypesLbBackend struct {
+	_       structs.HostLayout
+	Addr    [16]uint8
+	Port    uint16
+	Family  uint8
+	State   uint8
+	Service uint32
+}
+
+type TypesLbBackendCounters struct {
+	_       structs.HostLayout
+	Packets uint64
+	Bytes   uint64
+	Flows   uint64
+}
+
+type TypesLbBackendState uint32
+
+const (
+	TypesLbBackendStateLB_ACTIVE      TypesLbBackendState = 0
+	TypesLbBackendStateLB_TERMINATING TypesLbBackendState = 1
+	TypesLbBackendStateLB_QUARANTINED TypesLbBackendState = 2
+	TypesLbBackendStateLB_MAINTENANCE TypesLbBackendState = 3
+)
+
+type TypesLbFlag uint32
+
+const (
+	TypesLbFlagLB_F_MAGLEV TypesLbFlag = 1
+	TypesLbFlagLB_F_SOCKET TypesLbFlag = 2
+	TypesLbFlagLB_F_TC     TypesLbFlag = 4
+	TypesLbFlagLB_F_REJECT TypesLbFlag = 8
+)
+
+type TypesLbFrontend struct {
+	_        structs.HostLayout
+	Service  uint32
+	Table    uint32
+	Slots    uint32
+	Affinity uint32
+	Flags    uint32
+}
+
+type TypesLbFrontendKey struct {
+	_      structs.HostLayout
+	Addr   [16]uint8
+	Port   uint16
+	Proto  uint8
+	Family uint8
+}
+
+type TypesLbSlotKey struct {
+	_     structs.HostLayout
+	Table uint32
+	Slot  uint32
+}
+
+type TypesLbSockKey struct {
+	_      structs.HostLayout
+	Cookie uint64
+	Addr   [16]uint8
+	Port   uint16
+	Family uint8
+	Pad    [5]uint8
+}
 
 type TypesLedgerBlob struct {
 	_    structs.HostLayout
@@ -336,6 +416,13 @@ const (
 	TypesMapEvents          = "events"
 	TypesMapIpcache         = "ipcache"
 	TypesMapLayout          = "layout"
+	TypesMapLbAffinity      = "lb_affinity"
+	TypesMapLbBackends      = "lb_backends"
+	TypesMapLbCounters      = "lb_counters"
+	TypesMapLbFrontends     = "lb_frontends"
+	TypesMapLbRevnat        = "lb_revnat"
+	TypesMapLbSlots         = "lb_slots"
+	TypesMapLbSockRevnat    = "lb_sock_revnat"
 	TypesMapLedger          = "ledger"
 	TypesMapLedgerBlobs     = "ledger_blobs"
 	TypesMapMetrics         = "metrics"
@@ -354,6 +441,8 @@ const (
 	TypesVarEventVersion    = "_event_version"
 	TypesVarIpcacheSource   = "_ipcache_source"
 	TypesVarLayoutVersion   = "_layout_version"
+	TypesVarLbBackendState  = "_lb_backend_state"
+	TypesVarLbFlag          = "_lb_flag"
 	TypesVarPolicyEntryFlag = "_policy_entry_flag"
 	TypesVarPolicyMetaFlag  = "_policy_meta_flag"
 	TypesVarPolicyShape     = "_policy_shape"
@@ -418,6 +507,13 @@ type TypesMapSpecs struct {
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
 	Layout         *ebpf.MapSpec `ebpf:"layout"`
+	LbAffinity     *ebpf.MapSpec `ebpf:"lb_affinity"`
+	LbBackends     *ebpf.MapSpec `ebpf:"lb_backends"`
+	LbCounters     *ebpf.MapSpec `ebpf:"lb_counters"`
+	LbFrontends    *ebpf.MapSpec `ebpf:"lb_frontends"`
+	LbRevnat       *ebpf.MapSpec `ebpf:"lb_revnat"`
+	LbSlots        *ebpf.MapSpec `ebpf:"lb_slots"`
+	LbSockRevnat   *ebpf.MapSpec `ebpf:"lb_sock_revnat"`
 	Ledger         *ebpf.MapSpec `ebpf:"ledger"`
 	LedgerBlobs    *ebpf.MapSpec `ebpf:"ledger_blobs"`
 	Metrics        *ebpf.MapSpec `ebpf:"metrics"`
@@ -442,6 +538,8 @@ type TypesVariableSpecs struct {
 	EventVersion    *ebpf.VariableSpec `ebpf:"_event_version"`
 	IpcacheSource   *ebpf.VariableSpec `ebpf:"_ipcache_source"`
 	LayoutVersion   *ebpf.VariableSpec `ebpf:"_layout_version"`
+	LbBackendState  *ebpf.VariableSpec `ebpf:"_lb_backend_state"`
+	LbFlag          *ebpf.VariableSpec `ebpf:"_lb_flag"`
 	PolicyEntryFlag *ebpf.VariableSpec `ebpf:"_policy_entry_flag"`
 	PolicyMetaFlag  *ebpf.VariableSpec `ebpf:"_policy_meta_flag"`
 	PolicyShape     *ebpf.VariableSpec `ebpf:"_policy_shape"`
@@ -478,6 +576,13 @@ type TypesMaps struct {
 	Events         *ebpf.Map `ebpf:"events"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
 	Layout         *ebpf.Map `ebpf:"layout"`
+	LbAffinity     *ebpf.Map `ebpf:"lb_affinity"`
+	LbBackends     *ebpf.Map `ebpf:"lb_backends"`
+	LbCounters     *ebpf.Map `ebpf:"lb_counters"`
+	LbFrontends    *ebpf.Map `ebpf:"lb_frontends"`
+	LbRevnat       *ebpf.Map `ebpf:"lb_revnat"`
+	LbSlots        *ebpf.Map `ebpf:"lb_slots"`
+	LbSockRevnat   *ebpf.Map `ebpf:"lb_sock_revnat"`
 	Ledger         *ebpf.Map `ebpf:"ledger"`
 	LedgerBlobs    *ebpf.Map `ebpf:"ledger_blobs"`
 	Metrics        *ebpf.Map `ebpf:"metrics"`
@@ -497,6 +602,13 @@ func (m *TypesMaps) Close() error {
 		m.Events,
 		m.Ipcache,
 		m.Layout,
+		m.LbAffinity,
+		m.LbBackends,
+		m.LbCounters,
+		m.LbFrontends,
+		m.LbRevnat,
+		m.LbSlots,
+		m.LbSockRevnat,
 		m.Ledger,
 		m.LedgerBlobs,
 		m.Metrics,
@@ -522,6 +634,8 @@ type TypesVariables struct {
 	EventVersion    *ebpf.Variable `ebpf:"_event_version"`
 	IpcacheSource   *ebpf.Variable `ebpf:"_ipcache_source"`
 	LayoutVersion   *ebpf.Variable `ebpf:"_layout_version"`
+	LbBackendState  *ebpf.Variable `ebpf:"_lb_backend_state"`
+	LbFlag          *ebpf.Variable `ebpf:"_lb_flag"`
 	PolicyEntryFlag *ebpf.Variable `ebpf:"_policy_entry_flag"`
 	PolicyMetaFlag  *ebpf.Variable `ebpf:"_policy_meta_flag"`
 	PolicyShape     *ebpf.Variable `ebpf:"_policy_shape"`

@@ -163,7 +163,7 @@ func (s *State) closeLocked() error {
 		return nil
 	}
 	s.closed = true
-	errs := []error{s.Objs.Close()}
+	errs := []error{s.Objs.Close(), s.CloseSockPrograms()}
 	if s.NS.IsOpen() {
 		errs = append(errs, s.NS.Close())
 	}

@@ -41,6 +41,9 @@ const (
 	// KindCIDR records an identity given to a CIDR peer of policies (ID:
 	// the identity's offset in the CIDR identity range).
 	KindCIDR Kind = 4
+	// KindService records a service by its ID (package service); ID 0
+	// holds what all services share (the generation of the set).
+	KindService Kind = 5
 )
 
 // State is where an object is in its life.
@@ -161,6 +164,32 @@ func Put(m *ebpf.Map, r *Record) error {
 	return nil
 }
 
+// PutBatch writes many records with one batch operation: what Put does for
+// each, in fewer system calls.
+func PutBatch(m *ebpf.Map, rs []*Record) error {
+	if len(rs) == 0 {
+		return nil
+	}
+	keys := make([]bpfobj.TypesLedgerKey, len(rs))
+	vals := make([]bpfobj.TypesLedgerRecord, len(rs))
+	for i, r := range rs {
+		r.Version = Version
+		b, err := json.Marshal(r)
+		if err != nil {
+			return err
+		}
+		if len(b) > len(vals[i].Data) {
+			return fmt.Errorf("%w: the record of %v %d takes %d bytes, at most %d fit", ErrTooLarge, r.Kind, r.ID, len(b), len(vals[i].Data))
+		}
+		copy(vals[i].Data[:], b)
+		keys[i] = key(r.Kind, r.ID)
+	}
+	if _, err := m.BatchUpdate(keys, vals, nil); err != nil {
+		return fmt.Errorf("write %d ledger records: %w", len(rs), err)
+	}
+	return nil
+}
+
 // ErrTooLarge reports a record over the map's value size.
 var ErrTooLarge = errors.New("ledger record too large")
 
@@ -229,6 +258,8 @@ func (k Kind) String() string {
 		return "policy"
 	case KindCIDR:
 		return "CIDR identity"
+	case KindService:
+		return "service"
 	}
 	return fmt.Sprintf("kind %d", uint32(k))
 }

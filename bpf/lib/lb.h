@@ -1,0 +1,78 @@
+/* Service translation of packets in tc: a packet an endpoint sends to a
+ * frontend goes to a backend (DNAT), the flow keeps that backend (its
+ * CT_SERVICE entry), and replies come back from the frontend (reverse
+ * NAT, on delivery to the client). */
+#pragma once
+
+#include "common.h"
+#include "reasons.h"
+#include "events.h"
+#include "ct.h"
+#include "nat.h"
+#include "policy.h"
+#include "service.h"
+
+/* lb_translate sends the flow's packet, from endpoint ep, to a backend when
+ * its destination is a frontend translated at tc: the flow's backend while
+ * it belongs to the service (a new TCP connection on the port of an old one
+ * chooses again when that backend takes no new flows), else a new choice.
+ * f is updated to the translated packet. It returns 0, or the drop verdict
+ * (NO_BACKEND: no backend takes new flows). */
+static __always_inline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
+{
+	struct lb_frontend_key fk = {.port = f->key.dport, .proto = f->key.proto, .family = f->key.family};
+	struct lb_backend *b = NULL;
+	struct lb_frontend *fe;
+	struct ct_entry *e;
+	struct ct_key sk;
+	int new_flow = 0;
+	__u32 id = 0;
+
+	if (!f->l4_off || (f->key.proto != IPPROTO_TCP && f->key.proto != IPPROTO_UDP))
+		return 0;
+	__builtin_memcpy(fk.addr, f->key.daddr, 16);
+	fe = bpf_map_lookup_elem(&lb_frontends, &fk);
+	if (!fe || !(fe->flags & LB_F_TC))
+		return 0;
+
+	sk = f->key;
+	sk.dir = CT_SERVICE;
+	e = bpf_map_lookup_elem(&conntrack, &sk);
+	if (e) {
+		b = lb_backend_of(e->backend, fe->service);
+		if (b && b->state != LB_ACTIVE && (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+			b = NULL;
+		if (b) {
+			id = e->backend;
+			ct_touch(e, f, 0, skb->len);
+		}
+	}
+	if (!b) {
+		id = lb_select(fe, f->key.saddr, lb_hash(f->key.saddr, f->key.sport, f->key.proto), &b);
+		if (!id)
+			return drop(skb, REASON_NO_BACKEND, DIR_EGRESS, ep);
+		new_flow = 1;
+	}
+	f->service = fe->service;
+	f->backend = id;
+	if (new_flow)
+		ct_create(f, CT_SERVICE, ep, 0, POLICY_NO_RULE, 0, skb->len);
+	lb_count(id, skb->len, new_flow);
+	if (nat_rewrite(skb, f, 1, b->addr, b->port) < 0)
+		return drop(skb, REASON_MALFORMED, DIR_EGRESS, ep);
+	f->l4_port = bpf_ntohs(f->key.dport);
+	return 0;
+}
+
+/* lb_reverse makes a reply of a translated flow come from the frontend the
+ * client sent to. A reply of a service deleted since goes as it is. It
+ * returns -1 when the packet cannot be rewritten. */
+static __always_inline int lb_reverse(struct __sk_buff *skb, struct flow *f)
+{
+	__u32 id = f->rev_nat;
+	struct lb_frontend_key *fk = bpf_map_lookup_elem(&lb_revnat, &id);
+
+	if (!fk)
+		return 0;
+	return nat_rewrite(skb, f, 0, fk->addr, fk->port);
+}

@@ -1,0 +1,73 @@
+/* Address and port rewriting of TCP and UDP packets in tc, with their
+ * checksums: the IPv4 header's, and the L4 one, which covers the addresses
+ * through the pseudo header. The helpers update a checksum the NIC is still
+ * to fill in (CHECKSUM_PARTIAL) as well as a complete one, and leave a UDP
+ * checksum of 0 (none, IPv4 only) as it is. */
+#pragma once
+
+#include "common.h"
+#include "../include/net.h"
+#include "ct.h"
+
+#define IPV4_SADDR_OFF (ETH_HLEN + 12)
+#define IPV4_CHECK_OFF (ETH_HLEN + 10)
+#define IPV6_SADDR_OFF (ETH_HLEN + 8)
+#define IPV6_DADDR_OFF (ETH_HLEN + 24)
+
+/* nat_csum_off is where the L4 checksum of the flow's packet is, or 0 for a
+ * protocol this file does not rewrite. */
+static __always_inline __u32 nat_csum_off(const struct flow *f)
+{
+	if (f->key.proto == IPPROTO_TCP)
+		return f->l4_off + 16;
+	if (f->key.proto == IPPROTO_UDP)
+		return f->l4_off + 6;
+	return 0;
+}
+
+/* nat_rewrite sets the source (dest == 0) or destination (dest == 1)
+ * address and port of the flow's packet to addr and port, and updates f's
+ * key to match. It returns -1 when the packet cannot be rewritten. Every
+ * packet pointer taken before is invalid after it. */
+static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, int dest, const __u8 *addr,
+				       __be16 port)
+{
+	__u8 *old_addr = dest ? f->key.daddr : f->key.saddr;
+	__be16 *old_port = dest ? &f->key.dport : &f->key.sport;
+	__u32 csum_off = nat_csum_off(f);
+	__u64 mangled = f->key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (!csum_off)
+		return -1;
+	if (f->key.family == 4) {
+		__be32 from = *(__be32 *)old_addr, to = *(const __be32 *)addr;
+		__u32 off = IPV4_SADDR_OFF + (dest ? 4 : 0);
+
+		if (from != to) {
+			if (bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled | sizeof(to)) < 0 ||
+			    bpf_l3_csum_replace(skb, IPV4_CHECK_OFF, from, to, sizeof(to)) < 0 ||
+			    bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0) < 0)
+				return -1;
+			*(__be32 *)old_addr = to;
+		}
+	} else {
+		__u32 off = dest ? IPV6_DADDR_OFF : IPV6_SADDR_OFF;
+		__be32 from[4], to[4];
+		__s64 diff;
+
+		__builtin_memcpy(from, old_addr, 16);
+		__builtin_memcpy(to, addr, 16);
+		diff = bpf_csum_diff(from, 16, to, 16, 0);
+		if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) < 0 ||
+		    bpf_skb_store_bytes(skb, off, to, 16, 0) < 0)
+			return -1;
+		__builtin_memcpy(old_addr, addr, 16);
+	}
+	if (*old_port != port) {
+		if (bpf_l4_csum_replace(skb, csum_off, *old_port, port, mangled | sizeof(port)) < 0 ||
+		    bpf_skb_store_bytes(skb, f->l4_off + (dest ? 2 : 0), &port, sizeof(port), 0) < 0)
+			return -1;
+		*old_port = port;
+	}
+	return 0;
+}
