@@ -18,7 +18,7 @@ type MaglevBackend struct {
 	Weight uint16 // 0: gets no slot
 }
 
-// Maglev builds a Maglev lookup table (Eisenbud et al., NSDI 2016) of size
+// MaglevTable builds a Maglev lookup table (Eisenbud et al., NSDI 2016) of size
 // m, a prime: each slot holds the index of a backend in backends. Each
 // backend walks the table in its own order (an offset and a step derived
 // from its key) and the backends take turns claiming the next free slot of
@@ -28,8 +28,8 @@ type MaglevBackend struct {
 // backend moves few slots of the others. m not prime, m smaller than the
 // number of backends with a weight, or no backend with a weight is
 // ErrInvalid.
-func Maglev(backends []MaglevBackend, m int) ([]uint32, error) {
-	if m < 2 || !big.NewInt(int64(m)).ProbablyPrime(0) {
+func MaglevTable(backends []MaglevBackend, m int) ([]uint32, error) {
+	if !isPrime(m) {
 		return nil, fmt.Errorf("maglev table size %d: want a prime: %w", m, datapath.ErrInvalid)
 	}
 	var active []int
@@ -85,6 +85,8 @@ func Maglev(backends []MaglevBackend, m int) ([]uint32, error) {
 	}
 	return table, nil
 }
+
+func isPrime(m int) bool { return m >= 2 && big.NewInt(int64(m)).ProbablyPrime(0) }
 
 // walker is a backend walking its order of the table.
 type walker struct {

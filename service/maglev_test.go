@@ -21,7 +21,7 @@ func backends(n int) []MaglevBackend {
 func TestMaglevShares(t *testing.T) {
 	bs := backends(10)
 	bs[0].Weight, bs[1].Weight = 3, 0
-	table, err := Maglev(bs, DefaultMaglevSize)
+	table, err := MaglevTable(bs, DefaultMaglevSize)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,11 +46,11 @@ func TestMaglevDisruption(t *testing.T) {
 		maxMove float64 // share of all slots that may move besides the removed backend's
 	}{{10, 0.20}, {100, 0.023}, {1000, 0.03}} {
 		bs := backends(tc.n)
-		a, err := Maglev(bs, DefaultMaglevSize)
+		a, err := MaglevTable(bs, DefaultMaglevSize)
 		if err != nil {
 			t.Fatal(err)
 		}
-		again, _ := Maglev(bs, DefaultMaglevSize)
+		again, _ := MaglevTable(bs, DefaultMaglevSize)
 		for i := range a {
 			if a[i] != again[i] {
 				t.Fatalf("n=%d: two builds of the same backends differ at slot %d", tc.n, i)
@@ -58,7 +58,7 @@ func TestMaglevDisruption(t *testing.T) {
 		}
 		// Remove backend 3: the indexes above it shift by one.
 		fewer := append(append([]MaglevBackend(nil), bs[:3]...), bs[4:]...)
-		b, err := Maglev(fewer, DefaultMaglevSize)
+		b, err := MaglevTable(fewer, DefaultMaglevSize)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -90,7 +90,7 @@ func TestMaglevErrors(t *testing.T) {
 		"no backend with weight": {[]MaglevBackend{{Key: "a"}}, 13},
 		"no backend":             {nil, 13},
 	} {
-		if _, err := Maglev(tc.bs, tc.m); !errors.Is(err, datapath.ErrInvalid) {
+		if _, err := MaglevTable(tc.bs, tc.m); !errors.Is(err, datapath.ErrInvalid) {
 			t.Errorf("%s: %v, want ErrInvalid", name, err)
 		}
 	}
@@ -104,7 +104,7 @@ func BenchmarkMaglev(b *testing.B) {
 			bs := backends(n)
 			b.Run(fmt.Sprintf("m=%d/backends=%d", m, n), func(b *testing.B) {
 				for b.Loop() {
-					if _, err := Maglev(bs, m); err != nil {
+					if _, err := MaglevTable(bs, m); err != nil {
 						b.Fatal(err)
 					}
 				}

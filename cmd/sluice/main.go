@@ -8,6 +8,7 @@
 //	events       drop events as they happen (-traces: trace points too)
 //	endpoints    endpoints with their addresses and counters
 //	flows        tracked connections, with the policy rule that allowed each
+//	services     services: frontends, backends with their states and counters
 //	lost         event records the datapath could not send
 //
 // It opens the datapath read-only (maps only, no program, no lock), so it
@@ -35,6 +36,7 @@ import (
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
+	"github.com/sluicedp/sluice/service"
 )
 
 func main() {
@@ -53,7 +55,7 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	name := fs.String("name", "", "datapath name (required unless there is exactly one)")
 	traces := fs.Bool("traces", false, "events: report trace points too")
 	fs.Usage = func() {
-		fmt.Fprintln(out, "usage: sluice [-bpffs DIR] [-name NAME] reasons|metrics|events|endpoints|lost")
+		fmt.Fprintln(out, "usage: sluice [-bpffs DIR] [-name NAME] reasons|metrics|events|endpoints|flows|services|lost")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -68,7 +70,7 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		return reasons(out)
 	}
 	switch cmd {
-	case "metrics", "events", "endpoints", "flows", "lost":
+	case "metrics", "events", "endpoints", "flows", "services", "lost":
 	default:
 		fs.Usage()
 		return fmt.Errorf("unknown command %q", cmd)
@@ -101,6 +103,8 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		return endpoints(dp, out)
 	case "flows":
 		return flows(dp, out)
+	case "services":
+		return services(dp, out)
 	default:
 		lost, err := dp.Lost()
 		if err != nil {
@@ -262,4 +266,28 @@ func addr(s string, ok bool) string {
 		return s
 	}
 	return "-"
+}
+
+func services(dp *datapath.Datapath, out io.Writer) error {
+	list, err := service.List(dp)
+	if err != nil {
+		return err
+	}
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "FRONTEND\tALGORITHM\tREACH\tAFFINITY\tBACKEND\tWEIGHT\tSTATE\tFLOWS\tPKTS\tBYTES")
+	for _, s := range list {
+		c, err := service.ReadCounters(dp, s.Frontend)
+		if err != nil {
+			return err
+		}
+		head := fmt.Sprintf("%s\t%s\t%s\t%s", s.Frontend, s.Algorithm, s.Reach, s.Affinity)
+		if len(s.Backends) == 0 {
+			fmt.Fprintf(w, "%s\t-\t\t\t\t\t\n", head)
+		}
+		for i, b := range s.Backends {
+			fmt.Fprintf(w, "%s\t%s\t%d\t%s\t%d\t%d\t%d\n", head, b.AddrPort(), b.Weight, b.State, c[i].Flows, c[i].Packets, c[i].Bytes)
+			head = "\t\t\t"
+		}
+	}
+	return w.Flush()
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
 	"github.com/sluicedp/sluice/internal/testutil"
+	"github.com/sluicedp/sluice/service"
 )
 
 func TestCommands(t *testing.T) {
@@ -97,7 +98,14 @@ func TestCommands(t *testing.T) {
 	if testutil.Ping(t, workload.Handle, b.IPv4, testutil.PingOptions{}) == 0 {
 		t.Error("no reply from endpoint 2")
 	}
+	if _, err := service.Upsert(context.Background(), dp, service.Service{
+		Frontend: service.Frontend{Addr: netip.MustParseAddr("198.18.200.1"), Port: 80, Protocol: service.TCP},
+		Backends: []service.Backend{{Addr: b.IPv4, Port: 8080, Weight: 1}},
+	}); err != nil {
+		t.Fatal(err)
+	}
 	for cmd, want := range map[string]string{
+		"services":  "198.18.200.1:80/tcp  random     both   0s        198.18.1.",
 		"metrics":   "egress  SPOOFED_SOURCE_IP        1",
 		"endpoints": "198.18.1.10",
 		"flows":     "198.18.1.10:",

@@ -1,0 +1,272 @@
+package service_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sluicedp/sluice/service"
+)
+
+// ports10 are the ports of ten backends on one endpoint.
+var ports10 = []uint16{9001, 9002, 9003, 9004, 9005, 9006, 9007, 9008, 9009, 9010}
+
+// spread sends one UDP flow from each source port and returns the backend
+// port that answered each.
+func spread(t *testing.T, n *node, fe netip.AddrPort, sports []uint16) map[uint16]uint16 {
+	t.Helper()
+	var mu sync.Mutex
+	got := map[uint16]uint16{}
+	var failed error
+	parallel(len(sports), func(i int) {
+		answer, from, err := askUDP(n.client, sports[i], fe, wait)
+		mu.Lock()
+		defer mu.Unlock()
+		if err != nil || from != fe {
+			failed = fmt.Errorf("flow from port %d: %q from %v, %v", sports[i], answer, from, err)
+			return
+		}
+		got[sports[i]] = portOf(t, answer)
+	})
+	if failed != nil {
+		t.Fatal(failed)
+	}
+	return got
+}
+
+func sourcePorts(first, count int) []uint16 {
+	out := make([]uint16, count)
+	for i := range out {
+		out[i] = uint16(first + i)
+	}
+	return out
+}
+
+// TestRandomDistribution: 1000 flows over 10 equal backends pass a
+// chi-square test of uniformity, and the backends' flow counters agree.
+func TestRandomDistribution(t *testing.T) {
+	n := newNode(t)
+	serve(t, n.a, false, ports10...)
+	fe := service.Frontend{Addr: fe4, Port: 80, Protocol: service.UDP}
+	upsert(t, n.dp, service.Service{Frontend: fe, Backends: backends(n.a, false, ports10...), Reach: service.TCOnly})
+	got := spread(t, n, netip.AddrPortFrom(fe.Addr, fe.Port), sourcePorts(20000, 1000))
+	count := map[uint16]int{}
+	for _, p := range got {
+		count[p]++
+	}
+	// 9 degrees of freedom: 27.88 is exceeded by chance once in 1000 runs.
+	expected := float64(len(got)) / 10
+	chi := 0.0
+	for _, p := range ports10 {
+		d := float64(count[p]) - expected
+		chi += d * d / expected
+	}
+	t.Logf("flows per backend %v, chi-square %.2f", count, chi)
+	if chi > 27.88 {
+		t.Errorf("chi-square %.2f over 27.88: not uniform: %v", chi, count)
+	}
+	counters, err := service.ReadCounters(n.dp, fe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range counters {
+		if c.Flows != uint64(count[c.Backend.Port()]) || c.Packets != c.Flows {
+			t.Errorf("backend %v: counters %+v, answered %d flows", c.Backend, c, count[c.Backend.Port()])
+		}
+	}
+}
+
+// TestMaglev: every flow goes where the Maglev table says (FlowHash), the
+// same flow always to the same backend, and after one of ten backends is
+// removed fewer than 20% of new flows move.
+func TestMaglev(t *testing.T) {
+	n := newNode(t)
+	serve(t, n.a, false, ports10...)
+	fe := service.Frontend{Addr: fe4, Port: 80, Protocol: service.UDP}
+	svc := service.Service{Frontend: fe, Backends: backends(n.a, false, ports10...), Algorithm: service.Maglev, MaglevSize: 1021, Reach: service.TCOnly}
+	upsert(t, n.dp, svc)
+	sports := sourcePorts(21000, 400)
+	before := spread(t, n, netip.AddrPortFrom(fe.Addr, fe.Port), sports)
+	want := reference(t, svc, n.client.IPv4, sports)
+	for sp, p := range before {
+		if want[sp] != p {
+			t.Fatalf("flow from port %d went to %d, the table says %d", sp, p, want[sp])
+		}
+	}
+	again := spread(t, n, netip.AddrPortFrom(fe.Addr, fe.Port), sports)
+	for sp := range before {
+		if again[sp] != before[sp] {
+			t.Fatalf("flow from port %d went to %d, then %d", sp, before[sp], again[sp])
+		}
+	}
+
+	svc.Backends = backends(n.a, false, append(ports10[:4:4], ports10[5:]...)...)
+	upsert(t, n.dp, svc)
+	fresh := sourcePorts(22000, 400)
+	was := reference(t, service.Service{Frontend: fe, Backends: backends(n.a, false, ports10...), Algorithm: service.Maglev, MaglevSize: 1021}, n.client.IPv4, fresh)
+	now := spread(t, n, netip.AddrPortFrom(fe.Addr, fe.Port), fresh)
+	moved := 0
+	for sp, p := range now {
+		if was[sp] != ports10[4] && was[sp] != p {
+			moved++
+		}
+		if p == ports10[4] {
+			t.Fatalf("flow from port %d went to the removed backend", sp)
+		}
+	}
+	t.Logf("%d of %d flows of the remaining backends moved", moved, len(now))
+	if moved*5 >= len(now) {
+		t.Errorf("%d of %d flows moved", moved, len(now))
+	}
+	// The flows of the first round whose backend stayed keep it: their
+	// conntrack entries hold it.
+	kept := spread(t, n, netip.AddrPortFrom(fe.Addr, fe.Port), sports)
+	for sp, p := range before {
+		if p != ports10[4] && kept[sp] != p {
+			t.Errorf("flow from port %d moved from %d to %d", sp, p, kept[sp])
+		}
+	}
+}
+
+// reference is where the Maglev table of svc sends the UDP flow from each
+// source port of client.
+func reference(t *testing.T, svc service.Service, client netip.Addr, sports []uint16) map[uint16]uint16 {
+	t.Helper()
+	nums := make([]uint16, len(svc.Backends))
+	byID := map[uint32]uint16{}
+	for i := range nums {
+		nums[i] = uint16(i + 1)
+	}
+	e := service.Compile(&svc, 1, 0, nums)
+	for i, id := range e.IDs {
+		byID[id] = svc.Backends[i].Port
+	}
+	out := map[uint16]uint16{}
+	for _, sp := range sports {
+		h := service.FlowHash(client, sp, service.UDP)
+		out[sp] = byID[e.Slots[h%uint32(len(e.Slots))]]
+	}
+	return out
+}
+
+// TestAffinity: a client's new flows stick to one backend until the
+// affinity times out.
+func TestAffinity(t *testing.T) {
+	n := newNode(t)
+	serve(t, n.a, false, ports10...)
+	fe := service.Frontend{Addr: fe4, Port: 80, Protocol: service.UDP}
+	upsert(t, n.dp, service.Service{Frontend: fe, Backends: backends(n.a, false, ports10...), Affinity: time.Second, Reach: service.TCOnly})
+	var first []uint16
+	for round := range 4 {
+		got := spread(t, n, netip.AddrPortFrom(fe.Addr, fe.Port), sourcePorts(23000+100*round, 20))
+		var p uint16
+		for _, q := range got {
+			if p != 0 && q != p {
+				t.Fatalf("round %d: flows of one client went to %d and %d", round, p, q)
+			}
+			p = q
+		}
+		first = append(first, p)
+		time.Sleep(1500 * time.Millisecond)
+	}
+	// After each timeout the choice is new: four times the same backend
+	// happens once in 1000 runs.
+	if first[0] == first[1] && first[1] == first[2] && first[2] == first[3] {
+		t.Errorf("every round went to %d: affinity never timed out", first[0])
+	}
+}
+
+// TestDrain: a terminating backend keeps its established TCP connection and
+// UDP flow and gets no new ones; a backend set change leaves an
+// established UDP flow on its backend.
+func TestDrain(t *testing.T) {
+	n := newNode(t)
+	serve(t, n.a, false, 9001, 9002)
+	fe := service.Frontend{Addr: fe4, Port: 80, Protocol: service.UDP}
+	svc := service.Service{Frontend: fe, Backends: backends(n.a, false, 9001), Reach: service.TCOnly}
+	upsert(t, n.dp, svc)
+	dst := netip.AddrPortFrom(fe.Addr, fe.Port)
+	if answer, _, err := askUDP(n.client, 30000, dst, wait); err != nil || portOf(t, answer) != 9001 {
+		t.Fatalf("first flow: %q, %v", answer, err)
+	}
+	// A second backend joins: the flow stays.
+	svc.Backends = backends(n.a, false, 9001, 9002)
+	upsert(t, n.dp, svc)
+	for range 5 {
+		if answer, _, err := askUDP(n.client, 30000, dst, wait); err != nil || portOf(t, answer) != 9001 {
+			t.Fatalf("after a backend joined: %q, %v", answer, err)
+		}
+	}
+	// The first drains: its flow stays, new flows go to the second.
+	svc.Backends[0].State = service.Terminating
+	upsert(t, n.dp, svc)
+	if answer, _, err := askUDP(n.client, 30000, dst, wait); err != nil || portOf(t, answer) != 9001 {
+		t.Fatalf("draining flow: %q, %v", answer, err)
+	}
+	got := spread(t, n, dst, sourcePorts(31000, 20))
+	for sp, p := range got {
+		if p != 9002 {
+			t.Errorf("new flow from %d went to the terminating backend", sp)
+		}
+	}
+	// Removed: its flow goes to the other.
+	svc.Backends = svc.Backends[1:]
+	upsert(t, n.dp, svc)
+	if answer, _, err := askUDP(n.client, 30000, dst, wait); err != nil || portOf(t, answer) != 9002 {
+		t.Fatalf("flow of a removed backend: %q, %v", answer, err)
+	}
+}
+
+var _ = context.Background
+
+// TestDrainTCP: an established TCP connection to a terminating backend
+// goes on; new connections go to the active one.
+func TestDrainTCP(t *testing.T) {
+	n := newNode(t)
+	serve(t, n.a, false, 9001, 9002)
+	fe := service.Frontend{Addr: fe4, Port: 80, Protocol: service.TCP}
+	dst := netip.AddrPortFrom(fe.Addr, fe.Port)
+	svc := service.Service{Frontend: fe, Backends: backends(n.a, false, 9001), Reach: service.TCOnly}
+	upsert(t, n.dp, svc)
+	var c net.Conn
+	if err := inNS(n.client, func() (err error) {
+		c, err = net.DialTimeout("tcp", dst.String(), wait)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ask := func() string {
+		c.SetDeadline(time.Now().Add(wait))
+		buf := make([]byte, 64)
+		if _, err := c.Write([]byte("hi")); err != nil {
+			t.Fatal(err)
+		}
+		k, err := c.Read(buf)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(buf[:k])
+	}
+	if p := portOf(t, ask()); p != 9001 {
+		t.Fatalf("connected to %d", p)
+	}
+	svc.Backends = backends(n.a, false, 9001, 9002)
+	svc.Backends[0].State = service.Terminating
+	upsert(t, n.dp, svc)
+	for range 3 {
+		if p := portOf(t, ask()); p != 9001 {
+			t.Fatalf("the draining connection went to %d", p)
+		}
+	}
+	for range 5 {
+		answer, _, err := askTCP(n.client, dst, wait)
+		if err != nil || portOf(t, answer) != 9002 {
+			t.Fatalf("a new connection: %q, %v", answer, err)
+		}
+	}
+}

@@ -1,0 +1,241 @@
+package service
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/sluicedp/sluice/datapath"
+)
+
+// Protocol is the L4 protocol of a frontend.
+type Protocol uint8
+
+// Protocols a frontend may have.
+const (
+	TCP Protocol = 6
+	UDP Protocol = 17
+)
+
+func (p Protocol) String() string {
+	switch p {
+	case TCP:
+		return "tcp"
+	case UDP:
+		return "udp"
+	}
+	return fmt.Sprintf("protocol(%d)", uint8(p))
+}
+
+// Frontend is the virtual address clients send to. It names its service:
+// no two services have the same one.
+type Frontend struct {
+	Addr     netip.Addr // IPv4 or IPv6, not unspecified
+	Port     uint16     // not 0
+	Protocol Protocol
+}
+
+func (f Frontend) String() string {
+	return netip.AddrPortFrom(f.Addr, f.Port).String() + "/" + f.Protocol.String()
+}
+
+// State is where a backend is in its life. Only an active backend gets new
+// flows; in every state a backend keeps the flows it has, until it is
+// removed from the service.
+type State uint8
+
+// Backend states, as Cilium names them.
+const (
+	// Active backends get new flows, in proportion to their weight.
+	Active State = iota
+	// Terminating backends drain: they keep their flows and get no new
+	// ones (a Kubernetes endpoint that is terminating).
+	Terminating
+	// Quarantined backends failed a health check: no new flows.
+	Quarantined
+	// Maintenance backends are out of rotation by an operator's choice: no
+	// new flows.
+	Maintenance
+)
+
+func (s State) String() string {
+	switch s {
+	case Active:
+		return "active"
+	case Terminating:
+		return "terminating"
+	case Quarantined:
+		return "quarantined"
+	case Maintenance:
+		return "maintenance"
+	}
+	return fmt.Sprintf("state(%d)", uint8(s))
+}
+
+// Backend is one address a service's flows go to.
+type Backend struct {
+	Addr netip.Addr // of the frontend's family
+	Port uint16     // not 0
+	// Weight is the backend's share of new flows relative to the others;
+	// 0 gives it none. At least one active backend needs a weight.
+	Weight uint16
+	State  State
+}
+
+// AddrPort is the backend's address and port: what names it within its
+// service.
+func (b Backend) AddrPort() netip.AddrPort { return netip.AddrPortFrom(b.Addr, b.Port) }
+
+// Algorithm chooses a new flow's backend.
+type Algorithm uint8
+
+const (
+	// Random picks a backend at random, weighted, for every new flow.
+	Random Algorithm = iota
+	// Maglev picks by a hash of the flow's client address, port and
+	// protocol in a Maglev table: the same flow always gets the same
+	// backend, and a change of one backend moves few flows of the
+	// others. At the socket level, where the client port is not known yet,
+	// it picks at random.
+	Maglev
+)
+
+func (a Algorithm) String() string {
+	switch a {
+	case Random:
+		return "random"
+	case Maglev:
+		return "maglev"
+	}
+	return fmt.Sprintf("algorithm(%d)", uint8(a))
+}
+
+// Reach says where a frontend is translated.
+type Reach uint8
+
+const (
+	// Both translates at the socket level for processes in the datapath's
+	// cgroup, and per packet for every other sender.
+	Both Reach = iota
+	// SocketOnly translates only at the socket level.
+	SocketOnly
+	// TCOnly translates only per packet, in the endpoint program.
+	TCOnly
+)
+
+func (r Reach) String() string {
+	switch r {
+	case Both:
+		return "both"
+	case SocketOnly:
+		return "socket"
+	case TCOnly:
+		return "tc"
+	}
+	return fmt.Sprintf("reach(%d)", uint8(r))
+}
+
+// Service is a frontend balanced over backends.
+type Service struct {
+	Frontend Frontend
+	// Backends is the whole backend set: an Upsert makes it the set the
+	// service has, in any order. Each address and port at most once.
+	Backends  []Backend
+	Algorithm Algorithm
+	// MaglevSize is the Maglev table size, a prime at least the number of
+	// backends with a weight; DefaultMaglevSize when 0. Only for Maglev.
+	MaglevSize int
+	// Affinity, when not 0, sends every new flow of a client address to
+	// the backend its last one went to, while that backend is active and
+	// less than Affinity has passed since; whole seconds, at most a day.
+	Affinity time.Duration
+	Reach    Reach
+}
+
+// MaxBackends is how many backends one service may have.
+const MaxBackends = 4096
+
+// maxMaglevSize bounds a Maglev table.
+const maxMaglevSize = 1 << 20
+
+// maxRandomSlots bounds the selection table of a Random service whose
+// weights are unequal: weights are then approximated to 1 in this many.
+const maxRandomSlots = 4096
+
+// Validate reports what is wrong with s, wrapping datapath.ErrInvalid.
+func (s *Service) Validate() error {
+	f := s.Frontend
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("service %s: %s: %w", f, fmt.Sprintf(format, args...), datapath.ErrInvalid)
+	}
+	if !f.Addr.IsValid() || f.Addr.IsUnspecified() || f.Addr.Is4In6() || f.Addr.Zone() != "" {
+		return bad("frontend address %v: want a specified IPv4 or IPv6 address", f.Addr)
+	}
+	if f.Addr.IsMulticast() {
+		return bad("frontend address %v is multicast", f.Addr)
+	}
+	if f.Port == 0 {
+		return bad("frontend port 0")
+	}
+	if f.Protocol != TCP && f.Protocol != UDP {
+		return bad("protocol %v: want TCP or UDP", f.Protocol)
+	}
+	if s.Algorithm != Random && s.Algorithm != Maglev {
+		return bad("unknown algorithm %v", s.Algorithm)
+	}
+	if s.Reach > TCOnly {
+		return bad("unknown reach %v", s.Reach)
+	}
+	if s.Affinity < 0 || s.Affinity > 24*time.Hour || s.Affinity%time.Second != 0 {
+		return bad("affinity %v: want whole seconds up to 24h", s.Affinity)
+	}
+	if len(s.Backends) > MaxBackends {
+		return bad("%d backends: at most %d", len(s.Backends), MaxBackends)
+	}
+	seen := make(map[netip.AddrPort]bool, len(s.Backends))
+	usable := 0
+	for _, b := range s.Backends {
+		if !b.Addr.IsValid() || b.Addr.IsUnspecified() || b.Addr.Is4In6() || b.Addr.Zone() != "" || b.Addr.IsMulticast() {
+			return bad("backend address %v: want a specified unicast address", b.Addr)
+		}
+		if b.Addr.Is4() != f.Addr.Is4() {
+			return bad("backend %v is of the other address family", b.AddrPort())
+		}
+		if b.Port == 0 {
+			return bad("backend %v: port 0", b.Addr)
+		}
+		if b.State > Maintenance {
+			return bad("backend %v: unknown state %v", b.AddrPort(), b.State)
+		}
+		if seen[b.AddrPort()] {
+			return bad("backend %v twice", b.AddrPort())
+		}
+		seen[b.AddrPort()] = true
+		if b.State == Active && b.Weight > 0 {
+			usable++
+		}
+	}
+	if len(s.Backends) > 0 && !slices.ContainsFunc(s.Backends, func(b Backend) bool { return b.Weight > 0 }) {
+		return bad("every backend has weight 0")
+	}
+	if s.Algorithm == Maglev {
+		m := s.maglevSize()
+		if !isPrime(m) || m > maxMaglevSize {
+			return bad("maglev table size %d: want a prime up to %d", m, maxMaglevSize)
+		}
+		if usable > m {
+			return bad("maglev table size %d: too small for %d backends", m, usable)
+		}
+	} else if s.MaglevSize != 0 {
+		return bad("a Maglev table size for the %v algorithm", s.Algorithm)
+	}
+	return nil
+}
+
+func (s *Service) maglevSize() int {
+	if s.MaglevSize == 0 {
+		return DefaultMaglevSize
+	}
+	return s.MaglevSize
+}

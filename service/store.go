@@ -1,0 +1,233 @@
+package service
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/internal/bpfobj"
+	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ledger"
+)
+
+// record is a service as the ledger keeps it (KindService, its ID): the
+// service, and what it holds in the maps.
+type record struct {
+	Version int      `json:"v"`
+	Service *Service `json:"service,omitempty"` // nil: in the record's blob (too large)
+	Half    uint32   `json:"half"`              // its selection table in use
+	Slots   uint32   `json:"slots"`             // how many slots that table has
+	Numbers []uint16 `json:"numbers"`           // its backends' numbers, in Service.Backends order
+	Next    uint16   `json:"next"`              // the last backend number given
+}
+
+const recordVersion = 1
+
+// sharedRecord is the record of ID 0: what all services share.
+type sharedRecord struct {
+	Version int `json:"v"`
+	// Generation is new, at random, at every change: a handle's memo is
+	// valid while it is the same. Random, not counted, so that a record
+	// removed (by Reconcile) and made again cannot repeat a value.
+	Generation uint64 `json:"generation"`
+	Next       uint16 `json:"next"` // the last service ID given
+}
+
+// installed is one service as it is in the maps.
+type installed struct {
+	id  uint16
+	svc Service
+	rec record
+}
+
+// index is every service of a datapath, as this handle last read or wrote
+// them: valid while the shared record has the same generation.
+type index struct {
+	shared     sharedRecord
+	byFrontend map[Frontend]*installed
+	byID       map[uint16]*installed
+	backends   int // entries in lb_backends
+	slots      int // entries in lb_slots
+}
+
+type indexKey struct{}
+
+// loadIndex returns the datapath's services: the memo when nobody changed
+// them since, else read from the ledger. The caller holds the lock and
+// stores the index back with saveIndex after a change.
+func loadIndex(st *core.State) (*index, error) {
+	var shared sharedRecord
+	r, err := ledger.Get(st.Objs.Ledger, ledger.KindService, 0)
+	switch {
+	case err == nil:
+		if err := json.Unmarshal(r.Object, &shared); err != nil {
+			return nil, fmt.Errorf("services: %w: %w", datapath.ErrIncompatible, err)
+		}
+	case !errors.Is(err, ebpf.ErrKeyNotExist):
+		return nil, fmt.Errorf("services: %w", err)
+	}
+	if v, ok := st.Memo.Load(indexKey{}); ok && v.(*index).shared.Generation == shared.Generation {
+		return v.(*index), nil
+	}
+	idx := &index{shared: shared, byFrontend: map[Frontend]*installed{}, byID: map[uint16]*installed{}}
+	recs, err := ledger.List(st.Objs.Ledger, ledger.KindService)
+	if err != nil {
+		return nil, fmt.Errorf("services: %w: %w", datapath.ErrIncompatible, err)
+	}
+	for _, r := range recs {
+		if r.ID == 0 || r.ID > 0xffff {
+			continue
+		}
+		in := &installed{id: uint16(r.ID)}
+		if err := json.Unmarshal(r.Object, &in.rec); err != nil || in.rec.Version != recordVersion {
+			return nil, fmt.Errorf("service %d: %w: unreadable record", r.ID, datapath.ErrIncompatible)
+		}
+		if in.rec.Service == nil {
+			doc, err := ledger.GetBlob(st.Objs.LedgerBlobs, ledger.KindService, r.ID)
+			if err == nil {
+				err = json.Unmarshal(doc, &in.svc)
+			}
+			if err != nil {
+				return nil, fmt.Errorf("service %d: %w: %w", r.ID, datapath.ErrIncompatible, err)
+			}
+		} else {
+			in.svc = *in.rec.Service
+		}
+		idx.add(in)
+	}
+	return idx, nil
+}
+
+func (idx *index) add(in *installed) {
+	idx.byFrontend[in.svc.Frontend] = in
+	idx.byID[in.id] = in
+	idx.backends += len(in.svc.Backends)
+	idx.slots += int(in.rec.Slots)
+}
+
+func (idx *index) remove(in *installed) {
+	delete(idx.byFrontend, in.svc.Frontend)
+	delete(idx.byID, in.id)
+	idx.backends -= len(in.svc.Backends)
+	idx.slots -= int(in.rec.Slots)
+}
+
+// newID gives an unused service ID, after the last one given.
+func (idx *index) newID() (uint16, bool) {
+	for range 0xffff {
+		idx.shared.Next++
+		if idx.shared.Next == 0 {
+			idx.shared.Next = 1
+		}
+		if idx.byID[idx.shared.Next] == nil {
+			return idx.shared.Next, true
+		}
+	}
+	return 0, false
+}
+
+// numbers gives the backends of svc their numbers: a backend the service
+// had keeps its own, a new one gets one after the last given.
+func numbers(old *installed, svc *Service) (nums []uint16, next uint16) {
+	have := map[Backend]uint16{}
+	used := map[uint16]bool{}
+	if old != nil {
+		next = old.rec.Next
+		for i, b := range old.svc.Backends {
+			have[Backend{Addr: b.Addr, Port: b.Port}] = old.rec.Numbers[i]
+			used[old.rec.Numbers[i]] = true
+		}
+	}
+	nums = make([]uint16, len(svc.Backends))
+	var fresh []int
+	for i, b := range svc.Backends {
+		if n, ok := have[Backend{Addr: b.Addr, Port: b.Port}]; ok {
+			nums[i] = n
+		} else {
+			fresh = append(fresh, i)
+		}
+	}
+	for _, i := range fresh {
+		for {
+			next++
+			if next != 0 && !used[next] {
+				break
+			}
+		}
+		used[next] = true
+		nums[i] = next
+	}
+	return nums, next
+}
+
+// serviceOffset is where, in the bytes of a backend ID (a native-order
+// u32), the service's half is.
+var serviceOffset = func() int {
+	if binary.NativeEndian.Uint16([]byte{1, 0}) == 1 {
+		return 2 // little endian: the high half last
+	}
+	return 0
+}()
+
+// bytesOf is the bytes of a map key as the map has them.
+func bytesOf(v any) []byte {
+	b, err := binary.Append(nil, binary.NativeEndian, v)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// ledgerRecord is the ledger's record of a service in state, naming the
+// entries it holds so that a change a killed process left half-done is
+// undone whole (see internal/ledger): its frontend, and by sweeps its
+// backends, counters, selection tables and affinities.
+func ledgerRecord(in *installed, state ledger.State) (*ledger.Record, []byte, error) {
+	rec := in.rec
+	rec.Version = recordVersion
+	svc := in.svc
+	rec.Service = &svc
+	obj, err := json.Marshal(rec)
+	if err != nil {
+		return nil, nil, err
+	}
+	var blob []byte
+	if len(obj) > len(bpfobj.TypesLedgerRecord{}.Data)-512 {
+		if blob, err = json.Marshal(in.svc); err != nil {
+			return nil, nil, err
+		}
+		rec.Service = nil
+		if obj, err = json.Marshal(rec); err != nil {
+			return nil, nil, err
+		}
+	}
+	key := frontendKey(in.svc.Frontend)
+	id := uint32(in.id)
+	r := &ledger.Record{
+		Kind:   ledger.KindService,
+		ID:     id,
+		State:  state,
+		Object: obj,
+		Made: ledger.Made{
+			Entries: []ledger.Entry{
+				{Map: bpfobj.EndpointMapLbFrontends, Key: bytesOf(&key)},
+				{Map: bpfobj.EndpointMapLbRevnat, Key: bytesOf(&id)},
+			},
+			Sweeps: []ledger.Sweep{
+				{Map: bpfobj.EndpointMapLbBackends, Offset: serviceOffset, Size: 2, Value: id},
+				{Map: bpfobj.EndpointMapLbCounters, Offset: serviceOffset, Size: 2, Value: id},
+				{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2 * id},
+				{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2*id + 1},
+				{Map: bpfobj.EndpointMapLbAffinity, Offset: 16, Size: 4, Value: id},
+			},
+		},
+	}
+	if blob != nil {
+		r.Made.Records = []ledger.Ref{{Kind: ledger.KindService, ID: id}}
+	}
+	return r, blob, nil
+}
