@@ -26,11 +26,14 @@ STATS := -v -run '^TestProgramStats$$' ./internal/bpfobj
 # while a worker runs a slow input fails the run ("context deadline
 # exceeded") though nothing was found.
 FUZZ := -run '^$$' -fuzz '^FuzzCompile$$' -fuzztime 30000x ./policy
+# Service translation of random services and flows against the Go reference.
+FUZZ_SERVICE := -run '^$$' -fuzz '^FuzzTranslate$$' -fuzztime 2000x ./service
 
 test-host:
 	go test -count=1 $(STATS)
 	go test -race -count=1 ./...
 	go test $(FUZZ)
+	go test $(FUZZ_SERVICE)
 
 # KERNELVM_ARGS: go test style flags and packages, e.g. -run TestFoo ./datapath
 # (tools/kernelvm/README.md).
