@@ -1,6 +1,7 @@
 package endpoint_test
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -39,15 +40,21 @@ func churnSpec(id uint16, prefix string) endpoint.Spec {
 }
 
 // churn, given "BPFFS|NETNS|PREFIX", creates and deletes endpoints on that
-// datapath until it is killed or the datapath goes away.
+// datapath until it is killed or the datapath goes away. It says "ready"
+// once the programs are loaded, so that a kill lands in the churn and not
+// in a program load (slow on an emulated kernel).
 func churn(arg string) int {
 	f := strings.Split(arg, "|")
 	ctx := context.Background()
 	dp, err := datapath.Open(ctx, datapath.Config{Name: "node", BPFFS: f[0], NetNS: f[1], MustExist: true})
+	if err == nil {
+		_, err = core.Of(dp).EndpointPrograms()
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
+	fmt.Println("ready")
 	for {
 		for _, id := range churnIDs {
 			var err error
@@ -71,8 +78,17 @@ func startChurn(t *testing.T, n *node, bpffs, prefix string) *exec.Cmd {
 	if err != nil {
 		t.Fatal(err)
 	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
+	}
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "ready\n" {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatalf("churn child: %q, %v", line, err)
 	}
 	return cmd
 }
