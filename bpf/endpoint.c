@@ -48,15 +48,16 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, __u16 
 }
 
 /* to_endpoint delivers a packet from the remote identity to the local
- * endpoint dst, if dst's ingress policy lets it: it becomes a frame from
- * the endpoint's gateway to the endpoint, and crosses straight into the
+ * endpoint dst, if dst's ingress policy lets it (tracked: the packet is a
+ * reply conntrack let through already): it becomes a frame from the
+ * endpoint's gateway to the endpoint, and crosses straight into the
  * endpoint's namespace (bpf_redirect_peer), without the host stack.
  *
  * What cannot be known here: whether the workload's end of the veth is up.
  * The kernel drops a packet redirected to a peer that is down after this
  * program has counted it as delivered. */
 static __always_inline int to_endpoint(struct __sk_buff *skb, struct endpoint_info *dst,
-				       struct flow *f, __u32 identity)
+				       struct flow *f, __u32 identity, int tracked)
 {
 	struct ethhdr *eth;
 	__u32 mtu = 0;
@@ -70,7 +71,7 @@ static __always_inline int to_endpoint(struct __sk_buff *skb, struct endpoint_in
 	 * veth pair with it). */
 	if (bpf_check_mtu(skb, dst->ifindex, &mtu, 0, 0) < 0)
 		return drop(skb, REASON_REDIRECT_FAILED, DIR_INGRESS, dst->id);
-	ret = enforce(skb, f, dst->id, DIR_INGRESS, identity);
+	ret = tracked ? 0 : enforce(skb, f, dst->id, DIR_INGRESS, identity);
 	if (ret)
 		return ret;
 
@@ -140,13 +141,20 @@ static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endp
 	ret = enforce(skb, &f, src->id, DIR_EGRESS, identity_of(remote));
 	if (ret)
 		return ret;
+	dst = local_endpoint(remote);
+	/* A reply of a flow the endpoint sent to itself through a frontend
+	 * goes back to it, from the frontend. */
+	if (f.rev_nat) {
+		if (lb_hairpin_reply(skb, &f) < 0)
+			return drop(skb, REASON_NO_BACKEND, DIR_EGRESS, src->id);
+		dst = src;
+	}
 	ip = header(skb, ETH_HLEN, sizeof(*ip));
 	if (!ip)
 		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
-	dst = local_endpoint(remote);
 	if (dst && ip->ttl > 1) {
 		ttl_decrement(ip);
-		return to_endpoint(skb, dst, &f, src->identity);
+		return to_endpoint(skb, dst, &f, src->identity, f.rev_nat != 0);
 	}
 	trace(skb, TRACE_TO_STACK, DIR_EGRESS, src->id);
 	return TC_ACT_OK;
@@ -190,16 +198,21 @@ static __always_inline int from_endpoint_ipv6(struct __sk_buff *skb, struct endp
 		ret = enforce(skb, &f, src->id, DIR_EGRESS, identity_of(remote));
 		if (ret)
 			return ret;
-		ip = header(skb, ETH_HLEN, sizeof(*ip));
-		if (!ip)
-			return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
 	} else {
 		remote = ipcache_lookup6(ip->daddr);
 	}
 	dst = local_endpoint(remote);
+	if (f.rev_nat) { /* a hairpinned flow's reply, as for IPv4 */
+		if (lb_hairpin_reply(skb, &f) < 0)
+			return drop(skb, REASON_NO_BACKEND, DIR_EGRESS, src->id);
+		dst = src;
+	}
+	ip = header(skb, ETH_HLEN, sizeof(*ip));
+	if (!ip)
+		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
 	if (dst && ip->hop_limit > 1) {
 		ip->hop_limit--; /* no checksum in the IPv6 header */
-		return to_endpoint(skb, dst, &f, src->identity);
+		return to_endpoint(skb, dst, &f, src->identity, f.rev_nat != 0);
 	}
 	trace(skb, TRACE_TO_STACK, DIR_EGRESS, src->id);
 	return TC_ACT_OK;

@@ -149,17 +149,41 @@ func TestTranslateSocket(t *testing.T) {
 }
 
 // TestHairpin: an endpoint that reaches a frontend whose backend is itself
-// gets its answer.
+// gets its answer, from the frontend, at the socket level and per packet.
 func TestHairpin(t *testing.T) {
 	cgroup := testutil.Cgroup(t)
 	n := newNodeWith(t, datapath.Config{Cgroup: cgroup})
-	serve(t, n.client, false, 8080)
-	fe := service.Frontend{Addr: fe4, Port: 80, Protocol: service.TCP}
-	dst := netip.AddrPortFrom(fe.Addr, fe.Port)
-	upsert(t, n.dp, service.Service{Frontend: fe, Backends: backends(n.client, false, 8080)})
-	a := askFrom(t, cgroup, question{NetNS: n.client.NetNS, TCP: true, To: dst})
-	if want := netip.AddrPortFrom(n.client.IPv4, 8080).String(); a.Err != "" || a.Reply != want || a.From != dst {
-		t.Fatalf("%+v; want %q from %v", a, want, dst)
+	for _, v6 := range []bool{false, true} {
+		serve(t, n.client, v6, 8080)
+		want := netip.AddrPortFrom(addrOf(n.client, v6), 8080).String()
+		for _, tcp := range []bool{true, false} {
+			fe := service.Frontend{Addr: frontendAddr(v6), Port: 80, Protocol: service.UDP}
+			if tcp {
+				fe.Protocol = service.TCP
+			}
+			dst := netip.AddrPortFrom(fe.Addr, fe.Port)
+			t.Run(fmt.Sprintf("ipv6=%v/%v", v6, fe.Protocol), func(t *testing.T) {
+				upsert(t, n.dp, service.Service{Frontend: fe, Backends: backends(n.client, v6, 8080)})
+				a := askFrom(t, cgroup, question{NetNS: n.client.NetNS, TCP: tcp, To: dst})
+				if a.Err != "" || a.Reply != want || a.From != dst {
+					t.Errorf("socket level: %+v; want %q from %v", a, want, dst)
+				}
+				// Per packet: twice, the second time on the tracked flow.
+				for range 2 {
+					var reply string
+					var from netip.AddrPort
+					var err error
+					if tcp {
+						reply, from, err = askTCP(n.client, dst, wait)
+					} else {
+						reply, from, err = askUDP(n.client, 33000, dst, wait)
+					}
+					if err != nil || reply != want || from != dst {
+						t.Fatalf("per packet: %q from %v, %v; want %q from %v", reply, from, err, want, dst)
+					}
+				}
+			})
+		}
 	}
 }
 

@@ -83,6 +83,7 @@ struct flow {
 	__u16 service;       /* translated for this service (ct_create records it) */
 	__u32 backend;       /* to this backend */
 	__u16 rev_nat;       /* a reply of a translated flow: ct_lookup found its service */
+	__u8 hairpin;        /* translated to its own sender: the source is the frontend */
 	struct ct_key related;
 };
 
@@ -177,7 +178,9 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 
 
 /* ct_create records a new flow that policy let through. The sender's entry
  * of a flow translated for a service (and the service entry) names the
- * service and backend, so that its replies are translated back. */
+ * service and backend, so that its replies are translated back; so does
+ * the receiver's entry of a hairpinned flow, whose replies are turned
+ * around by the receiver's own program. */
 static __always_inline void ct_create(struct flow *f, __u8 dir, __u16 ep, __u32 identity, __u16 rule,
 				      __u8 audited, __u32 len)
 {
@@ -191,7 +194,7 @@ static __always_inline void ct_create(struct flow *f, __u8 dir, __u16 ep, __u32 
 		.bytes = len,
 	};
 
-	if (dir != CT_INGRESS) {
+	if (dir != CT_INGRESS || f->hairpin) {
 		e.rev_nat = f->service;
 		e.backend = f->backend;
 	}

@@ -9,6 +9,7 @@
 #include "events.h"
 #include "ct.h"
 #include "nat.h"
+#include "parse.h"
 #include "policy.h"
 #include "service.h"
 
@@ -16,6 +17,8 @@
  * its destination is a frontend translated at tc: the flow's backend while
  * it belongs to the service (a new TCP connection on the port of an old one
  * chooses again when that backend takes no new flows), else a new choice.
+ * A packet whose backend is its own sender (hairpin) gets the frontend as
+ * its source too: the sender would drop a packet from its own address.
  * f is updated to the translated packet. It returns 0, or the drop verdict
  * (NO_BACKEND: no backend takes new flows). */
 static __always_inline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
@@ -48,6 +51,14 @@ static __always_inline int lb_translate(struct __sk_buff *skb, struct flow *f, _
 		}
 	}
 	if (!b) {
+		struct ct_key rk;
+
+		/* A reply to a flow delivered to this endpoint, whose peer
+		 * address and port happen to be a frontend's (a hairpinned
+		 * flow's peer is the frontend): not a new service flow. */
+		ct_reverse(&rk, &f->key, CT_INGRESS);
+		if (bpf_map_lookup_elem(&conntrack, &rk))
+			return 0;
 		id = lb_select(fe, f->key.saddr, lb_hash(f->key.saddr, f->key.sport, f->key.proto), &b);
 		if (!id)
 			return drop(skb, REASON_NO_BACKEND, DIR_EGRESS, ep);
@@ -58,9 +69,33 @@ static __always_inline int lb_translate(struct __sk_buff *skb, struct flow *f, _
 	if (new_flow)
 		ct_create(f, CT_SERVICE, ep, 0, POLICY_NO_RULE, 0, skb->len);
 	lb_count(id, skb->len, new_flow);
+	if (ipv6_equal(b->addr, f->key.saddr)) {
+		f->hairpin = 1;
+		if (nat_rewrite(skb, f, 0, fk.addr, f->key.sport) < 0)
+			return drop(skb, REASON_MALFORMED, DIR_EGRESS, ep);
+	}
 	if (nat_rewrite(skb, f, 1, b->addr, b->port) < 0)
 		return drop(skb, REASON_MALFORMED, DIR_EGRESS, ep);
 	f->l4_port = bpf_ntohs(f->key.dport);
+	return 0;
+}
+
+/* lb_hairpin_reply turns a reply of a hairpinned flow around: it came from
+ * the backend port to the frontend address and the client's port, and
+ * goes back to the same endpoint from the frontend. It returns -1 when the
+ * service is gone or the packet cannot be rewritten. */
+static __always_inline int lb_hairpin_reply(struct __sk_buff *skb, struct flow *f)
+{
+	__u32 id = f->rev_nat;
+	struct lb_frontend_key *fk = bpf_map_lookup_elem(&lb_revnat, &id);
+	__be16 client_port = f->key.dport;
+	__u8 client[16];
+
+	if (!fk)
+		return -1;
+	__builtin_memcpy(client, f->key.saddr, 16);
+	if (nat_rewrite(skb, f, 0, fk->addr, fk->port) < 0 || nat_rewrite(skb, f, 1, client, client_port) < 0)
+		return -1;
 	return 0;
 }
 
