@@ -22,7 +22,7 @@
  * passes; a new flow meets the endpoint's policy, is counted against the
  * rule that decided, reported when policy verdicts are on, and tracked if
  * it passes. A reply delivered to the client of a service flow is made to
- * come from the frontend. It returns 0 to let the packet on, or the drop
+ * come from the frontend, an ICMP error about one to quote the frontend. It returns 0 to let the packet on, or the drop
  * verdict; packet pointers taken before are invalid after it. */
 static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, __u16 ep, __u8 dir,
 				   __u32 identity)
@@ -32,7 +32,8 @@ static __always_inline int enforce(struct __sk_buff *skb, struct flow *f, __u16 
 	enum ct_status status;
 
 	status = ct_lookup(f, ct_dir, skb->len);
-	if (status == CT_REPLY && f->rev_nat && dir == DIR_INGRESS && lb_reverse(skb, f) < 0)
+	if ((status == CT_REPLY || status == CT_RELATED) && f->rev_nat && dir == DIR_INGRESS &&
+	    lb_reverse(skb, f) < 0)
 		return drop(skb, REASON_MALFORMED, dir, ep);
 	if (status != CT_NEW)
 		return 0;

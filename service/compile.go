@@ -45,6 +45,9 @@ func Compile(s *Service, id uint16, half uint32, numbers []uint16) Entries {
 	case TCOnly:
 		e.Frontend.Flags = uint32(bpfobj.TypesLbFlagLB_F_TC)
 	}
+	if s.NoBackend == Reject {
+		e.Frontend.Flags |= uint32(bpfobj.TypesLbFlagLB_F_REJECT)
+	}
 	var usable []int // indices of backends that take new flows
 	for i, b := range s.Backends {
 		e.IDs = append(e.IDs, backendID(id, numbers[i]))

@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -310,6 +311,42 @@ func TestNoBackend(t *testing.T) {
 	}
 }
 
+// TestNoBackendReject: a frontend that rejects answers a new flow no
+// backend takes with a port unreachable, so TCP connect and a connected
+// UDP socket's read fail at once, and counts it as a NO_BACKEND drop.
+func TestNoBackendReject(t *testing.T) {
+	n := newNode(t)
+	for _, v6 := range []bool{false, true} {
+		for _, proto := range []service.Protocol{service.TCP, service.UDP} {
+			t.Run(fmt.Sprintf("ipv6=%v/%v", v6, proto), func(t *testing.T) {
+				fe := service.Frontend{Addr: frontendAddr(v6), Port: 80, Protocol: proto}
+				upsert(t, n.dp, service.Service{Frontend: fe, Backends: []service.Backend{}, Reach: service.TCOnly, NoBackend: service.Reject})
+				before := dropped(t, n.dp, datapath.ReasonNoBackend)
+				start := time.Now()
+				err := inNS(n.client, func() error {
+					c, err := net.DialTimeout(strings.ToLower(proto.String()), netip.AddrPortFrom(fe.Addr, fe.Port).String(), wait)
+					if err != nil {
+						return err
+					}
+					defer c.Close()
+					c.SetDeadline(time.Now().Add(wait))
+					if _, err := c.Write([]byte("hi")); err != nil {
+						return err
+					}
+					_, err = c.Read(make([]byte, 8))
+					return err
+				})
+				if !errors.Is(err, syscall.ECONNREFUSED) || time.Since(start) > wait/2 {
+					t.Errorf("after %v: %v, want ECONNREFUSED at once", time.Since(start), err)
+				}
+				if after := dropped(t, n.dp, datapath.ReasonNoBackend); after <= before {
+					t.Errorf("NO_BACKEND drops %d, then %d", before, after)
+				}
+			})
+		}
+	}
+}
+
 func dropped(t testing.TB, dp *datapath.Datapath, reason datapath.Reason) uint64 {
 	t.Helper()
 	m, err := dp.Metrics()
@@ -354,4 +391,33 @@ func parallel(n int, fn func(i int)) {
 	}
 	close(next)
 	wg.Wait()
+}
+
+// TestICMPErrorTranslated: an ICMP port unreachable from a backend about a
+// translated flow reaches the client's connected socket as about the
+// frontend: the socket reports the connection refused.
+func TestICMPErrorTranslated(t *testing.T) {
+	n := newNode(t)
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("ipv6=%v", v6), func(t *testing.T) {
+			fe := service.Frontend{Addr: frontendAddr(v6), Port: 80, Protocol: service.UDP}
+			upsert(t, n.dp, service.Service{Frontend: fe, Backends: backends(n.a, v6, 8099), Reach: service.TCOnly}) // nothing listens
+			err := inNS(n.client, func() error {
+				c, err := net.Dial("udp", netip.AddrPortFrom(fe.Addr, fe.Port).String())
+				if err != nil {
+					return err
+				}
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(wait))
+				if _, err := c.Write([]byte("hi")); err != nil {
+					return err
+				}
+				_, err = c.Read(make([]byte, 8))
+				return err
+			})
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Errorf("read from a frontend whose backend has no listener: %v, want ECONNREFUSED", err)
+			}
+		})
+	}
 }

@@ -136,6 +136,31 @@ func (r Reach) String() string {
 	return fmt.Sprintf("reach(%d)", uint8(r))
 }
 
+// NoBackend says what a frontend translated per packet does with a new
+// flow no backend takes. Either way the packet counts as a NO_BACKEND drop;
+// at the socket level connect and send fail with EPERM.
+type NoBackend uint8
+
+const (
+	// Drop drops the packet.
+	Drop NoBackend = iota
+	// Reject answers it with an ICMP or ICMPv6 port unreachable from the
+	// frontend, so the client's connect or receive fails at once with
+	// ECONNREFUSED instead of timing out. An IPv4 packet with IP options
+	// is dropped.
+	Reject
+)
+
+func (n NoBackend) String() string {
+	switch n {
+	case Drop:
+		return "drop"
+	case Reject:
+		return "reject"
+	}
+	return fmt.Sprintf("no-backend(%d)", uint8(n))
+}
+
 // Service is a frontend balanced over backends.
 type Service struct {
 	Frontend Frontend
@@ -149,8 +174,9 @@ type Service struct {
 	// Affinity, when not 0, sends every new flow of a client address to
 	// the backend its last one went to, while that backend is active and
 	// less than Affinity has passed since; whole seconds, at most a day.
-	Affinity time.Duration
-	Reach    Reach
+	Affinity  time.Duration
+	Reach     Reach
+	NoBackend NoBackend
 }
 
 // MaxBackends is how many backends one service may have.
@@ -186,6 +212,9 @@ func (s *Service) Validate() error {
 	}
 	if s.Reach > TCOnly {
 		return bad("unknown reach %v", s.Reach)
+	}
+	if s.NoBackend > Reject {
+		return bad("unknown no-backend action %v", s.NoBackend)
 	}
 	if s.Affinity < 0 || s.Affinity > 24*time.Hour || s.Affinity%time.Second != 0 {
 		return bad("affinity %v: want whole seconds up to 24h", s.Affinity)

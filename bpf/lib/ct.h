@@ -82,9 +82,11 @@ struct flow {
 	__u16 l4_off;        /* where the L4 header starts; 0 for a later fragment */
 	__u16 service;       /* translated for this service (ct_create records it) */
 	__u32 backend;       /* to this backend */
-	__u16 rev_nat;       /* a reply of a translated flow: ct_lookup found its service */
+	__u16 rev_nat;       /* a reply (or an ICMP error about) a translated flow: its service */
 	__u8 hairpin;        /* translated to its own sender: the source is the frontend */
-	struct ct_key related;
+	__u16 related_l3_off; /* an ICMP error: where the packet it quotes starts */
+	__u16 related_l4_off; /* and that packet's L4 header */
+	struct ct_key related __attribute__((aligned(8))); /* read as 8-byte words */
 };
 
 #define TCP_FIN 0x01
@@ -166,6 +168,8 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 
 		 * entry) or one delivered to it (its ingress entry). */
 		f->related.dir = dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
 		e = bpf_map_lookup_elem(&conntrack, &f->related);
+		if (e && f->related.dir == CT_EGRESS)
+			f->rev_nat = e->rev_nat; /* about a translated flow it sent */
 		if (!e) {
 			ct_reverse(&rev, &f->related, dir);
 			e = bpf_map_lookup_elem(&conntrack, &rev);

@@ -119,6 +119,8 @@ static __always_inline int flow_parse4(struct __sk_buff *skb, struct iphdr *ip, 
 		if (bpf_skb_load_bytes(skb, off + 8, &inner, sizeof(inner)) < 0 || ipv4_version(&inner) != 4)
 			return 0; /* not one to relate: policy decides it */
 		f->icmp_error = 1;
+		f->related_l3_off = off + 8;
+		f->related_l4_off = off + 8 + ipv4_hdrlen(&inner);
 		f->related.family = 4;
 		f->related.proto = inner.protocol;
 		*(__be32 *)f->related.saddr = inner.saddr;
@@ -164,6 +166,8 @@ static __always_inline int flow_parse6(struct __sk_buff *skb, struct ipv6hdr *ip
 		if (proto < 0)
 			return 0;
 		f->icmp_error = 1;
+		f->related_l3_off = off + 8;
+		f->related_l4_off = inner_off;
 		f->related.family = 6;
 		f->related.proto = proto;
 		__builtin_memcpy(f->related.saddr, inner.saddr, 16);

@@ -12,6 +12,25 @@
 #include "parse.h"
 #include "policy.h"
 #include "service.h"
+#include "icmp.h"
+
+/* lb_reject answers the flow's packet, to a frontend with no backend that
+ * rejects, with a port unreachable from the frontend, sent straight back
+ * into the endpoint it came from. A global function: verified once. */
+__noinline int lb_reject(struct __sk_buff *skb, struct flow *f)
+{
+	int ret;
+
+	if (!f)
+		return TC_ACT_SHOT;
+	if (f->key.family == 4)
+		ret = icmp4_port_unreachable(skb, f, *(__be32 *)f->key.daddr);
+	else
+		ret = icmp6_port_unreachable(skb, f, f->key.daddr);
+	if (ret < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
 
 /* lb_translate sends the flow's packet, from endpoint ep, to a backend when
  * its destination is a frontend translated at tc: the flow's backend while
@@ -19,8 +38,8 @@
  * chooses again when that backend takes no new flows), else a new choice.
  * A packet whose backend is its own sender (hairpin) gets the frontend as
  * its source too: the sender would drop a packet from its own address.
- * f is updated to the translated packet. It returns 0, or the drop verdict
- * (NO_BACKEND: no backend takes new flows). */
+ * f is updated to the translated packet. It returns 0, or the verdict on a
+ * packet no backend takes: dropped (NO_BACKEND) or answered (lb_reject). */
 static __always_inline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 {
 	struct lb_frontend_key fk = {.port = f->key.dport, .proto = f->key.proto, .family = f->key.family};
@@ -60,8 +79,12 @@ static __always_inline int lb_translate(struct __sk_buff *skb, struct flow *f, _
 		if (bpf_map_lookup_elem(&conntrack, &rk))
 			return 0;
 		id = lb_select(fe, f->key.saddr, lb_hash(f->key.saddr, f->key.sport, f->key.proto), &b);
-		if (!id)
-			return drop(skb, REASON_NO_BACKEND, DIR_EGRESS, ep);
+		if (!id) {
+			/* Counted and reported as dropped, answered or not. */
+			int verdict = drop(skb, REASON_NO_BACKEND, DIR_EGRESS, ep);
+
+			return fe->flags & LB_F_REJECT ? lb_reject(skb, f) : verdict;
+		}
 		new_flow = 1;
 	}
 	f->service = fe->service;
@@ -100,14 +123,22 @@ static __always_inline int lb_hairpin_reply(struct __sk_buff *skb, struct flow *
 }
 
 /* lb_reverse makes a reply of a translated flow come from the frontend the
- * client sent to. A reply of a service deleted since goes as it is. It
- * returns -1 when the packet cannot be rewritten. */
-static __always_inline int lb_reverse(struct __sk_buff *skb, struct flow *f)
+ * client sent to, and an ICMP error about such a flow quote it as the
+ * client sent it. A reply of a service deleted since goes as it is. It
+ * returns -1 when the packet cannot be rewritten. A global function, so
+ * that the verifier walks it once, not on every path that delivers. */
+__noinline int lb_reverse(struct __sk_buff *skb, struct flow *f)
 {
-	__u32 id = f->rev_nat;
-	struct lb_frontend_key *fk = bpf_map_lookup_elem(&lb_revnat, &id);
+	struct lb_frontend_key *fk;
+	__u32 id;
 
+	if (!f) /* a global function: verified once, for any pointer */
+		return -1;
+	id = f->rev_nat;
+	fk = bpf_map_lookup_elem(&lb_revnat, &id);
 	if (!fk)
 		return 0;
+	if (f->icmp_error)
+		return nat_rewrite_quoted(skb, f, fk->addr, fk->port);
 	return nat_rewrite(skb, f, 0, fk->addr, fk->port);
 }
