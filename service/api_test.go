@@ -197,3 +197,51 @@ func TestUpsertSyncDelete(t *testing.T) {
 }
 
 var _ = ebpf.ErrKeyNotExist
+
+// TestLargeService: a service whose record does not fit a ledger record
+// keeps it in a blob, and another handle reads it back.
+func TestLargeService(t *testing.T) {
+	n := newNode(t)
+	ctx := context.Background()
+	s := service.Service{Frontend: service.Frontend{Addr: fe4, Port: 80, Protocol: service.TCP}, Backends: manyBackends(1000), Algorithm: service.Maglev}
+	upsert(t, n.dp, s)
+	dp2, err := datapath.Open(ctx, datapath.Config{Name: "node", NetNS: n.ns.Path, BPFFS: n.dp.PinDir()[:strings.LastIndexByte(n.dp.PinDir(), '/')]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp2.Close()
+	got, err := service.Get(dp2, s.Frontend)
+	if err != nil || len(got.Backends) != 1000 {
+		t.Fatalf("Get from another handle: %d backends, %v", len(got.Backends), err)
+	}
+	s.Backends = s.Backends[:999]
+	if c, err := service.Upsert(ctx, dp2, s); err != nil || len(c.Removed) != 1 {
+		t.Fatalf("Upsert from another handle: %+v, %v", c, err)
+	}
+	if err := service.Delete(ctx, n.dp, s.Frontend); err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(dump(t, n.dp), "\n") {
+		if strings.HasPrefix(line, "lb_") || strings.HasPrefix(line, "ledger_blobs") {
+			t.Errorf("left after Delete: %.80s", line)
+		}
+	}
+}
+
+// TestServiceShrinks: a service that no longer needs a blob is read back
+// from its record.
+func TestServiceShrinks(t *testing.T) {
+	n := newNode(t)
+	s := service.Service{Frontend: service.Frontend{Addr: fe4, Port: 80, Protocol: service.TCP}, Backends: manyBackends(500)}
+	upsert(t, n.dp, s)
+	s.Backends = s.Backends[:3]
+	upsert(t, n.dp, s)
+	dp2, err := datapath.Open(context.Background(), datapath.Config{Name: "node", NetNS: n.ns.Path, BPFFS: n.dp.PinDir()[:strings.LastIndexByte(n.dp.PinDir(), '/')]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp2.Close()
+	if got, err := service.Get(dp2, s.Frontend); err != nil || len(got.Backends) != 3 {
+		t.Fatalf("Get from another handle: %d backends, %v", len(got.Backends), err)
+	}
+}

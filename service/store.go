@@ -15,14 +15,17 @@ import (
 )
 
 // record is a service as the ledger keeps it (KindService, its ID): the
-// service, and what it holds in the maps.
+// service, and what it holds in the maps. A service with many backends
+// does not fit a ledger record: then its service and numbers are the
+// record's blob (blobbed), as JSON of a record with only those.
 type record struct {
 	Version int      `json:"v"`
-	Service *Service `json:"service,omitempty"` // nil: in the record's blob (too large)
+	Service *Service `json:"service,omitempty"`
+	Numbers []uint16 `json:"numbers,omitempty"` // its backends' numbers, in Service.Backends order
 	Half    uint32   `json:"half"`              // its selection table in use
 	Slots   uint32   `json:"slots"`             // how many slots that table has
-	Numbers []uint16 `json:"numbers"`           // its backends' numbers, in Service.Backends order
 	Next    uint16   `json:"next"`              // the last backend number given
+	Blobbed bool     `json:"blobbed,omitempty"`
 }
 
 const recordVersion = 1
@@ -86,17 +89,25 @@ func loadIndex(st *core.State) (*index, error) {
 		if err := json.Unmarshal(r.Object, &in.rec); err != nil || in.rec.Version != recordVersion {
 			return nil, fmt.Errorf("service %d: %w: unreadable record", r.ID, datapath.ErrIncompatible)
 		}
-		if in.rec.Service == nil {
+		if in.rec.Blobbed {
+			var big record
 			doc, err := ledger.GetBlob(st.Objs.LedgerBlobs, ledger.KindService, r.ID)
 			if err == nil {
-				err = json.Unmarshal(doc, &in.svc)
+				err = json.Unmarshal(doc, &big)
+			}
+			if err == nil && big.Service == nil {
+				err = errors.New("blob without a service")
 			}
 			if err != nil {
 				return nil, fmt.Errorf("service %d: %w: %w", r.ID, datapath.ErrIncompatible, err)
 			}
-		} else {
-			in.svc = *in.rec.Service
+			in.rec.Service, in.rec.Numbers = big.Service, big.Numbers
 		}
+		if in.rec.Service == nil || len(in.rec.Numbers) != len(in.rec.Service.Backends) {
+			return nil, fmt.Errorf("service %d: %w: a record without its service", r.ID, datapath.ErrIncompatible)
+		}
+		in.svc = *in.rec.Service
+		in.rec.Service = nil // in.svc is the service
 		idx.add(in)
 	}
 	return idx, nil
@@ -188,7 +199,7 @@ func bytesOf(v any) []byte {
 // backends, counters, selection tables and affinities.
 func ledgerRecord(in *installed, state ledger.State) (*ledger.Record, []byte, error) {
 	rec := in.rec
-	rec.Version = recordVersion
+	rec.Version, rec.Blobbed = recordVersion, false
 	svc := in.svc
 	rec.Service = &svc
 	obj, err := json.Marshal(rec)
@@ -196,11 +207,11 @@ func ledgerRecord(in *installed, state ledger.State) (*ledger.Record, []byte, er
 		return nil, nil, err
 	}
 	var blob []byte
-	if len(obj) > len(bpfobj.TypesLedgerRecord{}.Data)-512 {
-		if blob, err = json.Marshal(in.svc); err != nil {
+	if len(obj) > len(bpfobj.TypesLedgerRecord{}.Data)-512 { // room for Made
+		if blob, err = json.Marshal(record{Version: recordVersion, Service: &svc, Numbers: rec.Numbers}); err != nil {
 			return nil, nil, err
 		}
-		rec.Service = nil
+		rec.Service, rec.Numbers, rec.Blobbed = nil, nil, true
 		if obj, err = json.Marshal(rec); err != nil {
 			return nil, nil, err
 		}
