@@ -1,8 +1,9 @@
 // Command endpoints is sluice's main demo. It builds a node in a network
 // namespace of its own, opens a datapath there (pins on a private bpffs),
 // connects two workloads as endpoints, and shows the datapath at work:
-// traffic between them forwarded by BPF, a spoofed packet dropped with its
-// reason, counters and events. Everything it makes, it removes.
+// traffic between them forwarded by BPF, a connection through a service
+// frontend, a spoofed packet dropped with its reason, counters and events.
+// Everything it makes, it removes.
 //
 //	go run ./examples/endpoints     # as root
 package main
@@ -12,7 +13,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
+	"net"
 	"net/netip"
 	"os"
 	"slices"
@@ -27,6 +30,7 @@ import (
 	"github.com/sluicedp/sluice/internal/icmpecho"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
+	"github.com/sluicedp/sluice/service"
 )
 
 func main() {
@@ -116,6 +120,11 @@ func run() (err error) {
 		}
 	}
 
+	fmt.Println("\n# web reaches db through a service: 198.18.200.1:80 balanced over db's port 8080")
+	if err := viaService(ctx, dp, webNS, db); err != nil {
+		return err
+	}
+
 	fmt.Println("\n# web claims an address that is not its own")
 	spoofed := netip.MustParseAddr("198.18.1.99")
 	if err := netdev.AddAddr(webNS, "eth0", netip.PrefixFrom(spoofed, 32)); err != nil {
@@ -187,4 +196,55 @@ func awaitDrop(events <-chan datapath.Event, reason datapath.Reason, id uint16) 
 			return fmt.Errorf("no %s drop event from endpoint %d", reason, id)
 		}
 	}
+}
+
+// viaService puts a TCP server on db's port 8080, makes 198.18.200.1:80 a
+// service with db as its backend, connects from web's namespace to the
+// frontend and prints what it sees: the server's answer, from the frontend.
+func viaService(ctx context.Context, dp *datapath.Datapath, webNS netns.NsHandle, db *endpoint.Endpoint) error {
+	fe := service.Frontend{Addr: netip.MustParseAddr("198.18.200.1"), Port: 80, Protocol: service.TCP}
+	if _, err := service.Upsert(ctx, dp, service.Service{
+		Frontend: fe,
+		Backends: []service.Backend{{Addr: db.IPv4, Port: 8080, Weight: 1}},
+	}); err != nil {
+		return err
+	}
+	dbNS, err := netns.GetFromName(db.NetNS)
+	if err != nil {
+		return err
+	}
+	defer dbNS.Close()
+	var ln net.Listener
+	if err := nsrun.Do(dbNS, func() (err error) {
+		ln, err = net.Listen("tcp", netip.AddrPortFrom(db.IPv4, 8080).String())
+		return err
+	}); err != nil {
+		return err
+	}
+	defer ln.Close()
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			fmt.Fprintf(c, "hello from %s", c.LocalAddr())
+			c.Close()
+		}
+	}()
+	return nsrun.Do(webNS, func() error {
+		c, err := net.DialTimeout("tcp", netip.AddrPortFrom(fe.Addr, fe.Port).String(), 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		answer, err := io.ReadAll(c)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("connected to %s, answer %q\n", c.RemoteAddr(), answer)
+		counters, err := service.ReadCounters(dp, fe)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("backend %s: %d flow, %d packets translated\n", counters[0].Backend, counters[0].Flows, counters[0].Packets)
+		return nil
+	})
 }
