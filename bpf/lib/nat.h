@@ -26,10 +26,26 @@ static __always_inline __u32 nat_csum_off(const struct flow *f)
 	return 0;
 }
 
+/* csum_replace4 is the IPv4 header checksum check after a 32-bit field
+ * of the header changed from from to to (RFC 1624): one's complement sums
+ * are the same in either byte order, so no swap is needed. */
+static __always_inline __sum16 csum_replace4(__sum16 check, __be32 from, __be32 to)
+{
+	__u32 sum = (__u16)~check;
+
+	sum += (~from & 0xffff) + (~from >> 16) + (to & 0xffff) + (to >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__sum16)~sum;
+}
+
 /* nat_rewrite sets the source (dest == 0) or destination (dest == 1)
  * address and port of the flow's packet to addr and port, and updates f's
- * key to match. It returns -1 when the packet cannot be rewritten. Every
- * packet pointer taken before is invalid after it. */
+ * key to match. The L4 checksum goes through the helper, which knows
+ * whether the NIC is still to fill it in; the IP header is written in
+ * place (pull_headers made it linear). It returns -1 when the packet
+ * cannot be rewritten. Every packet pointer taken before is invalid after
+ * it. */
 static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, int dest, const __u8 *addr,
 				       __be16 port)
 {
@@ -42,26 +58,35 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, in
 		return -1;
 	if (f->key.family == 4) {
 		__be32 from = *(__be32 *)old_addr, to = *(const __be32 *)addr;
-		__u32 off = IPV4_SADDR_OFF + (dest ? 4 : 0);
+		struct iphdr *ip;
 
 		if (from != to) {
-			if (bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled | sizeof(to)) < 0 ||
-			    bpf_l3_csum_replace(skb, IPV4_CHECK_OFF, from, to, sizeof(to)) < 0 ||
-			    bpf_skb_store_bytes(skb, off, &to, sizeof(to), 0) < 0)
+			if (bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled | sizeof(to)) < 0)
 				return -1;
+			ip = header(skb, ETH_HLEN, sizeof(*ip));
+			if (!ip)
+				return -1;
+			ip->check = csum_replace4(ip->check, from, to);
+			if (dest)
+				ip->daddr = to;
+			else
+				ip->saddr = to;
 			*(__be32 *)old_addr = to;
 		}
 	} else {
-		__u32 off = dest ? IPV6_DADDR_OFF : IPV6_SADDR_OFF;
 		__be32 from[4], to[4];
+		struct ipv6hdr *ip;
 		__s64 diff;
 
 		__builtin_memcpy(from, old_addr, 16);
 		__builtin_memcpy(to, addr, 16);
 		diff = bpf_csum_diff(from, 16, to, 16, 0);
-		if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) < 0 ||
-		    bpf_skb_store_bytes(skb, off, to, 16, 0) < 0)
+		if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) < 0)
 			return -1;
+		ip = header(skb, ETH_HLEN, sizeof(*ip));
+		if (!ip)
+			return -1;
+		__builtin_memcpy(dest ? ip->daddr : ip->saddr, to, 16);
 		__builtin_memcpy(old_addr, addr, 16);
 	}
 	if (*old_port != port) {
