@@ -130,7 +130,7 @@ static __always_inline int sock_forward(struct bpf_sock_addr *ctx, struct lb_fro
 	 * this socket. */
 	if (!id || b->family != dst->family)
 		return -1;
-	lb_count(id, 0, 1);
+	lb_count(b->counter, 0, 1);
 
 	rk.cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(rk.addr, b->addr, 16);

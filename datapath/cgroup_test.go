@@ -358,7 +358,7 @@ func newSockWorld(t *testing.T) *sockWorld {
 	active := uint8(bpfobj.TypesLbBackendStateLB_ACTIVE)
 	for id, b := range map[uint32]netip.Addr{1: w.server.IPv4, 2: w.server.IPv6} {
 		put(bpfobj.EndpointMapLbBackends, id, bpfobj.TypesLbBackend{
-			Addr: addr16(b), Port: be16(backendPort), Family: family(b), State: active, Service: id,
+			Addr: addr16(b), Port: be16(backendPort), Family: family(b), State: active, Service: id, Counter: id,
 		})
 		put(bpfobj.EndpointMapLbSlots, bpfobj.TypesLbSlotKey{Table: 2 * id}, id)
 		put(bpfobj.EndpointMapLbCounters, id, make([]bpfobj.TypesLbBackendCounters, ebpf.MustPossibleCPU()))

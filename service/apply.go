@@ -64,7 +64,7 @@ func Upsert(ctx context.Context, dp *datapath.Datapath, svc Service) (Changes, e
 	if old != nil && reflect.DeepEqual(old.svc, svc) {
 		return Changes{}, nil
 	}
-	ch, err := plan(idx, old, &svc)
+	ch, err := plan(idx, old, &svc, st.Objs.LbCounters.MaxEntries())
 	if err != nil {
 		st.Memo.Delete(indexKey{}) // plan reserves IDs in the index
 		return Changes{}, err
@@ -133,7 +133,7 @@ func Sync(ctx context.Context, dp *datapath.Datapath, all []Service) (SyncChange
 			out.Unchanged++
 			continue
 		}
-		ch, err := plan(idx, old, &want[i])
+		ch, err := plan(idx, old, &want[i], st.Objs.LbCounters.MaxEntries())
 		if err != nil {
 			st.Memo.Delete(indexKey{}) // plan reserves IDs in the index
 			return SyncChanges{}, err
@@ -219,11 +219,7 @@ func ReadCounters(dp *datapath.Datapath, fe Frontend) ([]BackendCounters, error)
 	for i, b := range in.svc.Backends {
 		out[i].Backend = b.AddrPort()
 		var per []bpfobj.TypesLbBackendCounters
-		err := st.Objs.LbCounters.Lookup(backendID(in.id, in.rec.Numbers[i]), &per)
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			continue
-		}
-		if err != nil {
+		if err := st.Objs.LbCounters.Lookup(in.rec.Counters[i], &per); err != nil {
 			return nil, fmt.Errorf("counters of %s: %w", b.AddrPort(), err)
 		}
 		for _, c := range per {
@@ -323,9 +319,9 @@ type change struct {
 }
 
 // plan makes the change that turns old into svc: the service keeps its ID
-// and its backends their numbers, and the new table goes in the half not
-// in use.
-func plan(idx *index, old *installed, svc *Service) (*change, error) {
+// and its backends their numbers and counters (of which the datapath has
+// counters), and the new table goes in the half not in use.
+func plan(idx *index, old *installed, svc *Service, counters uint32) (*change, error) {
 	in := &installed{svc: *svc}
 	if old != nil {
 		in.id = old.id
@@ -337,8 +333,12 @@ func plan(idx *index, old *installed, svc *Service) (*change, error) {
 		}
 		in.id = id
 	}
-	in.rec.Numbers, in.rec.Next = numbers(old, svc)
-	e := Compile(svc, in.id, in.rec.Half, in.rec.Numbers)
+	var ok bool
+	in.rec.Numbers, in.rec.Counters, in.rec.Next, ok = idx.assign(old, svc, counters)
+	if !ok {
+		return nil, fmt.Errorf("service %s: %d backends, the datapath holds %d: %w", svc.Frontend, idx.backends+len(svc.Backends), counters, datapath.ErrMapFull)
+	}
+	e := Compile(svc, in.id, in.rec.Half, in.rec.Numbers, in.rec.Counters)
 	in.rec.Slots = uint32(len(e.Slots))
 	// A new service whose ID this plan took is not in the index yet: the
 	// next newID must not give it again.
@@ -450,6 +450,30 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 		rollback()
 		return core.MapError(err, datapath.ErrMapFull, what)
 	}
+	// A counter index a new backend gets may have been another's.
+	var fresh []uint32
+	for _, ch := range chs {
+		if ch.new == nil {
+			continue
+		}
+		had := map[uint32]bool{}
+		if ch.old != nil {
+			for _, c := range ch.old.rec.Counters {
+				had[c] = true
+			}
+		}
+		for _, c := range ch.new.rec.Counters {
+			if !had[c] {
+				fresh = append(fresh, c)
+			}
+		}
+	}
+	if len(fresh) > 0 {
+		zero := make([]bpfobj.TypesLbBackendCounters, len(fresh)*ebpf.MustPossibleCPU())
+		if _, err := st.Objs.LbCounters.BatchUpdate(fresh, zero, nil); err != nil {
+			return full(err, "zero backend counters")
+		}
+	}
 	if err := batchUpdate(st.Objs.LbBackends, bKeys, bVals); err != nil {
 		return full(err, "write backends")
 	}
@@ -510,11 +534,6 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 	}
 	var errs []error
 	errs = append(errs, batchDelete(st.Objs.LbSlots, oldSlots), batchDelete(st.Objs.LbBackends, oldBackends), batchDelete(st.Objs.LbRevnat, oldRevnat))
-	for _, id := range oldBackends {
-		if err := st.Objs.LbCounters.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			errs = append(errs, err)
-		}
-	}
 
 	// 5. Records: ready, or gone.
 	for _, ch := range chs {
@@ -595,7 +614,7 @@ func restoreRecords(st *core.State, chs []*change) {
 func backendValues(in *installed) []bpfobj.TypesLbBackend {
 	out := make([]bpfobj.TypesLbBackend, len(in.svc.Backends))
 	for i, b := range in.svc.Backends {
-		out[i] = bpfobj.TypesLbBackend{Addr: addr16(b.Addr), Port: htons(b.Port), Family: family(b.Addr), State: uint8(b.State), Service: uint32(in.id)}
+		out[i] = bpfobj.TypesLbBackend{Addr: addr16(b.Addr), Port: htons(b.Port), Family: family(b.Addr), State: uint8(b.State), Service: uint32(in.id), Counter: in.rec.Counters[i]}
 	}
 	return out
 }

@@ -142,7 +142,7 @@ func reference(t *testing.T, svc service.Service, client netip.Addr, sports []ui
 	for i := range nums {
 		nums[i] = uint16(i + 1)
 	}
-	e := service.Compile(&svc, 1, 0, nums)
+	e := service.Compile(&svc, 1, 0, nums, make([]uint32, len(nums)))
 	for i, id := range e.IDs {
 		byID[id] = svc.Backends[i].Port
 	}

@@ -25,10 +25,10 @@ type Entries struct {
 func backendID(service uint16, n uint16) uint32 { return uint32(service)<<16 | uint32(n) }
 
 // Compile turns a valid service into its map entries, given the service's
-// ID, which of its two selection tables to write (half, 0 or 1) and its
-// backends' numbers (in the order of s.Backends). It is pure: the same
-// input always gives the same entries.
-func Compile(s *Service, id uint16, half uint32, numbers []uint16) Entries {
+// ID, which of its two selection tables to write (half, 0 or 1), and its
+// backends' numbers and counter indexes (in the order of s.Backends). It
+// is pure: the same input always gives the same entries.
+func Compile(s *Service, id uint16, half uint32, numbers []uint16, counters []uint32) Entries {
 	e := Entries{
 		Key: frontendKey(s.Frontend),
 		Frontend: bpfobj.TypesLbFrontend{
@@ -57,6 +57,7 @@ func Compile(s *Service, id uint16, half uint32, numbers []uint16) Entries {
 			Family:  family(b.Addr),
 			State:   uint8(b.State),
 			Service: uint32(id),
+			Counter: counters[i],
 		})
 		if b.State == Active && b.Weight > 0 {
 			usable = append(usable, i)

@@ -56,7 +56,7 @@ func maglevChoice(t testing.TB, svc service.Service, client netip.AddrPort) neti
 	for i := range nums {
 		nums[i] = uint16(i + 1)
 	}
-	e := service.Compile(&svc, 1, 0, nums)
+	e := service.Compile(&svc, 1, 0, nums, make([]uint32, len(nums)))
 	if len(e.Slots) != svc.MaglevSize || e.Frontend.Slots != uint32(svc.MaglevSize) {
 		t.Fatalf("Compile made %d slots (frontend says %d), want %d", len(e.Slots), e.Frontend.Slots, svc.MaglevSize)
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 
 	"github.com/cilium/ebpf"
 
@@ -19,13 +20,14 @@ import (
 // does not fit a ledger record: then its service and numbers are the
 // record's blob (blobbed), as JSON of a record with only those.
 type record struct {
-	Version int      `json:"v"`
-	Service *Service `json:"service,omitempty"`
-	Numbers []uint16 `json:"numbers,omitempty"` // its backends' numbers, in Service.Backends order
-	Half    uint32   `json:"half"`              // its selection table in use
-	Slots   uint32   `json:"slots"`             // how many slots that table has
-	Next    uint16   `json:"next"`              // the last backend number given
-	Blobbed bool     `json:"blobbed,omitempty"`
+	Version  int      `json:"v"`
+	Service  *Service `json:"service,omitempty"`
+	Numbers  []uint16 `json:"numbers,omitempty"`  // its backends' numbers, in Service.Backends order
+	Counters []uint32 `json:"counters,omitempty"` // and their counter indexes
+	Half     uint32   `json:"half"`               // its selection table in use
+	Slots    uint32   `json:"slots"`              // how many slots that table has
+	Next     uint16   `json:"next"`               // the last backend number given
+	Blobbed  bool     `json:"blobbed,omitempty"`
 }
 
 const recordVersion = 1
@@ -53,8 +55,10 @@ type index struct {
 	shared     sharedRecord
 	byFrontend map[Frontend]*installed
 	byID       map[uint16]*installed
-	backends   int // entries in lb_backends
-	slots      int // entries in lb_slots
+	backends   int             // entries in lb_backends
+	slots      int             // entries in lb_slots
+	counters   map[uint32]bool // counter indexes given to backends
+	next       uint32          // where the search for a free counter index starts
 }
 
 type indexKey struct{}
@@ -76,7 +80,7 @@ func loadIndex(st *core.State) (*index, error) {
 	if v, ok := st.Memo.Load(indexKey{}); ok && v.(*index).shared.Generation == shared.Generation {
 		return v.(*index), nil
 	}
-	idx := &index{shared: shared, byFrontend: map[Frontend]*installed{}, byID: map[uint16]*installed{}}
+	idx := &index{shared: shared, byFrontend: map[Frontend]*installed{}, byID: map[uint16]*installed{}, counters: map[uint32]bool{}}
 	recs, err := ledger.List(st.Objs.Ledger, ledger.KindService)
 	if err != nil {
 		return nil, fmt.Errorf("services: %w: %w", datapath.ErrIncompatible, err)
@@ -101,9 +105,9 @@ func loadIndex(st *core.State) (*index, error) {
 			if err != nil {
 				return nil, fmt.Errorf("service %d: %w: %w", r.ID, datapath.ErrIncompatible, err)
 			}
-			in.rec.Service, in.rec.Numbers = big.Service, big.Numbers
+			in.rec.Service, in.rec.Numbers, in.rec.Counters = big.Service, big.Numbers, big.Counters
 		}
-		if in.rec.Service == nil || len(in.rec.Numbers) != len(in.rec.Service.Backends) {
+		if in.rec.Service == nil || len(in.rec.Numbers) != len(in.rec.Service.Backends) || len(in.rec.Counters) != len(in.rec.Numbers) {
 			return nil, fmt.Errorf("service %d: %w: a record without its service", r.ID, datapath.ErrIncompatible)
 		}
 		in.svc = *in.rec.Service
@@ -118,6 +122,9 @@ func (idx *index) add(in *installed) {
 	idx.byID[in.id] = in
 	idx.backends += len(in.svc.Backends)
 	idx.slots += int(in.rec.Slots)
+	for _, c := range in.rec.Counters {
+		idx.counters[c] = true
+	}
 }
 
 func (idx *index) remove(in *installed) {
@@ -125,6 +132,25 @@ func (idx *index) remove(in *installed) {
 	delete(idx.byID, in.id)
 	idx.backends -= len(in.svc.Backends)
 	idx.slots -= int(in.rec.Slots)
+	for _, c := range in.rec.Counters {
+		delete(idx.counters, c)
+	}
+}
+
+// newCounter gives a counter index no backend has, below size, or false
+// when every one is taken.
+func (idx *index) newCounter(size uint32) (uint32, bool) {
+	if uint32(len(idx.counters)) >= size {
+		return 0, false
+	}
+	for {
+		c := idx.next % size
+		idx.next = c + 1
+		if !idx.counters[c] {
+			idx.counters[c] = true
+			return c, true
+		}
+	}
 }
 
 // newID gives an unused service ID, after the last one given.
@@ -141,28 +167,30 @@ func (idx *index) newID() (uint16, bool) {
 	return 0, false
 }
 
-// numbers gives the backends of svc their numbers: a backend the service
-// had keeps its own, a new one gets one after the last given.
-func numbers(old *installed, svc *Service) (nums []uint16, next uint16) {
-	have := map[Backend]uint16{}
+// assign gives the backends of svc their numbers and counter indexes: a
+// backend the service had keeps its own, a new one gets a number after the
+// last given and a free counter index below size (false: none is free).
+func (idx *index) assign(old *installed, svc *Service, size uint32) (nums []uint16, counters []uint32, next uint16, ok bool) {
+	type kept struct {
+		number  uint16
+		counter uint32
+	}
+	have := map[netip.AddrPort]kept{}
 	used := map[uint16]bool{}
 	if old != nil {
 		next = old.rec.Next
 		for i, b := range old.svc.Backends {
-			have[Backend{Addr: b.Addr, Port: b.Port}] = old.rec.Numbers[i]
+			have[b.AddrPort()] = kept{old.rec.Numbers[i], old.rec.Counters[i]}
 			used[old.rec.Numbers[i]] = true
 		}
 	}
 	nums = make([]uint16, len(svc.Backends))
-	var fresh []int
+	counters = make([]uint32, len(svc.Backends))
 	for i, b := range svc.Backends {
-		if n, ok := have[Backend{Addr: b.Addr, Port: b.Port}]; ok {
-			nums[i] = n
-		} else {
-			fresh = append(fresh, i)
+		if k, ok := have[b.AddrPort()]; ok {
+			nums[i], counters[i] = k.number, k.counter
+			continue
 		}
-	}
-	for _, i := range fresh {
 		for {
 			next++
 			if next != 0 && !used[next] {
@@ -171,8 +199,11 @@ func numbers(old *installed, svc *Service) (nums []uint16, next uint16) {
 		}
 		used[next] = true
 		nums[i] = next
+		if counters[i], ok = idx.newCounter(size); !ok {
+			return nil, nil, 0, false
+		}
 	}
-	return nums, next
+	return nums, counters, next, true
 }
 
 // serviceOffset is where, in the bytes of a backend ID (a native-order
@@ -208,10 +239,10 @@ func ledgerRecord(in *installed, state ledger.State) (*ledger.Record, []byte, er
 	}
 	var blob []byte
 	if len(obj) > len(bpfobj.TypesLedgerRecord{}.Data)-512 { // room for Made
-		if blob, err = json.Marshal(record{Version: recordVersion, Service: &svc, Numbers: rec.Numbers}); err != nil {
+		if blob, err = json.Marshal(record{Version: recordVersion, Service: &svc, Numbers: rec.Numbers, Counters: rec.Counters}); err != nil {
 			return nil, nil, err
 		}
-		rec.Service, rec.Numbers, rec.Blobbed = nil, nil, true
+		rec.Service, rec.Numbers, rec.Counters, rec.Blobbed = nil, nil, nil, true
 		if obj, err = json.Marshal(rec); err != nil {
 			return nil, nil, err
 		}
@@ -230,7 +261,6 @@ func ledgerRecord(in *installed, state ledger.State) (*ledger.Record, []byte, er
 			},
 			Sweeps: []ledger.Sweep{
 				{Map: bpfobj.EndpointMapLbBackends, Offset: serviceOffset, Size: 2, Value: id},
-				{Map: bpfobj.EndpointMapLbCounters, Offset: serviceOffset, Size: 2, Value: id},
 				{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2 * id},
 				{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2*id + 1},
 				{Map: bpfobj.EndpointMapLbAffinity, Offset: 16, Size: 4, Value: id},

@@ -91,7 +91,7 @@ static __always_inline int lb_translate(struct __sk_buff *skb, struct flow *f, _
 	f->backend = id;
 	if (new_flow)
 		ct_create(f, CT_SERVICE, ep, 0, POLICY_NO_RULE, 0, skb->len);
-	lb_count(id, skb->len, new_flow);
+	lb_count(b->counter, skb->len, new_flow);
 	if (ipv6_equal(b->addr, f->key.saddr)) {
 		f->hairpin = 1;
 		if (nat_rewrite(skb, f, 0, fk.addr, f->key.sport) < 0)

@@ -73,6 +73,8 @@ struct lb_backend {
 	__u8 family;
 	__u8 state;    /* enum lb_backend_state */
 	__u32 service; /* whose: an ID is never shared between services */
+	__u32 counter; /* its counters' index in lb_counters */
+	__u32 pad;
 };
 
 struct {
@@ -100,7 +102,9 @@ struct {
 } lb_slots SEC(".maps");
 
 /* Per backend: packets and bytes translated to it per packet (tc), and the
- * flows (tc) and connections (socket) sent to it. */
+ * flows (tc) and connections (socket) sent to it. An array, indexed by the
+ * backend's counter index: no hashing on the per-packet path. User space
+ * zeroes an index before it gives it to a backend. */
 struct lb_backend_counters {
 	__u64 packets;
 	__u64 bytes;
@@ -108,11 +112,10 @@ struct lb_backend_counters {
 };
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, LB_BACKENDS);
 	__type(key, __u32);
 	__type(value, struct lb_backend_counters);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_counters SEC(".maps");
 
@@ -181,19 +184,14 @@ static __always_inline struct lb_backend *lb_backend_of(__u32 id, __u32 service)
 	return b;
 }
 
-/* lb_count counts a packet of len bytes (none when len is 0) of backend id,
- * and a new flow when new_flow is set. The first count makes the entry;
- * user space deletes it with the backend. */
-static __always_inline void lb_count(__u32 id, __u32 len, int new_flow)
+/* lb_count counts, at a backend's counter index, a packet of len bytes
+ * (none when len is 0), and a new flow when new_flow is set. */
+static __always_inline void lb_count(__u32 counter, __u32 len, int new_flow)
 {
-	struct lb_backend_counters *c = bpf_map_lookup_elem(&lb_counters, &id);
+	struct lb_backend_counters *c = bpf_map_lookup_elem(&lb_counters, &counter);
 
-	if (!c) {
-		struct lb_backend_counters first = {.packets = len ? 1 : 0, .bytes = len, .flows = new_flow ? 1 : 0};
-
-		bpf_map_update_elem(&lb_counters, &id, &first, BPF_NOEXIST);
+	if (!c)
 		return;
-	}
 	if (len) {
 		c->packets++;
 		c->bytes += len;

@@ -226,6 +226,8 @@ type TypesLbBackend struct {
 	Family  uint8
 	State   uint8
 	Service uint32
+	Counter uint32
+	Pad     uint32
 }
 
 type TypesLbBackendCounters struct {
