@@ -360,7 +360,7 @@ func newSockWorld(t *testing.T) *sockWorld {
 		put(bpfobj.EndpointMapLbBackends, id, bpfobj.TypesLbBackend{
 			Addr: addr16(b), Port: be16(backendPort), Family: family(b), State: active, Service: id, Counter: id,
 		})
-		put(bpfobj.EndpointMapLbSlots, bpfobj.TypesLbSlotKey{Table: 2 * id}, id)
+		put(bpfobj.EndpointMapLbSlots, bpfobj.TypesLbSlotKey{Table: 2 * id}, bpfobj.TypesLbSlotBlock{Backend: [16]uint32{id}})
 		put(bpfobj.EndpointMapLbCounters, id, make([]bpfobj.TypesLbBackendCounters, ebpf.MustPossibleCPU()))
 	}
 	frontend := func(fe netip.AddrPort, proto uint8, service, slots uint32) {

@@ -71,10 +71,10 @@ type Limits struct {
 	// 1<<24, DefaultBackends when 0.
 	Backends int
 	// ServiceSlots is how many selection slots all services have
-	// together: a random service takes about as many as it has active
-	// backends (more with unequal weights), a Maglev one its table size.
-	// 1024 to 1<<26, DefaultServiceSlots when 0. Entries are allocated as
-	// they are used.
+	// together, kept in blocks of 16: a random service takes about as many
+	// as it has active backends (more with unequal weights), a Maglev one
+	// its table size, each rounded up to 16. 1024 to 1<<26,
+	// DefaultServiceSlots when 0. Entries are allocated as they are used.
 	ServiceSlots int
 }
 

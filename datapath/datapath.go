@@ -332,7 +332,7 @@ func sizeMaps(spec *ebpf.CollectionSpec, dir string, limits Limits, events *Even
 		bpfobj.EndpointMapLbRevnat:     uint32(limits.Services),
 		bpfobj.EndpointMapLbBackends:   uint32(limits.Backends),
 		bpfobj.EndpointMapLbCounters:   uint32(limits.Backends),
-		bpfobj.EndpointMapLbSlots:      uint32(limits.ServiceSlots),
+		bpfobj.EndpointMapLbSlots:      uint32(limits.ServiceSlots / len(bpfobj.TypesLbSlotBlock{}.Backend)),
 		bpfobj.EndpointMapLbAffinity:   uint32(max(limits.Conntrack/4, 1024)),
 		bpfobj.EndpointMapLbSockRevnat: uint32(max(limits.Conntrack/4, 1024)),
 		bpfobj.EndpointMapEvents:       uint32(ringBytes(ev, cpus())),

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
-	"reflect"
 	"slices"
 
 	"github.com/cilium/ebpf"
@@ -61,7 +60,7 @@ func Upsert(ctx context.Context, dp *datapath.Datapath, svc Service) (Changes, e
 		return Changes{}, err
 	}
 	old := idx.byFrontend[svc.Frontend]
-	if old != nil && reflect.DeepEqual(old.svc, svc) {
+	if old != nil && equal(&old.svc, &svc) {
 		return Changes{}, nil
 	}
 	ch, err := plan(idx, old, &svc, st.Objs.LbCounters.MaxEntries())
@@ -129,7 +128,7 @@ func Sync(ctx context.Context, dp *datapath.Datapath, all []Service) (SyncChange
 	var chs []*change
 	for i := range want {
 		old := idx.byFrontend[want[i].Frontend]
-		if old != nil && reflect.DeepEqual(old.svc, want[i]) {
+		if old != nil && equal(&old.svc, &want[i]) {
 			out.Unchanged++
 			continue
 		}
@@ -261,6 +260,13 @@ func normalize(s Service) Service {
 	return s
 }
 
+// equal reports whether two normalized services are the same.
+func equal(a, b *Service) bool {
+	return a.Frontend == b.Frontend && a.Algorithm == b.Algorithm && a.MaglevSize == b.MaglevSize &&
+		a.Affinity == b.Affinity && a.Reach == b.Reach && a.NoBackend == b.NoBackend &&
+		slices.Equal(a.Backends, b.Backends)
+}
+
 func clone(s Service) Service {
 	s.Backends = slices.Clone(s.Backends)
 	return s
@@ -316,6 +322,7 @@ func (in *installed) backendsOrNil() []Backend {
 type change struct {
 	old, new *installed
 	entries  Entries
+	dirty    []uint32 // counter indexes of new backends that others used: zeroed first
 }
 
 // plan makes the change that turns old into svc: the service keeps its ID
@@ -334,7 +341,8 @@ func plan(idx *index, old *installed, svc *Service, counters uint32) (*change, e
 		in.id = id
 	}
 	var ok bool
-	in.rec.Numbers, in.rec.Counters, in.rec.Next, ok = idx.assign(old, svc, counters)
+	var dirty []uint32
+	in.rec.Numbers, in.rec.Counters, dirty, in.rec.Next, ok = idx.assign(old, svc, counters)
 	if !ok {
 		return nil, fmt.Errorf("service %s: %d backends, the datapath holds %d: %w", svc.Frontend, idx.backends+len(svc.Backends), counters, datapath.ErrMapFull)
 	}
@@ -345,7 +353,7 @@ func plan(idx *index, old *installed, svc *Service, counters uint32) (*change, e
 	if old == nil {
 		idx.byID[in.id] = in
 	}
-	return &change{old: old, new: in, entries: e}, nil
+	return &change{old: old, new: in, entries: e, dirty: dirty}, nil
 }
 
 // apply makes the changes, in batches, in this order: ledger records
@@ -404,7 +412,7 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 		bOldKeys []uint32
 		bNewKeys []uint32
 		sKeys    []bpfobj.TypesLbSlotKey
-		sVals    []uint32
+		sVals    []bpfobj.TypesLbSlotBlock
 		rKeys    []uint32
 		rVals    []bpfobj.TypesLbFrontendKey
 		fKeys    []bpfobj.TypesLbFrontendKey
@@ -436,8 +444,11 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 			}
 		}
 		for slot, id := range ch.entries.Slots {
-			sKeys = append(sKeys, bpfobj.TypesLbSlotKey{Table: ch.entries.Frontend.Table, Slot: uint32(slot)})
-			sVals = append(sVals, id)
+			if slot%slotBlock == 0 {
+				sKeys = append(sKeys, bpfobj.TypesLbSlotKey{Table: ch.entries.Frontend.Table, Block: uint32(slot / slotBlock)})
+				sVals = append(sVals, bpfobj.TypesLbSlotBlock{})
+			}
+			sVals[len(sVals)-1].Backend[slot%slotBlock] = id
 		}
 		if ch.old == nil {
 			rKeys = append(rKeys, uint32(ch.new.id))
@@ -453,20 +464,7 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 	// A counter index a new backend gets may have been another's.
 	var fresh []uint32
 	for _, ch := range chs {
-		if ch.new == nil {
-			continue
-		}
-		had := map[uint32]bool{}
-		if ch.old != nil {
-			for _, c := range ch.old.rec.Counters {
-				had[c] = true
-			}
-		}
-		for _, c := range ch.new.rec.Counters {
-			if !had[c] {
-				fresh = append(fresh, c)
-			}
-		}
+		fresh = append(fresh, ch.dirty...)
 	}
 	if len(fresh) > 0 {
 		zero := make([]bpfobj.TypesLbBackendCounters, len(fresh)*ebpf.MustPossibleCPU())
@@ -514,8 +512,8 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 	for _, ch := range chs {
 		if ch.old != nil {
 			table := 2*uint32(ch.old.id) + ch.old.rec.Half
-			for slot := range ch.old.rec.Slots {
-				oldSlots = append(oldSlots, bpfobj.TypesLbSlotKey{Table: table, Slot: slot})
+			for block := range blocks(int(ch.old.rec.Slots)) {
+				oldSlots = append(oldSlots, bpfobj.TypesLbSlotKey{Table: table, Block: uint32(block)})
 			}
 			keep := map[uint32]bool{}
 			if ch.new != nil {
@@ -536,7 +534,7 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 	errs = append(errs, batchDelete(st.Objs.LbSlots, oldSlots), batchDelete(st.Objs.LbBackends, oldBackends), batchDelete(st.Objs.LbRevnat, oldRevnat))
 
 	// 5. Records: ready, or gone.
-	for _, ch := range chs {
+	for i, ch := range chs {
 		if ch.old != nil {
 			idx.remove(ch.old)
 		}
@@ -546,15 +544,14 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 			continue
 		}
 		idx.add(ch.new)
-		r, _, err := ledgerRecord(ch.new, ledger.Ready)
-		if err != nil {
-			return err
-		}
-		ready = append(ready, r)
+		r := *records[i] // as written in step 1, but ready
+		r.State = ledger.Ready
+		ready = append(ready, &r)
 	}
 	errs = append(errs, ledger.PutBatch(st.Objs.Ledger, ready))
 	idx.shared.Generation = rand.Uint64() // not a count: see sharedRecord
-	obj, _ := json.Marshal(sharedRecord{Version: recordVersion, Generation: idx.shared.Generation, Next: idx.shared.Next})
+	idx.shared.Version = recordVersion
+	obj, _ := json.Marshal(idx.shared)
 	errs = append(errs, ledger.Put(st.Objs.Ledger, &ledger.Record{Kind: ledger.KindService, ID: 0, State: ledger.Ready, Object: obj}))
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("services: %w", err)
@@ -562,6 +559,12 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 	st.Memo.Store(indexKey{}, idx)
 	return nil
 }
+
+// slotBlock is how many slots one lb_slots entry holds (LB_SLOT_BLOCK).
+const slotBlock = len(bpfobj.TypesLbSlotBlock{}.Backend)
+
+// blocks is how many lb_slots entries a table of n slots takes.
+func blocks(n int) int { return (n + slotBlock - 1) / slotBlock }
 
 // checkRoom fails with ErrMapFull when the maps cannot hold the changes at
 // their peak, when old and new tables are both written.
@@ -575,7 +578,7 @@ func checkRoom(st *core.State, idx *index, chs []*change) error {
 			frontends++
 		}
 		backends += len(ch.new.svc.Backends)
-		slots += len(ch.entries.Slots)
+		slots += blocks(len(ch.entries.Slots))
 	}
 	for _, c := range []struct {
 		m    *ebpf.Map
@@ -584,7 +587,7 @@ func checkRoom(st *core.State, idx *index, chs []*change) error {
 	}{
 		{st.Objs.LbFrontends, frontends, "services"},
 		{st.Objs.LbBackends, backends, "backends"},
-		{st.Objs.LbSlots, slots, "selection slots"},
+		{st.Objs.LbSlots, slots, "blocks of selection slots"},
 	} {
 		if c.n > int(c.m.MaxEntries()) {
 			return fmt.Errorf("%d %s, the datapath holds %d: %w", c.n, c.what, c.m.MaxEntries(), datapath.ErrMapFull)

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/service"
 )
 
@@ -271,6 +272,28 @@ func TestDrainTCP(t *testing.T) {
 		answer, _, err := askTCP(n.client, dst, wait)
 		if err != nil || portOf(t, answer) != 9002 {
 			t.Fatalf("a new connection: %q, %v", answer, err)
+		}
+	}
+}
+
+// TestCountersStartAtZero: a backend that gets a counter index another
+// backend had starts from zero.
+func TestCountersStartAtZero(t *testing.T) {
+	n := newNodeWith(t, datapath.Config{Limits: datapath.Limits{Backends: 2}})
+	serve(t, n.a, false, 9001, 9002)
+	dst := netip.AddrPortFrom(fe4, 80)
+	fe := service.Frontend{Addr: fe4, Port: 80, Protocol: service.UDP}
+	for _, port := range []uint16{9001, 9002, 9001, 9002} { // two indexes, each given twice
+		upsert(t, n.dp, service.Service{Frontend: fe, Backends: backends(n.a, false, port), Reach: service.TCOnly})
+		if c := counters(t, n.dp, fe); c.Flows != 0 || c.Packets != 0 {
+			t.Fatalf("backend %d starts at %+v", port, c)
+		}
+		spread(t, n, dst, sourcePorts(int(port)*2, 3))
+		if c := counters(t, n.dp, fe); c.Flows != 3 || c.Packets != 3 {
+			t.Fatalf("backend %d after three flows: %+v", port, c)
+		}
+		if err := service.Delete(t.Context(), n.dp, fe); err != nil {
+			t.Fatal(err)
 		}
 	}
 }

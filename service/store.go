@@ -40,6 +40,9 @@ type sharedRecord struct {
 	// removed (by Reconcile) and made again cannot repeat a value.
 	Generation uint64 `json:"generation"`
 	Next       uint16 `json:"next"` // the last service ID given
+	// Counters is how many counter indexes were ever given: those from
+	// here on were never counted in, and need no zeroing.
+	Counters uint32 `json:"counters,omitempty"`
 }
 
 // installed is one service as it is in the maps.
@@ -121,7 +124,7 @@ func (idx *index) add(in *installed) {
 	idx.byFrontend[in.svc.Frontend] = in
 	idx.byID[in.id] = in
 	idx.backends += len(in.svc.Backends)
-	idx.slots += int(in.rec.Slots)
+	idx.slots += blocks(int(in.rec.Slots))
 	for _, c := range in.rec.Counters {
 		idx.counters[c] = true
 	}
@@ -131,24 +134,31 @@ func (idx *index) remove(in *installed) {
 	delete(idx.byFrontend, in.svc.Frontend)
 	delete(idx.byID, in.id)
 	idx.backends -= len(in.svc.Backends)
-	idx.slots -= int(in.rec.Slots)
+	idx.slots -= blocks(int(in.rec.Slots))
 	for _, c := range in.rec.Counters {
 		delete(idx.counters, c)
 	}
 }
 
-// newCounter gives a counter index no backend has, below size, or false
-// when every one is taken.
-func (idx *index) newCounter(size uint32) (uint32, bool) {
+// newCounter gives a counter index no backend has, below size: one never
+// given while there is one, else a freed one, which must be zeroed (used).
+// It returns false when every one is taken.
+func (idx *index) newCounter(size uint32) (c uint32, used, ok bool) {
 	if uint32(len(idx.counters)) >= size {
-		return 0, false
+		return 0, false, false
+	}
+	if idx.shared.Counters < size {
+		c = idx.shared.Counters
+		idx.shared.Counters++
+		idx.counters[c] = true
+		return c, false, true
 	}
 	for {
-		c := idx.next % size
+		c = idx.next % size
 		idx.next = c + 1
 		if !idx.counters[c] {
 			idx.counters[c] = true
-			return c, true
+			return c, true, true
 		}
 	}
 }
@@ -169,8 +179,9 @@ func (idx *index) newID() (uint16, bool) {
 
 // assign gives the backends of svc their numbers and counter indexes: a
 // backend the service had keeps its own, a new one gets a number after the
-// last given and a free counter index below size (false: none is free).
-func (idx *index) assign(old *installed, svc *Service, size uint32) (nums []uint16, counters []uint32, next uint16, ok bool) {
+// last given and a free counter index below size (false: none is free);
+// dirty are the indexes given that others used before.
+func (idx *index) assign(old *installed, svc *Service, size uint32) (nums []uint16, counters, dirty []uint32, next uint16, ok bool) {
 	type kept struct {
 		number  uint16
 		counter uint32
@@ -199,11 +210,15 @@ func (idx *index) assign(old *installed, svc *Service, size uint32) (nums []uint
 		}
 		used[next] = true
 		nums[i] = next
-		if counters[i], ok = idx.newCounter(size); !ok {
-			return nil, nil, 0, false
+		var used bool
+		if counters[i], used, ok = idx.newCounter(size); !ok {
+			return nil, nil, nil, 0, false
+		}
+		if used {
+			dirty = append(dirty, counters[i])
 		}
 	}
-	return nums, counters, next, true
+	return nums, counters, dirty, next, true
 }
 
 // serviceOffset is where, in the bytes of a backend ID (a native-order

@@ -154,6 +154,13 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 
 	e = bpf_map_lookup_elem(&conntrack, &f->key);
 	if (e) {
 		ct_touch(e, f, 0, len);
+		/* The tuple may have been tracked for another service (one
+		 * deleted and made again, a backend chosen anew): replies go
+		 * back to the frontend this packet was sent to. */
+		if (dir == CT_EGRESS && e->rev_nat != f->service) {
+			e->rev_nat = f->service;
+			e->backend = f->backend;
+		}
 		return CT_ESTABLISHED;
 	}
 	ct_reverse(&rev, &f->key, dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS);

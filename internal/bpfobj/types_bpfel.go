@@ -272,10 +272,15 @@ type TypesLbFrontendKey struct {
 	Family uint8
 }
 
+type TypesLbSlotBlock struct {
+	_       structs.HostLayout
+	Backend [16]uint32
+}
+
 type TypesLbSlotKey struct {
 	_     structs.HostLayout
 	Table uint32
-	Slot  uint32
+	Block uint32
 }
 
 type TypesLbSockKey struct {
