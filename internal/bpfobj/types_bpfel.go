@@ -203,7 +203,7 @@ type TypesLayoutStamp struct {
 type TypesLayoutVersion uint32
 
 const (
-	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 3
+	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 4
 )
 
 type TypesLbAffinityEntry struct {
