@@ -384,11 +384,11 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 	}
 	// 1. Records, as creating.
 	for _, ch := range chs {
-		in := ch.new
+		in, old := ch.new, ch.old
 		if in == nil {
-			in = ch.old
+			in, old = ch.old, nil
 		}
-		r, blob, err := ledgerRecord(in, ledger.Creating)
+		r, blob, err := ledgerRecord(in, old, ledger.Creating)
 		if err != nil {
 			return err
 		}
@@ -604,7 +604,7 @@ func restoreRecords(st *core.State, chs []*change) {
 			ledger.Delete(st.Objs.Ledger, ledger.KindService, uint32(ch.new.id))
 			continue
 		}
-		if r, blob, err := ledgerRecord(ch.old, ledger.Ready); err == nil {
+		if r, blob, err := ledgerRecord(ch.old, nil, ledger.Ready); err == nil {
 			if blob != nil {
 				ledger.PutBlob(st.Objs.LedgerBlobs, ledger.KindService, uint32(ch.old.id), blob, nil)
 			}

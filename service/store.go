@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 
 	"github.com/cilium/ebpf"
 
@@ -239,11 +240,19 @@ func bytesOf(v any) []byte {
 	return b
 }
 
+// A record names at most maxNamed backends and table blocks one by one,
+// and keeps madeRoom bytes for them; more are named by sweeps.
+const (
+	maxNamed = 14
+	madeRoom = 900
+)
+
 // ledgerRecord is the ledger's record of a service in state, naming the
-// entries it holds so that a change a killed process left half-done is
-// undone whole (see internal/ledger): its frontend, and by sweeps its
-// backends, counters, selection tables and affinities.
-func ledgerRecord(in *installed, state ledger.State) (*ledger.Record, []byte, error) {
+// entries it holds, and those of old, what it replaces, so that a change a
+// killed process left half-done is undone whole (see internal/ledger): its
+// frontend, its backends and its selection tables. Affinities are left to
+// age out: one is used only for an active backend of its own service.
+func ledgerRecord(in, old *installed, state ledger.State) (*ledger.Record, []byte, error) {
 	rec := in.rec
 	rec.Version, rec.Blobbed = recordVersion, false
 	svc := in.svc
@@ -253,7 +262,7 @@ func ledgerRecord(in *installed, state ledger.State) (*ledger.Record, []byte, er
 		return nil, nil, err
 	}
 	var blob []byte
-	if len(obj) > len(bpfobj.TypesLedgerRecord{}.Data)-512 { // room for Made
+	if len(obj) > len(bpfobj.TypesLedgerRecord{}.Data)-madeRoom {
 		if blob, err = json.Marshal(record{Version: recordVersion, Service: &svc, Numbers: rec.Numbers, Counters: rec.Counters}); err != nil {
 			return nil, nil, err
 		}
@@ -274,13 +283,39 @@ func ledgerRecord(in *installed, state ledger.State) (*ledger.Record, []byte, er
 				{Map: bpfobj.EndpointMapLbFrontends, Key: bytesOf(&key)},
 				{Map: bpfobj.EndpointMapLbRevnat, Key: bytesOf(&id)},
 			},
-			Sweeps: []ledger.Sweep{
-				{Map: bpfobj.EndpointMapLbBackends, Offset: serviceOffset, Size: 2, Value: id},
-				{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2 * id},
-				{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2*id + 1},
-				{Map: bpfobj.EndpointMapLbAffinity, Offset: 16, Size: 4, Value: id},
-			},
 		},
+	}
+	// Few entries are named one by one: undoing them is a lookup each,
+	// where a sweep walks the whole map (for each of thousands of
+	// services a killed Sync left).
+	var ids []uint32
+	var tables []bpfobj.TypesLbSlotKey
+	for _, x := range []*installed{in, old} {
+		if x == nil {
+			continue
+		}
+		for _, n := range x.rec.Numbers {
+			if b := backendID(in.id, n); !slices.Contains(ids, b) {
+				ids = append(ids, b)
+			}
+		}
+		for block := range blocks(int(x.rec.Slots)) {
+			tables = append(tables, bpfobj.TypesLbSlotKey{Table: 2*id + x.rec.Half, Block: uint32(block)})
+		}
+	}
+	if blob == nil && len(ids)+len(tables) <= maxNamed {
+		for i := range ids {
+			r.Made.Entries = append(r.Made.Entries, ledger.Entry{Map: bpfobj.EndpointMapLbBackends, Key: bytesOf(&ids[i])})
+		}
+		for i := range tables {
+			r.Made.Entries = append(r.Made.Entries, ledger.Entry{Map: bpfobj.EndpointMapLbSlots, Key: bytesOf(&tables[i])})
+		}
+	} else {
+		r.Made.Sweeps = []ledger.Sweep{
+			{Map: bpfobj.EndpointMapLbBackends, Offset: serviceOffset, Size: 2, Value: id},
+			{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2 * id},
+			{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2*id + 1},
+		}
 	}
 	if blob != nil {
 		r.Made.Records = []ledger.Ref{{Kind: ledger.KindService, ID: id}}
