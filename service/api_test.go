@@ -114,7 +114,7 @@ func TestMapFull(t *testing.T) {
 	upsert(t, n.dp, good)
 	before := dump(t, n.dp)
 	big := good
-	big.Backends = manyBackends(6) // 4 + 6 at the peak
+	big.Backends = manyBackends(10) // the 4 it has and 6 more
 	if _, err := service.Upsert(context.Background(), n.dp, big); !errors.Is(err, datapath.ErrMapFull) {
 		t.Errorf("Upsert: %v, want ErrMapFull", err)
 	}
@@ -243,5 +243,18 @@ func TestServiceShrinks(t *testing.T) {
 	defer dp2.Close()
 	if got, err := service.Get(dp2, s.Frontend); err != nil || len(got.Backends) != 3 {
 		t.Fatalf("Get from another handle: %d backends, %v", len(got.Backends), err)
+	}
+}
+
+// TestNearlyFull: a change that keeps most backends fits where the old and
+// the new set together would not: kept backends are the same entries.
+func TestNearlyFull(t *testing.T) {
+	n := newNodeWith(t, datapath.Config{Limits: datapath.Limits{Backends: 8}})
+	s := service.Service{Frontend: service.Frontend{Addr: fe4, Port: 80, Protocol: service.TCP}, Backends: manyBackends(7)}
+	upsert(t, n.dp, s)
+	s.Backends = manyBackends(8)
+	upsert(t, n.dp, s)
+	if got, err := service.Get(n.dp, s.Frontend); err != nil || len(got.Backends) != 8 {
+		t.Fatalf("Get: %d backends, %v", len(got.Backends), err)
 	}
 }

@@ -577,7 +577,12 @@ func checkRoom(st *core.State, idx *index, chs []*change) error {
 		if ch.old == nil {
 			frontends++
 		}
+		// A backend it keeps is the same entry; a new one is added
+		// before the removed ones go.
 		backends += len(ch.new.svc.Backends)
+		if ch.old != nil {
+			backends -= kept(ch.old, ch.new)
+		}
 		slots += blocks(len(ch.entries.Slots))
 	}
 	for _, c := range []struct {
@@ -594,6 +599,17 @@ func checkRoom(st *core.State, idx *index, chs []*change) error {
 		}
 	}
 	return nil
+}
+
+// kept is how many backends of old the new service keeps.
+func kept(old, new *installed) int {
+	n := 0
+	for _, b := range new.rec.Numbers {
+		if slices.Contains(old.rec.Numbers, b) {
+			n++
+		}
+	}
+	return n
 }
 
 // restoreRecords puts back the records the changes had before.
