@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 )
@@ -62,23 +63,92 @@ func (h Hook) String() string {
 // TC attaches prog to hook of the device with index ifindex and returns the
 // mode it used. In tcx mode the link is pinned at pin; in legacy mode the
 // filter is named name, by which RemoveLegacy finds it again.
+//
+// sluice's program runs first on the hook: it checks what a workload may
+// send, and a program before it that returned "pass" would skip that. A
+// tcx link goes at the head of the hook's chain; attaching again swaps the
+// program in place, and when another program has been put before it since,
+// a new link is made at the head (make before break) and the old one goes.
+// A legacy filter takes priority 1 (LegacyPriority), the first.
 func TC(ifindex int, hook Hook, prog *ebpf.Program, mode Mode, pin, name string) (Mode, error) {
 	if mode != Legacy {
 		attachType := ebpf.AttachTCXIngress
 		if hook == Egress {
 			attachType = ebpf.AttachTCXEgress
 		}
+		create := func() (link.Link, error) {
+			return link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: attachType, Anchor: link.Head()})
+		}
 		err := pinned(pin, prog, func(info *link.Info) bool {
 			tcx := info.TCX()
 			return tcx != nil && int(tcx.Ifindex) == ifindex && ebpf.AttachType(tcx.AttachType) == attachType
-		}, func() (link.Link, error) {
-			return link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: prog, Attach: attachType})
-		})
+		}, create)
+		if err == nil {
+			err = keepFirst(pin, ifindex, attachType, create)
+		}
 		if err == nil || mode == TCX || !errors.Is(err, ebpf.ErrNotSupported) {
 			return TCX, err
 		}
 	}
 	return Legacy, attachLegacy(ifindex, hook, prog, name)
+}
+
+// keepFirst makes the tcx link pinned at pin the first of its hook again
+// when another program was put before it. A program may be attached to a
+// hook once, so the link cannot be made anew before the old one goes:
+// instead a program that drops everything guards the head while the old
+// link is detached and the new one made in front of it. Packets in that
+// moment (two system calls) are dropped, never let past sluice's checks.
+func keepFirst(pin string, ifindex int, attachType ebpf.AttachType, create func() (link.Link, error)) error {
+	res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: attachType})
+	if err != nil {
+		return fmt.Errorf("query tcx programs of ifindex %d: %w", ifindex, err)
+	}
+	old, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return fmt.Errorf("load pinned link %s: %w", pin, err)
+	}
+	defer old.Close()
+	info, err := old.Info()
+	if err != nil {
+		return fmt.Errorf("link %s: %w", pin, err)
+	}
+	if len(res.Programs) == 0 {
+		return nil
+	}
+	if first, ok := res.Programs[0].LinkID(); !ok || first == info.ID {
+		return nil
+	}
+	drop, err := ebpf.NewProgram(&ebpf.ProgramSpec{
+		Name:         "sluice_guard",
+		Type:         ebpf.SchedCLS,
+		License:      "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 2 /* TC_ACT_SHOT */), asm.Return()},
+	})
+	if err != nil {
+		return fmt.Errorf("load the guard program: %w", err)
+	}
+	defer drop.Close()
+	guard, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: drop, Attach: attachType, Anchor: link.Head()})
+	if err != nil {
+		return fmt.Errorf("attach the guard program to ifindex %d: %w", ifindex, err)
+	}
+	defer guard.Close() // closing an unpinned link detaches it
+	if err := old.Unpin(); err != nil {
+		return fmt.Errorf("unpin link %s: %w", pin, err)
+	}
+	if err := old.Detach(); err != nil {
+		return fmt.Errorf("detach link %s: %w", pin, err)
+	}
+	l, err := create()
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	if err := l.Pin(pin); err != nil {
+		return fmt.Errorf("pin link %s: %w", pin, err)
+	}
+	return nil
 }
 
 // XDP attaches prog to the XDP hook of the device with index ifindex and pins

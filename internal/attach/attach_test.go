@@ -230,6 +230,12 @@ type counting struct {
 
 func countProg(t *testing.T, name string) *counting {
 	t.Helper()
+	return countProgReturning(t, name, tcNext)
+}
+
+// countProgReturning is countProg with the verdict it returns.
+func countProgReturning(t *testing.T, name string, verdict int32) *counting {
+	t.Helper()
 	m, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Array, KeySize: 4, ValueSize: 8, MaxEntries: 1})
 	if err != nil {
 		t.Fatal(err)
@@ -247,7 +253,7 @@ func countProg(t *testing.T, name string) *counting {
 			asm.JEq.Imm(asm.R0, 0, "out"),
 			asm.Mov.Imm(asm.R1, 1),
 			asm.StoreXAdd(asm.R0, asm.R1, asm.DWord),
-			asm.Mov.Imm(asm.R0, tcNext).WithSymbol("out"),
+			asm.Mov.Imm(asm.R0, verdict).WithSymbol("out"),
 			asm.Return(),
 		},
 	})
@@ -325,22 +331,24 @@ func addFilter(t *testing.T, p *testutil.Pair, hook attach.Hook, prio uint16, ha
 	})
 }
 
-// Another tool's cls_bpf filters, at priority 1 and beside sluice's own at
-// its priority, keep their place and keep running through sluice's legacy
-// attach, re-attach and detach. One at sluice's priority and handle makes
-// the attach fail instead of being replaced.
+// Another tool's cls_bpf filters, at sluice's priority and beside sluice's
+// own, keep their place and keep running through sluice's legacy attach,
+// re-attach and detach. Ones at both of sluice's handles make the attach
+// fail instead of being replaced.
 func TestLegacyLeavesForeignFilters(t *testing.T) {
 	testutil.Privileged(t)
 	p := testutil.NewPair(t)
 	first := countProg(t, "foreign filter at prio 1")
 	beside := countProg(t, "foreign filter beside sluice's")
 	inSlot := countProg(t, "foreign filter in sluice's slot")
+	inOther := countProg(t, "foreign filter in sluice's other slot")
 	ours, swapped := countProg(t, "sluice's program"), countProg(t, "sluice's second program")
 
 	addFilter(t, p, attach.Ingress, 1, 1, "other/first", first)
-	addFilter(t, p, attach.Ingress, attach.LegacyPriority, 1, "other/beside", beside)
+	addFilter(t, p, attach.Ingress, 2, 1, "other/beside", beside)
 	addFilter(t, p, attach.Egress, attach.LegacyPriority, attach.LegacyHandle, "other/slot", inSlot)
-	foreign := []*counting{first, beside, inSlot}
+	addFilter(t, p, attach.Egress, attach.LegacyPriority, attach.LegacyHandle+1, "other/slot2", inOther)
+	foreign := []*counting{first, beside, inSlot, inOther}
 	expectRuns(t, p, "before attaching", foreign, []*counting{ours, swapped})
 
 	if err := attachSluice(p, attach.Ingress, ours.prog, attach.Legacy, ""); err != nil {
@@ -354,7 +362,7 @@ func TestLegacyLeavesForeignFilters(t *testing.T) {
 
 	err := attachSluice(p, attach.Egress, ours.prog, attach.Legacy, "")
 	if !errors.Is(err, unix.EEXIST) {
-		t.Errorf("attaching where another filter holds sluice's priority and handle: got %v, want EEXIST", err)
+		t.Errorf("attaching where other filters hold both of sluice's handles: got %v, want EEXIST", err)
 	}
 
 	p.B.Do(t, func() error { return attach.DetachLegacy(p.IfB, attach.Ingress, "sluice/test/x") })
@@ -368,7 +376,7 @@ func TestLegacyMovesOwnFilter(t *testing.T) {
 	testutil.Privileged(t)
 	p := testutil.NewPair(t)
 	old, ours := countProg(t, "filter at the old priority"), countProg(t, "sluice's program")
-	addFilter(t, p, attach.Ingress, 1, 1, "sluice/test/x", old)
+	addFilter(t, p, attach.Ingress, 0xc5a1, 0xc5a1, "sluice/test/x", old)
 
 	if err := attachSluice(p, attach.Ingress, ours.prog, attach.Legacy, ""); err != nil {
 		t.Fatal(err)
@@ -429,5 +437,76 @@ func TestTCXLeavesForeignProgram(t *testing.T) {
 			t.Errorf("tcx programs after detaching: %v, want only the foreign one (%d)", res.Programs, id)
 		}
 		return err
+	})
+}
+
+// sluice's program runs first on its hook, in both modes: a program another
+// tool put there before, which ends the walk with "pass", does not skip it,
+// and in tcx mode attaching again puts it back in front of one attached
+// since.
+func TestRunsFirst(t *testing.T) {
+	testutil.Privileged(t)
+	const pass = 0 // TC_ACT_OK: ends the walk
+	t.Run("legacy", func(t *testing.T) {
+		p := testutil.NewPair(t)
+		before, ours := countProgReturning(t, "foreign filter that passes", pass), countProg(t, "sluice's program")
+		addFilter(t, p, attach.Ingress, 1, 1, "other/pass", before)
+		if err := attachSluice(p, attach.Ingress, ours.prog, attach.Legacy, ""); err != nil {
+			t.Fatal(err)
+		}
+		expectRuns(t, p, "after attaching", []*counting{ours, before}, nil)
+		after := countProgReturning(t, "foreign filter that passes, added later", pass)
+		addFilter(t, p, attach.Ingress, 1, 2, "other/later", after)
+		expectRuns(t, p, "after another filter at priority 1", []*counting{after}, []*counting{ours, before})
+		if err := attachSluice(p, attach.Ingress, ours.prog, attach.Legacy, ""); err != nil {
+			t.Fatal(err)
+		}
+		expectRuns(t, p, "after attaching again", []*counting{ours, after}, []*counting{before})
+		p.B.Do(t, func() error {
+			filters, err := netlink.FilterList(&netlink.Device{LinkAttrs: netlink.LinkAttrs{Index: p.IfB}}, netlink.HANDLE_MIN_INGRESS)
+			if len(filters) != 3 {
+				t.Errorf("%d filters after attaching again, want 3 (the replaced one deleted): %v", len(filters), filters)
+			}
+			return err
+		})
+	})
+	t.Run("tcx", func(t *testing.T) {
+		p := testutil.NewPair(t)
+		pin := filepath.Join(testutil.BPFFS(t), "link")
+		first, later := countProgReturning(t, "foreign program that passes", pass), countProgReturning(t, "foreign program put in front later", pass)
+		ours := countProg(t, "sluice's program")
+		attachHead := func(c *counting) {
+			t.Helper()
+			var l link.Link
+			err := nsrun.Do(p.B.Handle, func() (err error) {
+				l, err = link.AttachTCX(link.TCXOptions{Interface: p.IfB, Program: c.prog, Attach: ebpf.AttachTCXIngress, Anchor: link.Head()})
+				return err
+			})
+			if errors.Is(err, ebpf.ErrNotSupported) {
+				testutil.RequireSince(t, "tcx", 6, 6, err)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { l.Close() })
+		}
+		attachHead(first)
+		if err := attachSluice(p, attach.Ingress, ours.prog, attach.TCX, pin); err != nil {
+			t.Fatal(err)
+		}
+		expectRuns(t, p, "after attaching", []*counting{ours, first}, nil)
+		attachHead(later)
+		expectRuns(t, p, "after another program went in front", []*counting{later}, []*counting{ours, first})
+		if err := attachSluice(p, attach.Ingress, ours.prog, attach.TCX, pin); err != nil {
+			t.Fatal(err)
+		}
+		expectRuns(t, p, "after attaching again", []*counting{ours, later}, []*counting{first})
+		p.B.Do(t, func() error {
+			res, err := link.QueryPrograms(link.QueryOptions{Target: p.IfB, Attach: ebpf.AttachTCXIngress})
+			if err == nil && len(res.Programs) != 3 {
+				t.Errorf("%d tcx programs after attaching again, want 3 (the replaced link detached)", len(res.Programs))
+			}
+			return err
+		})
 	})
 }

@@ -10,16 +10,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// LegacyPriority and LegacyHandle place every legacy filter of sluice's, so
-// that attaching again replaces it in one netlink request instead of adding
-// another. Other tools pick low priorities by hand (Cilium and most tc
-// examples use 1); the kernel, asked for none, picks one below the lowest
-// priority from 0x8000 up (0xc000 on a bare hook), so below sluice's once
-// that is there. Filters run lowest number first and a verdict ends the
-// walk: sluice's program runs after the filters other tools put before it,
-// as a tcx link appended behind the programs already attached does.
+// LegacyPriority is where sluice's legacy filters go. Filters run lowest
+// priority first and a verdict ends the walk, so sluice takes priority 1,
+// the first, as its tcx link goes at the head: a filter before it that
+// returned "pass" would skip its checks. Within a priority the filter
+// added last runs first, so attaching again, when another tool's filter
+// went in front since, adds sluice's anew (at the other of its two
+// handles, LegacyHandle and LegacyHandle+1) before it removes the old one.
+// A filter of another kind or protocol at priority 1 makes the attach
+// fail.
 const (
-	LegacyPriority = 0xc5a1
+	LegacyPriority = 1
 	LegacyHandle   = 0xc5a1
 )
 
@@ -33,12 +34,14 @@ func legacyParent(hook Hook) uint32 {
 // attachLegacy is the equivalent of:
 //
 //	tc qdisc replace dev DEV clsact
-//	tc filter replace dev DEV ingress prio 0xc5a1 handle 0xc5a1 bpf da fd PROG name NAME
+//	tc filter replace dev DEV ingress prio 1 handle 0xc5a1 bpf da fd PROG name NAME
 //
-// except that it replaces only a filter named name, sluice's own: where
-// another filter holds the priority and handle it fails with unix.EEXIST. A
-// filter named name elsewhere on the hook (an older sluice put it at priority
-// 1) is removed once the new one is in place.
+// except that it replaces only a filter named name, sluice's own, and only
+// while that one runs first: otherwise it adds one at whichever of its two
+// handles is free, in front of the rest, and then removes every other
+// filter named name on the hook (an older one, or one an older sluice put
+// at priority 0xc5a1). Where another filter holds both handles it fails
+// with unix.EEXIST.
 func attachLegacy(ifindex int, hook Hook, prog *ebpf.Program, name string) error {
 	qdisc := &netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{
@@ -56,31 +59,36 @@ func attachLegacy(ifindex int, hook Hook, prog *ebpf.Program, name string) error
 	if err != nil {
 		return fmt.Errorf("list %s filters of ifindex %d: %w", hook, ifindex, err)
 	}
-	ours := false
-	var stale []netlink.Filter
+	var (
+		mine  []netlink.Filter // named name, anywhere on the hook
+		first netlink.Filter   // the one that runs first (a dump lists them in order)
+		taken = map[uint32]string{}
+	)
 	for _, f := range filters {
 		a := f.Attrs()
+		if a.Chain != nil && *a.Chain != 0 {
+			continue
+		}
+		if first == nil {
+			first = f
+		}
 		bf, _ := f.(*netlink.BpfFilter)
-		switch {
-		case a.Priority == LegacyPriority && a.Handle == LegacyHandle && (a.Chain == nil || *a.Chain == 0):
-			if bf == nil || bf.Name != name {
-				other := f.Type()
-				if bf != nil {
-					other = fmt.Sprintf("bpf %q", bf.Name)
-				}
-				return fmt.Errorf("%s prio %#x handle %#x of ifindex %d holds another tool's filter (%s), not %q: %w",
-					hook, LegacyPriority, LegacyHandle, ifindex, other, name, unix.EEXIST)
+		if bf != nil && bf.Name == name {
+			mine = append(mine, f)
+			continue
+		}
+		if a.Priority == LegacyPriority && (a.Handle == LegacyHandle || a.Handle == LegacyHandle+1) {
+			other := f.Type()
+			if bf != nil {
+				other = fmt.Sprintf("bpf %q", bf.Name)
 			}
-			ours = true
-		case bf != nil && bf.Name == name:
-			stale = append(stale, f)
+			taken[a.Handle] = other
 		}
 	}
 	filter := &netlink.BpfFilter{
 		FilterAttrs: netlink.FilterAttrs{
 			LinkIndex: ifindex,
 			Parent:    legacyParent(hook),
-			Handle:    LegacyHandle,
 			Priority:  LegacyPriority,
 			Protocol:  unix.ETH_P_ALL,
 		},
@@ -88,18 +96,41 @@ func attachLegacy(ifindex int, hook Hook, prog *ebpf.Program, name string) error
 		Name:         name,
 		DirectAction: true,
 	}
-	// Replace swaps the program of our filter in one request. Add is
+	// Ours runs first: swap its program in one request.
+	if first != nil && len(mine) > 0 && first == mine[0] && first.Attrs().Priority == LegacyPriority {
+		filter.Handle = first.Attrs().Handle
+		if err := netlink.FilterReplace(filter); err != nil {
+			return fmt.Errorf("replace %s cls_bpf filter of ifindex %d: %w", hook, ifindex, err)
+		}
+		return deleteFilters(mine[1:], name)
+	}
+	// Add ours in front, at a handle of ours that is free. Add is
 	// exclusive: a filter that appeared since the list makes it fail
 	// (EEXIST) instead of being replaced.
-	put := netlink.FilterAdd
-	if ours {
-		put = netlink.FilterReplace
+	used := map[uint32]bool{}
+	for _, f := range mine {
+		if f.Attrs().Priority == LegacyPriority {
+			used[f.Attrs().Handle] = true
+		}
 	}
-	if err := put(filter); err != nil {
-		return fmt.Errorf("add %s cls_bpf filter to ifindex %d: %w", hook, ifindex, err)
+	for _, h := range []uint32{LegacyHandle, LegacyHandle + 1} {
+		if _, other := taken[h]; other || used[h] {
+			continue
+		}
+		filter.Handle = h
+		if err := netlink.FilterAdd(filter); err != nil {
+			return fmt.Errorf("add %s cls_bpf filter to ifindex %d: %w", hook, ifindex, err)
+		}
+		return deleteFilters(mine, name)
 	}
+	return fmt.Errorf("%s prio %d handles %#x and %#x of ifindex %d hold other filters (%s, %s), not %q: %w",
+		hook, LegacyPriority, LegacyHandle, LegacyHandle+1, ifindex, taken[LegacyHandle], taken[LegacyHandle+1], name, unix.EEXIST)
+}
+
+// deleteFilters deletes the old filters named name that a new one replaced.
+func deleteFilters(old []netlink.Filter, name string) error {
 	var errs []error
-	for _, f := range stale {
+	for _, f := range old {
 		if err := netlink.FilterDel(f); err != nil {
 			errs = append(errs, fmt.Errorf("delete old filter %s: %w", name, err))
 		}
