@@ -131,6 +131,8 @@ static __always_inline int sock_forward(struct bpf_sock_addr *ctx, struct lb_fro
 	if (!id || b->family != dst->family)
 		return -1;
 	lb_count(b->counter, 0, 1);
+	if (fe->affinity)
+		lb_remember(fe->service, client, id);
 
 	rk.cookie = bpf_get_socket_cookie(ctx);
 	__builtin_memcpy(rk.addr, b->addr, 16);

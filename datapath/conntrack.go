@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -22,16 +23,17 @@ type Flow struct {
 	// Direction is the endpoint's: Egress for a flow it opened, Ingress
 	// for one opened towards it. A flow between two local endpoints is
 	// tracked once for each.
-	Direction Direction
-	Endpoint  uint16
-	Remote    Identity // the other side's identity when the flow began
-	Rule      int      // the policy rule that allowed it; -1: none
-	Expires   time.Time
-	Packets   uint64 // both ways, approximate
-	Bytes     uint64
-	Replied   bool // a packet went the other way
-	Closing   bool // TCP FIN or RST seen
-	Audited   bool // policy would have denied it (audit mode)
+	Direction  Direction
+	Endpoint   uint16
+	Remote     Identity // the other side's identity when the flow began
+	Rule       int      // the policy rule that allowed it; -1: none
+	Expires    time.Time
+	Packets    uint64 // both ways, approximate
+	Bytes      uint64
+	Replied    bool // a packet went the other way
+	Closing    bool // TCP: reset, or both sides sent a FIN
+	HalfClosed bool // TCP: one side sent a FIN, the other may go on sending
+	Audited    bool // policy would have denied it (audit mode)
 	// Service is the ID of the service the flow was translated for (its
 	// replies come from the frontend), 0 for none; Backend the backend it
 	// goes to. A translated flow has one more entry, with ToFrontend set,
@@ -46,7 +48,7 @@ func (f Flow) String() string {
 }
 
 // Flows returns every tracked flow, expired ones included until
-// CollectFlows removes them.
+// CollectFlows removes them (Expires says which).
 func (dp *Datapath) Flows() ([]Flow, error) {
 	release, err := dp.st.Use()
 	if err != nil {
@@ -70,9 +72,11 @@ func (dp *Datapath) Flows() ([]Flow, error) {
 }
 
 // CollectFlows removes the tracked flows whose lifetime is over and returns
-// how many it removed. The map is an LRU and makes room by itself when
-// full; calling this now and then (a minute, say) keeps expired flows from
-// being taken for live ones and from taking the room.
+// how many it removed. The programs treat an expired flow as gone already;
+// collecting frees its room (the map is an LRU and makes room by itself
+// when full, evicting the least recently used, live or not). An entry is
+// read again just before it is deleted, and kept if a packet renewed it
+// meanwhile. CollectFlowsEvery runs it periodically.
 func (dp *Datapath) CollectFlows(ctx context.Context) (int, error) {
 	release, err := dp.st.Use()
 	if err != nil {
@@ -84,10 +88,10 @@ func (dp *Datapath) CollectFlows(ctx context.Context) (int, error) {
 		v       bpfobj.TypesCtEntry
 		expired []bpfobj.TypesCtKey
 	)
-	now := monotonic()
-	it := dp.st.Objs.Conntrack.Iterate()
+	m := dp.st.Objs.Conntrack
+	it := m.Iterate()
 	for it.Next(&k, &v) {
-		if v.Expires < now {
+		if v.Expires < monotonic() {
 			expired = append(expired, k)
 		}
 	}
@@ -99,13 +103,49 @@ func (dp *Datapath) CollectFlows(ctx context.Context) (int, error) {
 		if err := ctx.Err(); err != nil {
 			return n, err
 		}
-		err := dp.st.Objs.Conntrack.Delete(&k)
-		if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		// A flow renewed since the scan is live: the programs created it
+		// again or a packet moved its expiry.
+		if err := m.Lookup(&k, &v); err != nil || v.Expires >= monotonic() {
+			continue
+		}
+		err := m.Delete(&k)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue
+		}
+		if err != nil {
 			return n, fmt.Errorf("collect flows: %w", err)
 		}
 		n++
 	}
 	return n, nil
+}
+
+// CollectFlowsEvery calls CollectFlows every interval until ctx is done or
+// the handle is closed, and returns then (nil when ctx ended it,
+// os.ErrClosed when Close did). A library has no daemon of its own: the
+// program that embeds the datapath runs this in a goroutine of its own, as
+// a node agent runs Cilium's conntrack collector. An error of one round
+// does not stop the next; onError, if not nil, is told of it.
+func (dp *Datapath) CollectFlowsEvery(ctx context.Context, interval time.Duration, onError func(error)) error {
+	if interval <= 0 {
+		return fmt.Errorf("collect flows every %v: the interval must be positive: %w", interval, ErrInvalid)
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		_, err := dp.CollectFlows(ctx)
+		if errors.Is(err, os.ErrClosed) {
+			return err
+		}
+		if err != nil && ctx.Err() == nil && onError != nil {
+			onError(err)
+		}
+	}
 }
 
 // monotonic is CLOCK_MONOTONIC in nanoseconds, the clock of
@@ -134,9 +174,11 @@ func flowOf(k *bpfobj.TypesCtKey, v *bpfobj.TypesCtEntry, now uint64, wall time.
 		Packets:  v.Packets,
 		Bytes:    v.Bytes,
 		Replied:  v.Flags&uint8(bpfobj.TypesCtFlagCT_F_SEEN_REPLY) != 0,
-		Closing:  v.Flags&uint8(bpfobj.TypesCtFlagCT_F_CLOSING) != 0,
 		Audited:  v.Flags&uint8(bpfobj.TypesCtFlagCT_F_AUDITED) != 0,
 	}
+	fin := uint8(bpfobj.TypesCtFlagCT_F_FIN | bpfobj.TypesCtFlagCT_F_FIN_REPLY)
+	f.Closing = v.Flags&uint8(bpfobj.TypesCtFlagCT_F_RST) != 0 || v.Flags&fin == fin
+	f.HalfClosed = !f.Closing && v.Flags&fin != 0
 	f.Direction = Egress
 	switch k.Dir {
 	case uint8(bpfobj.TypesCtDirCT_INGRESS):

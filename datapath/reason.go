@@ -25,6 +25,8 @@ const (
 	ReasonVLANTagged       = Reason(bpfobj.TypesDropReasonREASON_VLAN_TAGGED)
 	ReasonTunneled         = Reason(bpfobj.TypesDropReasonREASON_TUNNELED)
 	ReasonEndpointNotReady = Reason(bpfobj.TypesDropReasonREASON_ENDPOINT_NOT_READY)
+	ReasonNoConnection     = Reason(bpfobj.TypesDropReasonREASON_NO_CONNECTION)
+	ReasonFragNoFirst      = Reason(bpfobj.TypesDropReasonREASON_FRAG_NO_FIRST)
 )
 
 // reasonNames holds every reason's name and what it means; a test checks it
@@ -41,8 +43,10 @@ var reasonNames = map[Reason]struct{ name, doc string }{
 	ReasonPrefilterDenied:  {"PREFILTER_DENIED", "source is in the CIDR prefilter"},
 	ReasonRedirectFailed:   {"REDIRECT_FAILED", "the destination's interface is gone"},
 	ReasonVLANTagged:       {"VLAN_TAGGED", "a VLAN-tagged frame from an endpoint"},
-	ReasonTunneled:         {"TUNNELED", "IP-in-IP, IPv6-in-IP or GRE from an endpoint (the inner source cannot be checked)"},
+	ReasonTunneled:         {"TUNNELED", "an IP protocol endpoints may not send: an encapsulation such as IP-in-IP, GRE or EtherIP (the inner source cannot be checked), or any protocol not on the list"},
 	ReasonEndpointNotReady: {"ENDPOINT_NOT_READY", "the destination endpoint is being created or deleted"},
+	ReasonFragNoFirst:      {"FRAG_NO_FIRST", "a later fragment whose first fragment was not seen (out of order, or never sent): it has no ports to be decided by"},
+	ReasonNoConnection:     {"NO_CONNECTION", "a TCP segment other than a SYN, of no connection conntrack knows (never opened, revoked by a policy, expired or reset)"},
 }
 
 // String returns the reason's stable name, such as "POLICY_DENIED".

@@ -127,6 +127,9 @@ func intent(ep *Endpoint) *ledger.Record {
 		{Map: "policy", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyKey{}.Endpoint)), Size: 2, Value: id},
 		{Map: "policy_meta", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyMetaKey{}.Endpoint)), Size: 2, Value: id},
 		{Map: "policy_counters", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyCounterKey{}.Endpoint)), Size: 2, Value: id},
+		// Its tracked flows: an endpoint that gets its addresses later
+		// must not inherit them.
+		{Map: "conntrack", InValue: true, Offset: int(unsafe.Offsetof(bpfobj.TypesCtEntry{}.Endpoint)), Size: 2, Value: id},
 	}
 	rec.Made.Records = []ledger.Ref{{Kind: ledger.KindPolicy, ID: id}}
 	if ep.OwnsNetNS {

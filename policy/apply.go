@@ -227,8 +227,10 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (changes Ch
 	if want != nil {
 		st.Memo.Store(memoKey(endpoint), &memo{generation: rec.Generation, entries: want, doc: doc})
 	}
-	// Flows lose permission only when entries went or changed.
-	if want != nil && changes.Removed+changes.Changed > 0 {
+	// A stricter policy governs the flows already running: whatever it
+	// no longer allows is forgotten, and only a new connection could
+	// bring it back, which the policy decides.
+	if want != nil && changes.Added+changes.Removed+changes.Changed > 0 {
 		if err := revokeFlows(st, endpoint, want); err != nil {
 			return changes, err
 		}
@@ -580,31 +582,44 @@ func releaseCIDRs(st *core.State, endpoint uint16, drop, keep []netip.Prefix) {
 }
 
 // revokeFlows forgets the tracked flows of the endpoint that its new policy
-// no longer allows, so that their next packets meet the policy and are
-// dropped; the flows it still allows are kept and lose nothing.
+// does not allow, so that their next packets meet the policy and are
+// dropped (a TCP segment other than a SYN of a flow conntrack does not
+// know is dropped whatever the policy). A flow between two local endpoints
+// is forgotten on both sides: the other side's entry would let its
+// replies through. The flows it still allows are kept and lose nothing.
+// Service entries (CT_SERVICE) say which backend a flow was sent to, not
+// whether it may go: the flow's own entry, to the backend, is decided.
 func revokeFlows(st *core.State, endpoint uint16, m *MapEntries) error {
 	var (
 		k      bpfobj.TypesCtKey
 		v      bpfobj.TypesCtEntry
 		revoke []bpfobj.TypesCtKey
 	)
+	egress, ingress := uint8(bpfobj.TypesCtDirCT_EGRESS), uint8(bpfobj.TypesCtDirCT_INGRESS)
 	it := st.Objs.Conntrack.Iterate()
 	for it.Next(&k, &v) {
-		if v.Endpoint != endpoint {
+		if v.Endpoint != endpoint || (k.Dir != egress && k.Dir != ingress) {
 			continue
 		}
 		dir := datapath.Egress
-		if k.Dir == uint8(bpfobj.TypesCtDirCT_INGRESS) {
+		if k.Dir == ingress {
 			dir = datapath.Ingress
 		}
 		if verdict, _ := m.Decide(endpoint, dir, datapath.Identity(v.Identity), k.Proto, flowPort(&k)); verdict == datapath.VerdictDenied {
-			revoke = append(revoke, k)
+			peer := k
+			peer.Dir = egress + ingress - k.Dir
+			revoke = append(revoke, k, peer)
 		}
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("read tracked flows: %w", err)
 	}
-	for _, k := range revoke {
+	for i, k := range revoke {
+		// The other side's entry only if it is another endpoint's: the
+		// same tuple the other way may be this endpoint's own flow.
+		if i%2 == 1 && (st.Objs.Conntrack.Lookup(&k, &v) != nil || v.Endpoint == endpoint) {
+			continue
+		}
 		if err := deleteKey(st.Objs.Conntrack, &k); err != nil {
 			return err
 		}

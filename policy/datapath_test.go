@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
@@ -19,6 +20,7 @@ import (
 	"github.com/sluicedp/sluice/endpoint"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/ipcache"
+	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
 	"github.com/sluicedp/sluice/internal/testutil"
 	"github.com/sluicedp/sluice/policy"
@@ -30,6 +32,7 @@ type node struct {
 	dp      *datapath.Datapath
 	ns      *testutil.NetNS
 	a, b, c *endpoint.Endpoint
+	world   *testutil.NetNS // see outside
 }
 
 func newNode(t testing.TB) *node {
@@ -92,19 +95,59 @@ func at(ep *endpoint.Endpoint) place {
 	return place{fmt.Sprint("endpoint ", ep.ID), func(fn func() error) error { return inNS(ep, fn) }, ep.IPv4, ep.IPv6}
 }
 
-// outside returns a place in the node's namespace with the given
-// addresses, on a device of its own (a veth pair with both ends there):
-// addresses no endpoint has, so the world's.
+// outside returns a place outside the node with the given addresses: a
+// namespace of its own behind a veth pair, which the node routes to (with
+// forwarding on) and which routes the endpoints' addresses back through
+// the node. Its addresses are no endpoint's and not the node's: the
+// world's.
 func (n *node) outside(t *testing.T, v4, v6 string) place {
 	t.Helper()
+	if n.world == nil {
+		n.world = testutil.NewNetNS(t)
+		testutil.Veth(t, n.ns, "ext0", n.world, "ext1")
+		n.ns.Do(t, func() error {
+			for _, knob := range []string{"ipv4/ip_forward", "ipv6/conf/all/forwarding"} {
+				if err := os.WriteFile("/proc/sys/net/"+knob, []byte("1"), 0o644); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		ext0, err := netdev.Get(n.ns.Handle, "ext0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, gw := range []string{"198.19.255.254", "fd00:2:ffff::1"} {
+			if err := netdev.DefaultRoute(n.world.Handle, "ext1", netip.MustParseAddr(gw), ext0.MAC); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, a := range []string{v4, v6} {
+		addr := netip.MustParseAddr(a)
+		n.world.AddAddr(t, "ext1", netip.PrefixFrom(addr, addr.BitLen()).String())
+		if err := netdev.HostRoute(n.ns.Handle, "ext0", addr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return place{"outside " + v4, func(fn func() error) error { return nsrun.Do(n.world.Handle, fn) },
+		netip.MustParseAddr(v4), netip.MustParseAddr(v6)}
+}
+
+// nodeAddrs gives the node the given addresses, on a device of its own,
+// and returns the node as a place with them: the host.
+func (n *node) nodeAddrs(t *testing.T, v4, v6 string) place {
+	t.Helper()
 	n.ns.Do(t, func() error {
-		if _, err := netlink.LinkByName("ext0"); err == nil {
+		if _, err := netlink.LinkByName("own0"); err == nil {
 			return nil
 		}
-		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "ext0"}, PeerName: "ext1"}); err != nil {
+		// A veth pair with both ends here: the kernel may lack dummy
+		// devices.
+		if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "own0"}, PeerName: "own1"}); err != nil {
 			return err
 		}
-		for _, name := range []string{"ext0", "ext1"} {
+		for _, name := range []string{"own0", "own1"} {
 			l, err := netlink.LinkByName(name)
 			if err == nil {
 				err = netlink.LinkSetUp(l)
@@ -115,9 +158,9 @@ func (n *node) outside(t *testing.T, v4, v6 string) place {
 		}
 		return nil
 	})
-	n.ns.AddAddr(t, "ext0", v4+"/32")
-	n.ns.AddAddr(t, "ext0", v6+"/128")
-	return place{"outside " + v4, func(fn func() error) error { return nsrun.Do(n.ns.Handle, fn) },
+	n.ns.AddAddr(t, "own0", v4+"/32")
+	n.ns.AddAddr(t, "own0", v6+"/128")
+	return place{"node " + v4, func(fn func() error) error { return nsrun.Do(n.ns.Handle, fn) },
 		netip.MustParseAddr(v4), netip.MustParseAddr(v6)}
 }
 
@@ -485,7 +528,7 @@ func TestScenarios(t *testing.T) {
 // bpf_redirect_peer.
 func TestHostToEndpoint(t *testing.T) {
 	n := newNode(t)
-	n.outside(t, "198.19.8.1", "fd00:2:8::1") // the node's own addresses, to send from
+	n.nodeAddrs(t, "198.19.8.1", "fd00:2:8::1") // to send from
 	fromNode := func(addr netip.Addr, want bool) bool {
 		t.Helper()
 		to := at(n.b)
@@ -573,42 +616,23 @@ func TestIdentityChanges(t *testing.T) {
 	n.run(t, []check{{"tcp", n.c, out, 81, true}})
 }
 
-// tcpConn opens a TCP connection from one endpoint to another's port 80
-// and returns a function that sends a message and reports whether it came
-// back.
+// tcpConn opens a TCP connection from one endpoint to another's port 80,
+// whose server end echoes, and returns a function that sends a message and
+// reports whether it came back.
 func tcpConn(t *testing.T, from, to *endpoint.Endpoint, addr netip.Addr) func(timeout time.Duration) bool {
 	t.Helper()
-	var ln net.Listener
-	if err := inNS(to, func() (err error) {
-		ln, err = net.Listen("tcp", netip.AddrPortFrom(addr, 80).String())
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
+	c, server := tcpPair(t, from, to, addr)
+	t.Cleanup(func() { c.Close(); server.Close() })
 	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
 		b := make([]byte, 64)
 		for {
-			n, err := c.Read(b)
+			n, err := server.Read(b)
 			if err != nil {
 				return
 			}
-			c.Write(b[:n])
+			server.Write(b[:n])
 		}
 	}()
-	var c net.Conn
-	if err := inNS(from, func() (err error) {
-		c, err = net.DialTimeout("tcp", netip.AddrPortFrom(addr, 80).String(), wait)
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
 	return func(timeout time.Duration) bool {
 		c.SetDeadline(time.Now().Add(timeout))
 		if _, err := c.Write([]byte("echo")); err != nil {
@@ -621,8 +645,9 @@ func tcpConn(t *testing.T, from, to *endpoint.Endpoint, addr netip.Addr) func(ti
 }
 
 // Replacing a policy under an open connection: one the new policy still
-// allows keeps working; one it no longer allows has its next packets
-// dropped as POLICY_DENIED and counted.
+// allows keeps working; one it no longer allows is forgotten, and its next
+// packets are dropped, as segments of no connection conntrack knows, and
+// counted.
 func TestReplaceUnderOpenConnection(t *testing.T) {
 	n := newNode(t)
 	allow80 := policy.Policy{Ingress: []policy.Rule{{Peers: []policy.Peer{{Identity: 1001}}, Ports: []policy.Port{{Protocol: policy.TCP, Port: 80}}}}}
@@ -645,16 +670,27 @@ func TestReplaceUnderOpenConnection(t *testing.T) {
 		}
 	}
 	// No longer allowed.
-	before := denied(t, n.dp)
+	before := revoked(t, n.dp)
 	if _, err := policy.Apply(context.Background(), n.dp, n.b.ID, policy.Policy{Ingress: []policy.Rule{}}); err != nil {
 		t.Fatal(err)
 	}
 	if send(deny) {
 		t.Error("the connection went on after its policy was withdrawn")
 	}
-	if after := denied(t, n.dp); after <= before {
-		t.Errorf("POLICY_DENIED ingress went from %d to %d", before, after)
+	if after := revoked(t, n.dp); after <= before {
+		t.Errorf("NO_CONNECTION drops went from %d to %d", before, after)
 	}
+}
+
+// revoked counts the packets dropped as NO_CONNECTION, both ways.
+func revoked(t *testing.T, dp *datapath.Datapath) uint64 {
+	t.Helper()
+	m, err := dp.Metrics()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m[datapath.MetricKey{Reason: datapath.ReasonNoConnection, Direction: datapath.Ingress}].Packets +
+		m[datapath.MetricKey{Reason: datapath.ReasonNoConnection, Direction: datapath.Egress}].Packets
 }
 
 func denied(t *testing.T, dp *datapath.Datapath) uint64 {

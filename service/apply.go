@@ -629,11 +629,25 @@ func restoreRecords(st *core.State, chs []*change) {
 	}
 }
 
+// backendValue is backend b's lb_backends value, as service id's, counted
+// at counter.
+func backendValue(b Backend, id uint16, counter uint32) bpfobj.TypesLbBackend {
+	return bpfobj.TypesLbBackend{
+		Addr:    addr16(b.Addr),
+		Port:    htons(b.Port),
+		Family:  family(b.Addr),
+		State:   uint8(b.State),
+		Weight:  b.Weight,
+		Service: uint32(id),
+		Counter: counter,
+	}
+}
+
 // backendValues is the lb_backends values of an installed service.
 func backendValues(in *installed) []bpfobj.TypesLbBackend {
 	out := make([]bpfobj.TypesLbBackend, len(in.svc.Backends))
 	for i, b := range in.svc.Backends {
-		out[i] = bpfobj.TypesLbBackend{Addr: addr16(b.Addr), Port: htons(b.Port), Family: family(b.Addr), State: uint8(b.State), Service: uint32(in.id), Counter: in.rec.Counters[i]}
+		out[i] = backendValue(b, in.id, in.rec.Counters[i])
 	}
 	return out
 }

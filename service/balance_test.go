@@ -245,26 +245,14 @@ func TestDrainTCP(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	ask := func() string {
-		c.SetDeadline(time.Now().Add(wait))
-		buf := make([]byte, 64)
-		if _, err := c.Write([]byte("hi")); err != nil {
-			t.Fatal(err)
-		}
-		k, err := c.Read(buf)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return string(buf[:k])
-	}
-	if p := portOf(t, ask()); p != 9001 {
+	if p := askOn(t, c); p != 9001 {
 		t.Fatalf("connected to %d", p)
 	}
 	svc.Backends = backends(n.a, false, 9001, 9002)
 	svc.Backends[0].State = service.Terminating
 	upsert(t, n.dp, svc)
 	for range 3 {
-		if p := portOf(t, ask()); p != 9001 {
+		if p := askOn(t, c); p != 9001 {
 			t.Fatalf("the draining connection went to %d", p)
 		}
 	}
@@ -274,6 +262,22 @@ func TestDrainTCP(t *testing.T) {
 			t.Fatalf("a new connection: %q, %v", answer, err)
 		}
 	}
+}
+
+// askOn sends a message on an open connection to an echo server and
+// returns the port of the backend that answered.
+func askOn(t *testing.T, c net.Conn) uint16 {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(wait))
+	buf := make([]byte, 64)
+	if _, err := c.Write([]byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+	k, err := c.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return portOf(t, string(buf[:k]))
 }
 
 // TestCountersStartAtZero: a backend that gets a counter index another

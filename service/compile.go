@@ -51,14 +51,7 @@ func Compile(s *Service, id uint16, half uint32, numbers []uint16, counters []ui
 	var usable []int // indices of backends that take new flows
 	for i, b := range s.Backends {
 		e.IDs = append(e.IDs, backendID(id, numbers[i]))
-		e.Backends = append(e.Backends, bpfobj.TypesLbBackend{
-			Addr:    addr16(b.Addr),
-			Port:    htons(b.Port),
-			Family:  family(b.Addr),
-			State:   uint8(b.State),
-			Service: uint32(id),
-			Counter: counters[i],
-		})
+		e.Backends = append(e.Backends, backendValue(b, id, counters[i]))
 		if b.State == Active && b.Weight > 0 {
 			usable = append(usable, i)
 		}

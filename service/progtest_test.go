@@ -409,3 +409,41 @@ func TestProgReverseFromHost(t *testing.T) {
 		}
 	}
 }
+
+// A rejected packet is answered and counted once, as a NO_BACKEND drop:
+// not as forwarded too.
+func TestRejectCountsOnce(t *testing.T) {
+	n := newNode(t)
+	prog := fromEndpoint(t, n)
+	noBackend := datapath.MetricKey{Reason: datapath.ReasonNoBackend, Direction: datapath.Egress}
+	forwarded := datapath.MetricKey{Reason: datapath.ReasonForwarded, Direction: datapath.Egress}
+	for _, v6 := range []bool{false, true} {
+		fe := service.Frontend{Addr: frontendAddr(v6), Port: 80, Protocol: service.TCP}
+		upsert(t, n.dp, service.Service{Frontend: fe, Backends: []service.Backend{}, Reach: service.TCOnly, NoBackend: service.Reject})
+		// The client's own neighbour discovery may be forwarded while a
+		// try runs: one try of three with nothing else forwarded shows it.
+		clean := false
+		for try := range 3 {
+			src := netip.AddrPortFrom(addrOf(n.client, v6), uint16(40000+try))
+			before, err := n.dp.Metrics()
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := runFrom(t, n, prog, n.client, flowFrame(n.client, service.TCP, src, netip.AddrPortFrom(fe.Addr, fe.Port), packet.SYN, 0, false))
+			after, err := n.dp.Metrics()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Verdict != progtest.TCActRedirect || after[noBackend].Packets != before[noBackend].Packets+1 {
+				t.Fatalf("ipv6=%v: verdict %d, NO_BACKEND %d then %d", v6, r.Verdict, before[noBackend].Packets, after[noBackend].Packets)
+			}
+			if after[forwarded].Packets == before[forwarded].Packets {
+				clean = true
+				break
+			}
+		}
+		if !clean {
+			t.Errorf("ipv6=%v: every rejected packet counted as forwarded too", v6)
+		}
+	}
+}

@@ -102,6 +102,34 @@ struct xdp_md {
 	__u32 egress_ifindex;
 };
 
+/* bpf_fib_lookup's parameters and results (struct bpf_fib_lookup, 64
+ * bytes since Linux 4.18). Only what sluice reads or sets is named. */
+struct bpf_fib_lookup {
+	__u8 family; /* AF_INET or AF_INET6 */
+	__u8 l4_protocol;
+	__be16 sport;
+	__be16 dport;
+	__u16 tot_len;
+	__u32 ifindex;
+	__be32 flowinfo;
+	__u32 src[4]; /* IPv4 in the first word */
+	__u32 dst[4];
+	__be16 h_vlan_proto;
+	__be16 h_vlan_TCI;
+	__u8 smac[6];
+	__u8 dmac[6];
+};
+
+#define AF_INET 2
+#define AF_INET6 10
+
+/* bpf_fib_lookup results. */
+enum {
+	BPF_FIB_LKUP_RET_SUCCESS = 0,
+	BPF_FIB_LKUP_RET_NOT_FWDED = 4,   /* a local, broadcast or multicast route */
+	BPF_FIB_LKUP_RET_FWD_DISABLED = 5, /* forwarding is off on the device */
+};
+
 /* Map and section declarations, read by the loader (libbpf's convention). */
 #define SEC(name) __attribute__((section(name), used))
 #define __uint(name, val) int (*name)[val]
@@ -123,6 +151,7 @@ static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)46;
 static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
 static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
+static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen, __u32 flags) = (void *)69;
 static long (*bpf_redirect_peer)(__u32 ifindex, __u64 flags) = (void *)155;
 static long (*bpf_check_mtu)(void *ctx, __u32 ifindex, __u32 *mtu_len, __s32 len_diff, __u64 flags) = (void *)163;
 static __u64 (*bpf_xdp_get_buff_len)(struct xdp_md *xdp_md) = (void *)188;

@@ -7,6 +7,7 @@
 
 #include "common.h"
 #include "../include/net.h"
+#include "parse.h"
 
 #define CT_ENTRIES 262144
 
@@ -41,12 +42,18 @@ struct ct_key {
 
 enum ct_flag {
 	CT_F_SEEN_REPLY = 1 << 0, /* a packet went the other way */
-	CT_F_CLOSING = 1 << 1,    /* FIN or RST seen */
+	CT_F_FIN = 1 << 1,        /* TCP: the side that opened sent a FIN */
 	CT_F_AUDITED = 1 << 2,    /* policy would have denied it (audit mode) */
+	CT_F_FIN_REPLY = 1 << 3,  /* TCP: the other side sent a FIN */
+	CT_F_RST = 1 << 4,        /* TCP: a RST ended it */
 };
 
+/* A TCP connection is closed once it was reset or both sides sent a FIN;
+ * one FIN is a half-close, and the other side may go on sending. */
+#define CT_F_CLOSED_BY_FIN (CT_F_FIN | CT_F_FIN_REPLY)
+
 struct ct_entry {
-	__u64 expires;      /* CLOCK_MONOTONIC ns; user space removes expired ones */
+	__u64 expires;      /* CLOCK_MONOTONIC ns; past it the entry is as if absent */
 	__u16 endpoint;     /* the endpoint whose entry it is */
 	__u8 flags;         /* enum ct_flag */
 	__u8 tcp_flags;     /* every TCP flag seen, both ways */
@@ -73,19 +80,26 @@ enum ct_status {
 	CT_RELATED = 3,     /* an ICMP error about a known flow */
 };
 
-/* The flow a packet belongs to, filled in by the parser. */
+/* The flow a packet belongs to, filled in by the parser. Laid out without
+ * holes: it lives on the stack of every program. */
 struct flow {
-	struct ct_key key;   /* as this packet has it (dir set by the caller) */
-	__u8 tcp_flags;      /* of this packet */
-	__u8 icmp_error;     /* an ICMP error: related holds the flow it is about */
-	__u16 l4_port;       /* dport, or ICMP type << 8 | code, host order */
-	__u16 l4_off;        /* where the L4 header starts; 0 for a later fragment */
-	__u16 service;       /* translated for this service (ct_create records it) */
-	__u32 backend;       /* to this backend */
-	__u16 rev_nat;       /* a reply (or an ICMP error about) a translated flow: its service */
-	__u8 hairpin;        /* translated to its own sender: the source is the frontend */
+	struct ct_key key;    /* as this packet has it (dir set by the caller) */
+	__u8 tcp_flags;       /* of this packet */
+	__u8 icmp_error;      /* an ICMP error: related holds the flow it is about */
+	__u8 frag;            /* enum frag_kind */
+	__u8 hairpin;         /* translated to its own sender: the source is the frontend */
+	__u16 l4_port;        /* dport, or ICMP type << 8 | code, host order */
+	__u16 l4_off;         /* where the L4 header starts; 0 for a later fragment */
+	__u32 frag_id;        /* a fragment's datagram identification */
+	__u32 backend;        /* translated to this backend */
+	__u16 service;        /* translated for this service (lb_commit records it) */
+	__u16 rev_nat;        /* a reply (or an ICMP error about) a translated flow: its service */
 	__u16 related_l3_off; /* an ICMP error: where the packet it quotes starts */
 	__u16 related_l4_off; /* and that packet's L4 header */
+	__u32 lb_counter;     /* the backend's counter index */
+	__u8 lb_new;          /* a new service flow: lb_commit records it once let through */
+	__u8 lb_remember;     /* and remembers its backend for client affinity */
+	__u16 pad;
 	struct ct_key related __attribute__((aligned(8))); /* read as 8-byte words */
 };
 
@@ -110,25 +124,27 @@ static __always_inline __u64 ct_lifetime(__u8 proto, __u8 seen_flags, __u8 entry
 {
 	if (proto != IPPROTO_TCP)
 		return CT_LIFETIME_OTHER;
-	if (entry_flags & CT_F_CLOSING)
+	if ((entry_flags & CT_F_RST) || (entry_flags & CT_F_CLOSED_BY_FIN) == CT_F_CLOSED_BY_FIN)
 		return CT_LIFETIME_CLOSE;
 	if ((seen_flags & TCP_ACK) && (entry_flags & CT_F_SEEN_REPLY))
 		return CT_LIFETIME_TCP;
 	return CT_LIFETIME_SYN;
 }
 
-/* ct_touch updates a found entry with this packet: flags, counters and,
- * when it changed by more than a second, its expiry. */
-static __always_inline void ct_touch(struct ct_entry *e, const struct flow *f, int reply, __u32 len)
+/* ct_touch updates a found entry with this packet, sent the way the flow
+ * began or (reply) the other way: flags, counters and, when it changed by
+ * more than a second, its expiry. */
+static __always_inline void ct_touch(struct ct_entry *e, const struct flow *f, int reply, __u32 len, __u64 now)
 {
-	__u64 now = bpf_ktime_get_ns();
 	__u8 flags = e->flags;
 	__u64 expires;
 
 	if (reply)
 		flags |= CT_F_SEEN_REPLY;
-	if (f->tcp_flags & (TCP_FIN | TCP_RST))
-		flags |= CT_F_CLOSING;
+	if (f->tcp_flags & TCP_FIN)
+		flags |= reply ? CT_F_FIN_REPLY : CT_F_FIN;
+	if (f->tcp_flags & TCP_RST)
+		flags |= CT_F_RST;
 	if (flags != e->flags)
 		e->flags = flags;
 	if ((e->tcp_flags | f->tcp_flags) != e->tcp_flags)
@@ -142,18 +158,56 @@ static __always_inline void ct_touch(struct ct_entry *e, const struct flow *f, i
 		e->expires = expires;
 }
 
-/* ct_lookup finds the flow of a packet seen in direction dir (the key's dir
- * is set by it): the flow itself, its reverse (a reply), or, for an ICMP
- * error, the flow it is about; the entry found is updated. */
-static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 len)
+/* ct_find returns the entry of key if it belongs to endpoint ep and has
+ * not expired: an entry another endpoint left (its addresses reused) or
+ * one past its lifetime is as if absent. */
+static __always_inline struct ct_entry *ct_find(const struct ct_key *key, __u16 ep, __u64 now)
 {
-	struct ct_key rev;
+	struct ct_entry *e = bpf_map_lookup_elem(&conntrack, key);
+
+	if (!e || e->endpoint != ep || e->expires < now)
+		return NULL;
+	return e;
+}
+
+static __always_inline int tcp_is_syn(const struct flow *f)
+{
+	return f->key.proto == IPPROTO_TCP && (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+}
+
+/* ct_is_over reports whether the TCP connection of entry e is over for the
+ * flow's packet: reset, or closed by both sides and opened again by this
+ * SYN. Its entry is then as if absent. */
+static __always_inline int ct_is_over(const struct ct_entry *e, const struct flow *f)
+{
+	if (f->key.proto != IPPROTO_TCP)
+		return 0;
+	return (e->flags & CT_F_RST) ||
+	       ((e->flags & CT_F_CLOSED_BY_FIN) == CT_F_CLOSED_BY_FIN && tcp_is_syn(f));
+}
+
+/* ct_lookup finds the flow of a packet endpoint ep sees in direction dir
+ * (the key's dir is set by it): the flow itself, its reverse (a reply),
+ * or, for an ICMP error, the flow it is about; the entry found is
+ * updated. Only the endpoint's own, live entries count (ct_find).
+ *
+ * TCP: a SYN on a closed connection's tuple starts it over (CT_NEW, so
+ * policy decides again); after a RST nothing more passes on its entry; a
+ * SYN is never a reply. An ICMP error is related only when it goes to the sender of the
+ * packet it quotes, from that packet's destination, or from the node
+ * itself (from_node: a router on the way); any other is a new flow that
+ * policy decides. */
+static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u16 ep, int from_node, __u32 len)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_key k; /* on the stack: older kernels take map keys from nowhere else */
 	struct ct_entry *e;
 
 	f->key.dir = dir;
-	e = bpf_map_lookup_elem(&conntrack, &f->key);
-	if (e) {
-		ct_touch(e, f, 0, len);
+	k = f->key;
+	e = ct_find(&k, ep, now);
+	if (e && !ct_is_over(e, f)) {
+		ct_touch(e, f, 0, len, now);
 		/* The tuple may have been tracked for another service (one
 		 * deleted and made again, a backend chosen anew): replies go
 		 * back to the frontend this packet was sent to. */
@@ -163,23 +217,25 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 
 		}
 		return CT_ESTABLISHED;
 	}
-	ct_reverse(&rev, &f->key, dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS);
-	e = bpf_map_lookup_elem(&conntrack, &rev);
-	if (e) {
-		ct_touch(e, f, 1, len);
+	ct_reverse(&k, &f->key, dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS);
+	e = ct_find(&k, ep, now);
+	if (e && !tcp_is_syn(f) && !ct_is_over(e, f)) {
+		ct_touch(e, f, 1, len, now);
 		f->rev_nat = e->rev_nat;
 		return CT_REPLY;
 	}
-	if (f->icmp_error) {
+	if (f->icmp_error && ipv6_equal(f->related.saddr, f->key.daddr) &&
+	    (from_node || ipv6_equal(f->related.daddr, f->key.saddr))) {
 		/* The error answers a packet the endpoint sent (its egress
 		 * entry) or one delivered to it (its ingress entry). */
-		f->related.dir = dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
-		e = bpf_map_lookup_elem(&conntrack, &f->related);
-		if (e && f->related.dir == CT_EGRESS)
+		k = f->related;
+		k.dir = dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
+		e = ct_find(&k, ep, now);
+		if (e && k.dir == CT_EGRESS)
 			f->rev_nat = e->rev_nat; /* about a translated flow it sent */
 		if (!e) {
-			ct_reverse(&rev, &f->related, dir);
-			e = bpf_map_lookup_elem(&conntrack, &rev);
+			ct_reverse(&k, &f->related, dir);
+			e = ct_find(&k, ep, now);
 		}
 		if (e)
 			return CT_RELATED;
@@ -187,13 +243,13 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u32 
 	return CT_NEW;
 }
 
-/* ct_create records a new flow that policy let through. The sender's entry
- * of a flow translated for a service (and the service entry) names the
- * service and backend, so that its replies are translated back; so does
- * the receiver's entry of a hairpinned flow, whose replies are turned
- * around by the receiver's own program. */
-static __always_inline void ct_create(struct flow *f, __u8 dir, __u16 ep, __u32 identity, __u16 rule,
-				      __u8 audited, __u32 len)
+/* ct_create records a new flow that policy let through, under key (its dir
+ * set). The sender's entry of a flow translated for a service (and the
+ * service entry) names the service and backend, so that its replies are
+ * translated back; so does the receiver's entry of a hairpinned flow,
+ * whose replies are turned around by the receiver's own program. */
+static __always_inline void ct_create(const struct ct_key *key, const struct flow *f, __u16 ep,
+				      __u32 identity, __u16 rule, __u8 audited, __u32 len)
 {
 	struct ct_entry e = {
 		.endpoint = ep,
@@ -205,11 +261,12 @@ static __always_inline void ct_create(struct flow *f, __u8 dir, __u16 ep, __u32 
 		.bytes = len,
 	};
 
-	if (dir != CT_INGRESS || f->hairpin) {
+	if (key->dir != CT_INGRESS || f->hairpin) {
 		e.rev_nat = f->service;
 		e.backend = f->backend;
 	}
-	f->key.dir = dir;
-	e.expires = bpf_ktime_get_ns() + ct_lifetime(f->key.proto, f->tcp_flags, e.flags);
-	bpf_map_update_elem(&conntrack, &f->key, &e, BPF_ANY);
+	struct ct_key k = *key; /* on the stack, as ct_lookup's */
+
+	e.expires = bpf_ktime_get_ns() + ct_lifetime(key->proto, f->tcp_flags, e.flags);
+	bpf_map_update_elem(&conntrack, &k, &e, BPF_ANY);
 }

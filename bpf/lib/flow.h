@@ -67,16 +67,26 @@ static __always_inline int flow_l4(struct __sk_buff *skb, __u32 off, __u8 proto,
 	return 0;
 }
 
-/* flow_is_link_control reports neighbour discovery (router and neighbour
- * solicitations and advertisements, redirects) and MLD: ICMPv6 that keeps
- * the link working, sent from global addresses too. Policy does not apply
- * to it, as it does not to ARP. */
-static __always_inline int flow_is_link_control(const struct flow *f)
+/* flow_is_link_control reports neighbour discovery and MLD in the exact
+ * shape that keeps a link working: router and neighbour solicitations and
+ * advertisements and redirects (ICMPv6 133 to 137) with hop limit 255,
+ * which no router forwards (RFC 4861), and MLD queries, reports and done
+ * messages (130 to 132, 143) with hop limit 1 to a multicast group (RFC
+ * 2710, 3810), all to a link-local or link-scope multicast address (MLD:
+ * any multicast address). Policy does not apply to it, as it does not to
+ * ARP. Every other ICMPv6 message is a flow that policy decides. */
+static __always_inline int flow_is_link_control(const struct flow *f, __u8 hop_limit)
 {
 	__u8 type = f->l4_port >> 8;
+	const __u8 *dst = f->key.daddr;
 
-	return f->key.proto == IPPROTO_ICMPV6 &&
-	       ((type >= 130 && type <= 137) || type == 143);
+	if (f->key.proto != IPPROTO_ICMPV6 || !f->l4_off)
+		return 0;
+	if (type >= 133 && type <= 137)
+		return hop_limit == 255 && (ipv6_is_linklocal(dst) || ipv6_is_linklocal_multicast(dst));
+	if ((type >= 130 && type <= 132) || type == 143)
+		return hop_limit == 1 && dst[0] == 0xff;
+	return 0;
 }
 
 static __always_inline int icmp4_is_error(__u8 type)
@@ -102,8 +112,12 @@ static __always_inline int flow_parse4(struct __sk_buff *skb, struct iphdr *ip, 
 	f->key.proto = ip->protocol;
 	*(__be32 *)f->key.saddr = ip->saddr;
 	*(__be32 *)f->key.daddr = ip->daddr;
-	if (bpf_ntohs(ip->frag_off) & 0x1fff)
-		return 0; /* a later fragment: no ports */
+	if (bpf_ntohs(ip->frag_off) & 0x3fff) { /* more fragments, or an offset */
+		f->frag = bpf_ntohs(ip->frag_off) & 0x1fff ? FRAG_LATER : FRAG_FIRST;
+		f->frag_id = ip->id;
+		if (f->frag == FRAG_LATER)
+			return 0; /* no ports: frag_ports gives the first one's */
+	}
 	if (flow_l4(skb, off, ip->protocol, &f->key, &icmp) < 0)
 		return -1;
 	f->l4_off = off;
@@ -136,19 +150,19 @@ static __always_inline int flow_parse6(struct __sk_buff *skb, struct ipv6hdr *ip
 {
 	struct icmp_head icmp;
 	struct ipv6hdr inner;
-	__u8 later_fragment;
-	__u32 off, inner_off;
+	__u32 off, inner_off, inner_id;
+	__u8 inner_frag;
 	int proto;
 
 	f->key.family = 6;
 	__builtin_memcpy(f->key.saddr, ip->saddr, 16);
 	__builtin_memcpy(f->key.daddr, ip->daddr, 16);
-	proto = ipv6_upper_proto(skb, ETH_HLEN, ip->nexthdr, &off, &later_fragment);
+	proto = ipv6_upper_proto(skb, ETH_HLEN, ip->nexthdr, &off, &f->frag, &f->frag_id);
 	if (proto < 0)
 		return -1;
 	f->key.proto = proto;
-	if (later_fragment)
-		return 0;
+	if (f->frag == FRAG_LATER)
+		return 0; /* no ports: frag_ports gives the first one's */
 	if (flow_l4(skb, off, proto, &f->key, &icmp) < 0)
 		return -1;
 	f->l4_off = off;
@@ -162,7 +176,7 @@ static __always_inline int flow_parse6(struct __sk_buff *skb, struct ipv6hdr *ip
 			return 0;
 		if (bpf_skb_load_bytes(skb, off + 8, &inner, sizeof(inner)) < 0 || ipv6_version(&inner) != 6)
 			return 0;
-		proto = ipv6_upper_proto(skb, off + 8, inner.nexthdr, &inner_off, &later_fragment);
+		proto = ipv6_upper_proto(skb, off + 8, inner.nexthdr, &inner_off, &inner_frag, &inner_id);
 		if (proto < 0)
 			return 0;
 		f->icmp_error = 1;

@@ -14,6 +14,16 @@
 #include "service.h"
 #include "icmp.h"
 
+/* What lb_translate returns for a packet it does not let on: the caller
+ * drops it (lb_verdict), so that the event code's stack is not added to
+ * its own. */
+enum lb_result {
+	LB_OK = 0,
+	LB_NO_BACKEND = 1, /* no backend takes new flows: dropped */
+	LB_REJECT = 2,     /* no backend, and the frontend rejects: answered */
+	LB_MALFORMED = 3,  /* cannot be rewritten */
+};
+
 /* lb_reject answers the flow's packet, to a frontend with no backend that
  * rejects, with a port unreachable from the frontend, sent straight back
  * into the endpoint it came from. A global function: verified once. */
@@ -35,71 +45,129 @@ __noinline int lb_reject(struct __sk_buff *skb, struct flow *f)
 /* lb_translate sends the flow's packet, from endpoint ep, to a backend when
  * its destination is a frontend translated at tc: the flow's backend while
  * it belongs to the service (a new TCP connection on the port of an old one
- * chooses again when that backend takes no new flows), else a new choice.
- * A packet whose backend is its own sender (hairpin) gets the frontend as
- * its source too: the sender would drop a packet from its own address.
- * f is updated to the translated packet. It returns 0, or the verdict on a
- * packet no backend takes: dropped (NO_BACKEND) or answered (lb_reject). */
-static __always_inline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
+ * chooses again when that backend takes no new flows, or the old one is
+ * over), else a new choice. A packet whose backend is its own sender
+ * (hairpin) gets the frontend as its source too: the sender would drop a
+ * packet from its own address. f is updated to the translated packet;
+ * nothing is recorded or counted until policy let it through (lb_commit).
+ * It returns LB_OK, or why the packet goes no further (lb_verdict). A global function: its keys stay
+ * out of the caller's stack, and it is verified once. */
+__noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 {
-	struct lb_frontend_key fk = {.port = f->key.dport, .proto = f->key.proto, .family = f->key.family};
+	struct lb_frontend_key fk = {};
 	struct lb_backend *b = NULL;
 	struct lb_frontend *fe;
 	struct ct_entry *e;
-	struct ct_key sk;
-	int new_flow = 0;
+	struct ct_key k;
 	__u32 id = 0;
 
-	if (!f->l4_off || (f->key.proto != IPPROTO_TCP && f->key.proto != IPPROTO_UDP))
+	/* A later fragment has the first one's ports (frag_ports): it follows
+	 * the flow's translation, and starts none. */
+	if (!f || (!f->l4_off && f->frag != FRAG_LATER) ||
+	    (f->key.proto != IPPROTO_TCP && f->key.proto != IPPROTO_UDP))
 		return 0;
+	fk.port = f->key.dport;
+	fk.proto = f->key.proto;
+	fk.family = f->key.family;
 	__builtin_memcpy(fk.addr, f->key.daddr, 16);
 	fe = bpf_map_lookup_elem(&lb_frontends, &fk);
 	if (!fe || !(fe->flags & LB_F_TC))
 		return 0;
 
-	sk = f->key;
-	sk.dir = CT_SERVICE;
-	e = bpf_map_lookup_elem(&conntrack, &sk);
+	/* On the stack: older kernels take map keys from nowhere else. */
+	k = f->key;
+	k.dir = CT_SERVICE; /* keyed as the client sends, to the frontend */
+	e = ct_find(&k, ep, bpf_ktime_get_ns());
 	if (e) {
 		b = lb_backend_of(e->backend, fe->service);
-		if (b && b->state != LB_ACTIVE && (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+		if (b && tcp_is_syn(f) &&
+		    (b->state != LB_ACTIVE || (e->flags & CT_F_RST) ||
+		     (e->flags & CT_F_CLOSED_BY_FIN) == CT_F_CLOSED_BY_FIN))
 			b = NULL;
 		if (b) {
 			id = e->backend;
-			ct_touch(e, f, 0, skb->len);
+			/* The client acknowledges only what came back: its
+			 * ACK shows the backend answered. */
+			if (f->tcp_flags & TCP_ACK)
+				e->flags |= CT_F_SEEN_REPLY;
+			ct_touch(e, f, 0, skb->len, bpf_ktime_get_ns());
 		}
 	}
+	if (!b && f->frag == FRAG_LATER)
+		return 0;
 	if (!b) {
-		struct ct_key rk;
-
 		/* A reply to a flow delivered to this endpoint, whose peer
 		 * address and port happen to be a frontend's (a hairpinned
 		 * flow's peer is the frontend): not a new service flow. */
-		ct_reverse(&rk, &f->key, CT_INGRESS);
-		if (bpf_map_lookup_elem(&conntrack, &rk))
+		ct_reverse(&k, &f->key, CT_INGRESS);
+		if (bpf_map_lookup_elem(&conntrack, &k))
 			return 0;
 		id = lb_select(fe, f->key.saddr, lb_hash(f->key.saddr, f->key.sport, f->key.proto), &b);
-		if (!id) {
-			/* Counted and reported as dropped, answered or not. */
-			int verdict = drop(skb, REASON_NO_BACKEND, DIR_EGRESS, ep);
-
-			return fe->flags & LB_F_REJECT ? lb_reject(skb, f) : verdict;
-		}
-		new_flow = 1;
+		if (!id)
+			return fe->flags & LB_F_REJECT ? LB_REJECT : LB_NO_BACKEND;
+		f->lb_new = 1;
+		f->lb_remember = fe->affinity != 0;
 	}
 	f->service = fe->service;
 	f->backend = id;
-	if (new_flow)
-		ct_create(f, CT_SERVICE, ep, 0, POLICY_NO_RULE, 0, skb->len);
-	lb_count(b->counter, skb->len, new_flow);
+	f->lb_counter = b->counter;
 	if (ipv6_equal(b->addr, f->key.saddr)) {
 		f->hairpin = 1;
 		if (nat_rewrite(skb, f, 0, fk.addr, f->key.sport) < 0)
-			return drop(skb, REASON_MALFORMED, DIR_EGRESS, ep);
+			return LB_MALFORMED;
 	}
 	if (nat_rewrite(skb, f, 1, b->addr, b->port) < 0)
-		return drop(skb, REASON_MALFORMED, DIR_EGRESS, ep);
+		return LB_MALFORMED;
 	f->l4_port = bpf_ntohs(f->key.dport);
+	return LB_OK;
+}
+
+/* lb_verdict drops (or answers) a packet lb_translate did not let on from
+ * endpoint ep: no backend is a NO_BACKEND drop, answered or not. */
+static __always_inline int lb_verdict(struct __sk_buff *skb, struct flow *f, int result, __u16 ep)
+{
+	int verdict;
+
+	if (result == LB_MALFORMED)
+		return drop(skb, REASON_MALFORMED, DIR_EGRESS, ep);
+	verdict = drop(skb, REASON_NO_BACKEND, DIR_EGRESS, ep);
+	return result == LB_REJECT ? lb_reject(skb, f) : verdict;
+}
+
+/* lb_commit records a translated packet that policy let through: a new
+ * flow's service entry (keyed as the client sent it, to the frontend) and
+ * affinity, and the backend's counters. Before policy decides, nothing of
+ * a denied flow may stick: its retries would go to the same backend, and
+ * it would count as one of its flows. A global function, so that its key
+ * and entry stay out of the caller's stack. */
+__noinline int lb_commit(struct flow *f, __u16 ep, __u32 len)
+{
+	struct lb_frontend_key *fk;
+	struct ct_key sk = {};
+	__u32 id;
+
+	if (!f || !f->service)
+		return 0;
+	id = f->service;
+	lb_count(f->lb_counter, len, f->lb_new);
+	if (!f->lb_new)
+		return 0;
+	/* The packet is the translated one: the client is its source, or,
+	 * hairpinned, its destination (its own backend); the frontend is
+	 * the service's. */
+	fk = bpf_map_lookup_elem(&lb_revnat, &id);
+	if (!fk)
+		return 0;
+	__builtin_memcpy(sk.saddr, f->hairpin ? f->key.daddr : f->key.saddr, 16);
+	__builtin_memcpy(sk.daddr, fk->addr, 16);
+	sk.sport = f->key.sport;
+	sk.dport = fk->port;
+	sk.proto = f->key.proto;
+	sk.family = f->key.family;
+	sk.dir = CT_SERVICE;
+	if (f->lb_remember)
+		lb_remember(id, sk.saddr, f->backend);
+	ct_create(&sk, f, ep, 0, POLICY_NO_RULE, 0, len);
 	return 0;
 }
 

@@ -16,9 +16,12 @@
 #define IPV6_DADDR_OFF (ETH_HLEN + 24)
 
 /* nat_csum_off is where the L4 checksum of the flow's packet is, or 0 for a
- * protocol this file does not rewrite. */
+ * protocol this file does not rewrite or a later fragment, which has no L4
+ * header (the first fragment's checksum covers the whole datagram). */
 static __always_inline __u32 nat_csum_off(const struct flow *f)
 {
+	if (!f->l4_off)
+		return 0;
 	if (f->key.proto == IPPROTO_TCP)
 		return f->l4_off + 16;
 	if (f->key.proto == IPPROTO_UDP)
@@ -41,7 +44,7 @@ static __always_inline __sum16 csum_replace4(__sum16 check, __be32 from, __be32 
 
 /* nat_rewrite sets the source (dest == 0) or destination (dest == 1)
  * address and port of the flow's packet to addr and port, and updates f's
- * key to match. The L4 checksum goes through the helper, which knows
+ * key to match; a later fragment gets only the address. The L4 checksum goes through the helper, which knows
  * whether the NIC is still to fill it in; the IP header is written in
  * place (pull_headers made it linear). It returns -1 when the packet
  * cannot be rewritten. Every packet pointer taken before is invalid after
@@ -54,14 +57,15 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, in
 	__u32 csum_off = nat_csum_off(f);
 	__u64 mangled = f->key.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
-	if (!csum_off)
+	if (!csum_off && f->frag != FRAG_LATER)
 		return -1;
 	if (f->key.family == 4) {
 		__be32 from = *(__be32 *)old_addr, to = *(const __be32 *)addr;
 		struct iphdr *ip;
 
 		if (from != to) {
-			if (bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled | sizeof(to)) < 0)
+			if (csum_off &&
+			    bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled | sizeof(to)) < 0)
 				return -1;
 			ip = header(skb, ETH_HLEN, sizeof(*ip));
 			if (!ip)
@@ -81,7 +85,7 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, in
 		__builtin_memcpy(from, old_addr, 16);
 		__builtin_memcpy(to, addr, 16);
 		diff = bpf_csum_diff(from, 16, to, 16, 0);
-		if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) < 0)
+		if (diff < 0 || (csum_off && bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled) < 0))
 			return -1;
 		ip = header(skb, ETH_HLEN, sizeof(*ip));
 		if (!ip)
@@ -89,12 +93,12 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, in
 		__builtin_memcpy(dest ? ip->daddr : ip->saddr, to, 16);
 		__builtin_memcpy(old_addr, addr, 16);
 	}
-	if (*old_port != port) {
-		if (bpf_l4_csum_replace(skb, csum_off, *old_port, port, mangled | sizeof(port)) < 0 ||
-		    bpf_skb_store_bytes(skb, f->l4_off + (dest ? 2 : 0), &port, sizeof(port), 0) < 0)
-			return -1;
-		*old_port = port;
-	}
+	/* A later fragment has no ports to write: the flow's are noted. */
+	if (*old_port != port && csum_off &&
+	    (bpf_l4_csum_replace(skb, csum_off, *old_port, port, mangled | sizeof(port)) < 0 ||
+	     bpf_skb_store_bytes(skb, f->l4_off + (dest ? 2 : 0), &port, sizeof(port), 0) < 0))
+		return -1;
+	*old_port = port;
 	return 0;
 }
 

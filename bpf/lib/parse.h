@@ -110,21 +110,32 @@ static __always_inline int ipv6_is_exthdr(__u8 nexthdr)
 	       nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_FRAGMENT || nexthdr == IPPROTO_AH;
 }
 
+/* Where a packet stands among the fragments of its datagram. */
+enum frag_kind {
+	FRAG_NONE = 0,  /* not fragmented */
+	FRAG_FIRST = 1, /* the first fragment: it holds the upper header */
+	FRAG_LATER = 2, /* any other: no upper header */
+};
+
 /* ipv6_upper_proto finds the protocol after the extension headers of the
  * IPv6 header at l3off, whose next-header value is nexthdr: hop-by-hop,
  * routing, destination options, fragment and authentication headers are
  * skipped. It returns the protocol, or -1 when a header is cut short or
  * there are more than IPV6_MAX_EXTHDRS; *l4off is where the protocol's
- * header starts, and *later_fragment says the packet is a fragment other
- * than the first, which holds no such header. */
+ * header starts, *frag says whether the packet is a fragment (FRAG_LATER:
+ * one other than the first, which holds no such header) and *frag_id is
+ * then its datagram's identification. */
 static __always_inline int ipv6_upper_proto(struct __sk_buff *skb, __u32 l3off, __u8 nexthdr,
-					    __u32 *l4off, __u8 *later_fragment)
+					    __u32 *l4off, __u8 *frag, __u32 *frag_id)
 {
 	__u32 off = l3off + sizeof(struct ipv6hdr);
 	struct ipv6_opt_hdr opt;
-	__be16 frag_off;
+	struct {
+		__be16 frag_off; /* offset << 3 | more fragments */
+		__be32 id;
+	} __attribute__((packed)) fh;
 
-	*later_fragment = 0;
+	*frag = FRAG_NONE;
 #pragma unroll
 	for (int i = 0; i < IPV6_MAX_EXTHDRS; i++) {
 		if (!ipv6_is_exthdr(nexthdr))
@@ -132,9 +143,13 @@ static __always_inline int ipv6_upper_proto(struct __sk_buff *skb, __u32 l3off, 
 		if (bpf_skb_load_bytes(skb, off, &opt, sizeof(opt)) < 0)
 			return -1;
 		if (nexthdr == IPPROTO_FRAGMENT) {
-			if (bpf_skb_load_bytes(skb, off + 2, &frag_off, sizeof(frag_off)) < 0)
+			if (bpf_skb_load_bytes(skb, off + 2, &fh, sizeof(fh)) < 0)
 				return -1;
-			*later_fragment = (bpf_ntohs(frag_off) & 0xfff8) != 0;
+			if (bpf_ntohs(fh.frag_off) & 0xfff8)
+				*frag = FRAG_LATER;
+			else if (bpf_ntohs(fh.frag_off) & 1)
+				*frag = FRAG_FIRST;
+			*frag_id = fh.id;
 			off += 8;
 		} else if (nexthdr == IPPROTO_AH) {
 			off += (opt.hdrlen + 2) * 4;
@@ -147,9 +162,32 @@ static __always_inline int ipv6_upper_proto(struct __sk_buff *skb, __u32 l3off, 
 	return ipv6_is_exthdr(nexthdr) ? -1 : nexthdr;
 }
 
-/* is_tunnel reports whether an IP protocol carries another IP packet whose
- * source nothing checks. */
-static __always_inline int is_tunnel(int proto)
+/* endpoint_may_send reports whether an endpoint may send IP protocol
+ * proto (after IPv6 extension headers). It is a list of what may pass,
+ * not of what may not: an encapsulation carries a packet whose inner
+ * source nothing checks, and whatever decapsulates it on the node (a
+ * fallback tunnel device takes any IP-in-IP, GRE or EtherIP packet
+ * addressed to it) would take that source as given. So IP-in-IP, IPv6 in
+ * IP, GRE, EtherIP, ENCAP, MPLS in IP, L2TPv3 and every protocol not named
+ * here are dropped as TUNNELED. UDP encapsulations (VXLAN, Geneve, FOU)
+ * are UDP: sluice's own overlay takes them only from remote nodes. ESP
+ * decapsulates only under a security association its receiver set up. */
+static __always_inline int endpoint_may_send(int proto, __u8 family)
 {
-	return proto == IPPROTO_IPIP || proto == IPPROTO_IPV6 || proto == IPPROTO_GRE;
+	switch (proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_UDPLITE:
+	case IPPROTO_SCTP:
+	case IPPROTO_DCCP:
+	case IPPROTO_ESP:
+		return 1;
+	case IPPROTO_ICMP:
+	case IPPROTO_IGMP:
+		return family == 4;
+	case IPPROTO_ICMPV6:
+	case IPPROTO_NONE:
+		return family == 6;
+	}
+	return 0;
 }

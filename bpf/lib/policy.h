@@ -179,6 +179,11 @@ static __always_inline int policy_probe_identity(struct policy_key *key, __u32 i
 #define CIDR_IDENTITY_FIRST (1U << 24)
 #define CIDR_IDENTITY_LAST ((2U << 24) - 1)
 
+static __always_inline int identity_is_cidr(__u32 identity)
+{
+	return identity >= CIDR_IDENTITY_FIRST && identity <= CIDR_IDENTITY_LAST;
+}
+
 /* policy_decide decides a new flow of endpoint ep in direction dir with the
  * remote identity, protocol and port (ICMP: type << 8 | code). It is a
  * global function, so the verifier checks its probes once, not at every
@@ -195,7 +200,7 @@ __noinline int policy_decide(__u16 ep, __u8 dir, __u32 identity, __u8 proto, __u
 	if (policy_probe_identity(&key, identity, proto, port, meta,
 				  POLICY_SHAPE_ID_PROTO, POLICY_SHAPE_ID_ANY, &res))
 		goto denied;
-	if (identity >= CIDR_IDENTITY_FIRST && identity <= CIDR_IDENTITY_LAST &&
+	if (identity_is_cidr(identity) &&
 	    policy_probe_identity(&key, IDENTITY_WORLD, proto, port, meta,
 				  POLICY_SHAPE_ID_PROTO, POLICY_SHAPE_ID_ANY, &res))
 		goto denied;

@@ -17,8 +17,10 @@ enum drop_reason {
 	REASON_PREFILTER_DENIED = 8,
 	REASON_REDIRECT_FAILED = 9,  /* the destination's interface is gone */
 	REASON_VLAN_TAGGED = 10,     /* a VLAN-tagged frame from an endpoint */
-	REASON_TUNNELED = 11,        /* IP-in-IP or GRE from an endpoint: the inner source is unchecked */
+	REASON_TUNNELED = 11,        /* an IP protocol endpoints may not send: an encapsulation (its inner source is unchecked) or one not on the list */
 	REASON_ENDPOINT_NOT_READY = 12, /* the destination endpoint is being created or deleted */
+	REASON_NO_CONNECTION = 13,   /* a TCP segment other than a SYN, of no connection conntrack knows */
+	REASON_FRAG_NO_FIRST = 14,   /* a later fragment whose first fragment was not seen */
 	REASON_MAX = 255,
 };
 

@@ -74,7 +74,8 @@ struct lb_backend {
 	__u8 state;    /* enum lb_backend_state */
 	__u32 service; /* whose: an ID is never shared between services */
 	__u32 counter; /* its counters' index in lb_counters */
-	__u32 pad;
+	__u16 weight;  /* 0: in no slot, so affinity must not pick it either */
+	__u16 pad;
 };
 
 struct {
@@ -209,31 +210,42 @@ static __always_inline void lb_count(__u32 counter, __u32 len, int new_flow)
 		c->flows++;
 }
 
+/* lb_remember records backend as the last one client was sent to by
+ * service, for client affinity. */
+static __always_inline void lb_remember(__u32 service, const __u8 *client, __u32 backend)
+{
+	struct lb_affinity_key ak = {.service = service};
+	struct lb_affinity_entry a = {.last = bpf_ktime_get_ns(), .backend = backend};
+
+	__builtin_memcpy(ak.client, client, 16);
+	bpf_map_update_elem(&lb_affinity, &ak, &a, BPF_ANY);
+}
+
 /* lb_select picks the backend of a new flow of frontend fe from client
- * (16 bytes): the client's affinity backend while it is active and within
- * the timeout, else the slot hash picks (a Maglev table) or a random one.
- * It returns the backend's ID, or 0 when no backend takes new flows. */
+ * (16 bytes): the client's affinity backend while it takes new flows and
+ * the timeout has not passed, else the slot hash picks (a Maglev table)
+ * or a random one. It returns the backend's ID, or 0 when no backend takes
+ * new flows. It records nothing: the caller remembers the choice
+ * (lb_remember) once the flow is let through. */
 static __always_inline __u32 lb_select(const struct lb_frontend *fe, const __u8 *client, __u32 hash,
 				       struct lb_backend **out)
 {
-	struct lb_affinity_key ak = {.service = fe->service};
 	struct lb_slot_key sk = {.table = fe->table};
-	struct lb_affinity_entry *aff = NULL;
 	struct lb_slot_block *block;
 	struct lb_backend *b;
 	__u32 slot, id;
-	__u64 now = 0;
 
 	if (!fe->slots)
 		return 0;
 	if (fe->affinity) {
+		struct lb_affinity_key ak = {.service = fe->service};
+		struct lb_affinity_entry *aff;
+
 		__builtin_memcpy(ak.client, client, 16);
-		now = bpf_ktime_get_ns();
 		aff = bpf_map_lookup_elem(&lb_affinity, &ak);
-		if (aff && now - aff->last < (__u64)fe->affinity * NSEC_PER_SEC) {
+		if (aff && bpf_ktime_get_ns() - aff->last < (__u64)fe->affinity * NSEC_PER_SEC) {
 			b = lb_backend_of(aff->backend, fe->service);
-			if (b && b->state == LB_ACTIVE) {
-				aff->last = now;
+			if (b && b->state == LB_ACTIVE && b->weight) {
 				*out = b;
 				return aff->backend;
 			}
@@ -250,11 +262,6 @@ static __always_inline __u32 lb_select(const struct lb_frontend *fe, const __u8 
 	b = lb_backend_of(id, fe->service);
 	if (!b)
 		return 0;
-	if (fe->affinity) {
-		struct lb_affinity_entry a = {.last = now, .backend = id};
-
-		bpf_map_update_elem(&lb_affinity, &ak, &a, BPF_ANY);
-	}
 	*out = b;
 	return id;
 }

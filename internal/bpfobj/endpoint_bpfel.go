@@ -23,6 +23,7 @@ const (
 	EndpointMapEventLimiter   = "event_limiter"
 	EndpointMapEventLost      = "event_lost"
 	EndpointMapEvents         = "events"
+	EndpointMapFragments      = "fragments"
 	EndpointMapIpcache        = "ipcache"
 	EndpointMapLayout         = "layout"
 	EndpointMapLbAffinity     = "lb_affinity"
@@ -99,6 +100,7 @@ type EndpointMapSpecs struct {
 	EventLimiter   *ebpf.MapSpec `ebpf:"event_limiter"`
 	EventLost      *ebpf.MapSpec `ebpf:"event_lost"`
 	Events         *ebpf.MapSpec `ebpf:"events"`
+	Fragments      *ebpf.MapSpec `ebpf:"fragments"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
 	Layout         *ebpf.MapSpec `ebpf:"layout"`
 	LbAffinity     *ebpf.MapSpec `ebpf:"lb_affinity"`
@@ -149,6 +151,7 @@ type EndpointMaps struct {
 	EventLimiter   *ebpf.Map `ebpf:"event_limiter"`
 	EventLost      *ebpf.Map `ebpf:"event_lost"`
 	Events         *ebpf.Map `ebpf:"events"`
+	Fragments      *ebpf.Map `ebpf:"fragments"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
 	Layout         *ebpf.Map `ebpf:"layout"`
 	LbAffinity     *ebpf.Map `ebpf:"lb_affinity"`
@@ -175,6 +178,7 @@ func (m *EndpointMaps) Close() error {
 		m.EventLimiter,
 		m.EventLost,
 		m.Events,
+		m.Fragments,
 		m.Ipcache,
 		m.Layout,
 		m.LbAffinity,

@@ -39,8 +39,10 @@ type TypesCtFlag uint32
 
 const (
 	TypesCtFlagCT_F_SEEN_REPLY TypesCtFlag = 1
-	TypesCtFlagCT_F_CLOSING    TypesCtFlag = 2
+	TypesCtFlagCT_F_FIN        TypesCtFlag = 2
 	TypesCtFlagCT_F_AUDITED    TypesCtFlag = 4
+	TypesCtFlagCT_F_FIN_REPLY  TypesCtFlag = 8
+	TypesCtFlagCT_F_RST        TypesCtFlag = 16
 )
 
 type TypesCtKey struct {
@@ -78,6 +80,8 @@ const (
 	TypesDropReasonREASON_VLAN_TAGGED        TypesDropReason = 10
 	TypesDropReasonREASON_TUNNELED           TypesDropReason = 11
 	TypesDropReasonREASON_ENDPOINT_NOT_READY TypesDropReason = 12
+	TypesDropReasonREASON_NO_CONNECTION      TypesDropReason = 13
+	TypesDropReasonREASON_FRAG_NO_FIRST      TypesDropReason = 14
 	TypesDropReasonREASON_MAX                TypesDropReason = 255
 )
 
@@ -203,7 +207,7 @@ type TypesLayoutStamp struct {
 type TypesLayoutVersion uint32
 
 const (
-	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 4
+	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 5
 )
 
 type TypesLbAffinityEntry struct {
@@ -227,7 +231,8 @@ type TypesLbBackend struct {
 	State   uint8
 	Service uint32
 	Counter uint32
-	Pad     uint32
+	Weight  uint16
+	Pad     uint16
 }
 
 type TypesLbBackendCounters struct {

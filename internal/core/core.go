@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -329,27 +330,40 @@ func (s *State) Undo(r *ledger.Record) error {
 	return ledger.Delete(s.Objs.Ledger, r.Kind, r.ID)
 }
 
-// Sweep deletes every entry of a map whose key matches.
+// Sweep deletes every entry of a map whose key (or value) matches.
 func (s *State) Sweep(sw ledger.Sweep) error {
 	m := s.Map(sw.Map)
 	if m == nil {
 		return fmt.Errorf("sweep: no map %s", sw.Map)
 	}
 	var keys [][]byte
-	var cur any // nil: from the first key
-	for {
-		next := make([]byte, m.KeySize())
-		err := m.NextKey(cur, next)
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			break
+	if sw.InValue {
+		var k, v []byte
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			if sw.Matches(v) {
+				keys = append(keys, slices.Clone(k))
+			}
 		}
-		if err != nil {
+		if err := it.Err(); err != nil {
 			return fmt.Errorf("sweep %s: %w", sw.Map, err)
 		}
-		if sw.Matches(next) {
-			keys = append(keys, next)
+	} else {
+		var cur any // nil: from the first key
+		for {
+			next := make([]byte, m.KeySize())
+			err := m.NextKey(cur, next)
+			if errors.Is(err, ebpf.ErrKeyNotExist) {
+				break
+			}
+			if err != nil {
+				return fmt.Errorf("sweep %s: %w", sw.Map, err)
+			}
+			if sw.Matches(next) {
+				keys = append(keys, next)
+			}
+			cur = next
 		}
-		cur = next
 	}
 	for _, k := range keys {
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {

@@ -78,24 +78,28 @@ type Made struct {
 	Links []Link `json:"links,omitempty"`
 	// Entries are map entries it wrote.
 	Entries []Entry `json:"entries,omitempty"`
-	// Sweeps remove every entry of a map whose key holds a value, for
-	// entries too many to list (an endpoint's policy entries).
+	// Sweeps remove every entry of a map whose key (or value) holds a
+	// value, for entries too many to list (an endpoint's policy entries,
+	// its tracked flows).
 	Sweeps []Sweep `json:"sweeps,omitempty"`
 	// Records are other records that go with this one (an endpoint's
 	// policy), removed with it, their blobs included.
 	Records []Ref `json:"records,omitempty"`
 }
 
-// Sweep names the entries of a map whose key has, at byte Offset, the
-// unsigned integer Value of Size bytes (2 or 4), in native byte order.
+// Sweep names the entries of a map whose key (or, with InValue, value)
+// has, at byte Offset, the unsigned integer Value of Size bytes (2 or 4),
+// in native byte order.
 type Sweep struct {
-	Map    string `json:"map"`
-	Offset int    `json:"offset"`
-	Size   int    `json:"size"`
-	Value  uint32 `json:"value"`
+	Map     string `json:"map"`
+	InValue bool   `json:"in_value,omitempty"`
+	Offset  int    `json:"offset"`
+	Size    int    `json:"size"`
+	Value   uint32 `json:"value"`
 }
 
-// Matches reports whether a raw key has the sweep's value.
+// Matches reports whether a raw key (or value, with InValue) has the
+// sweep's value.
 func (s Sweep) Matches(key []byte) bool {
 	if s.Offset < 0 || s.Offset+s.Size > len(key) {
 		return false

@@ -115,12 +115,15 @@ func ip4(a netip.Addr) []byte {
 }
 
 // IPv4 is an IPv4 header without options. Protocol is inferred from the next
-// layer when zero; TTL defaults to 64.
+// layer when zero; TTL defaults to 64. A fragment has its offset (in
+// 8-byte units) and says whether more follow.
 type IPv4 struct {
-	Src, Dst netip.Addr
-	Protocol uint8
-	TTL      uint8
-	ID       uint16
+	Src, Dst      netip.Addr
+	Protocol      uint8
+	TTL           uint8
+	ID            uint16
+	FragOffset    uint16
+	MoreFragments bool
 }
 
 func (ip *IPv4) prepend(payload []byte, _, inner Layer) []byte {
@@ -128,6 +131,11 @@ func (ip *IPv4) prepend(payload []byte, _, inner Layer) []byte {
 	h[0] = 0x45
 	binary.BigEndian.PutUint16(h[2:4], uint16(20+len(payload)))
 	binary.BigEndian.PutUint16(h[4:6], ip.ID)
+	frag := ip.FragOffset & 0x1fff
+	if ip.MoreFragments {
+		frag |= 0x2000
+	}
+	binary.BigEndian.PutUint16(h[6:8], frag)
 	h[8] = ip.TTL
 	if h[8] == 0 {
 		h[8] = 64

@@ -1,0 +1,76 @@
+package datapath
+
+import (
+	"context"
+	"errors"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/sluicedp/sluice/internal/bpfobj"
+)
+
+// plantFlow writes a tracked flow of endpoint 1 with source port sport,
+// expiring at expires from now.
+func plantFlow(t *testing.T, dp *Datapath, sport uint16, expires time.Duration) bpfobj.TypesCtKey {
+	t.Helper()
+	k := bpfobj.TypesCtKey{Sport: sport, Dport: 80, Proto: 6, Family: 4}
+	copy(k.Saddr[:], []byte{198, 18, 1, 1})
+	copy(k.Daddr[:], []byte{198, 18, 1, 2})
+	v := bpfobj.TypesCtEntry{Endpoint: 1, Expires: uint64(int64(monotonic()) + int64(expires))}
+	if err := dp.st.Objs.Conntrack.Put(&k, &v); err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func tracked(t *testing.T, dp *Datapath, k bpfobj.TypesCtKey) bool {
+	t.Helper()
+	var v bpfobj.TypesCtEntry
+	return dp.st.Objs.Conntrack.Lookup(&k, &v) == nil
+}
+
+// CollectFlows removes what expired and keeps the rest; CollectFlowsEvery
+// does it on a ticker until its context ends or the handle closes.
+func TestCollectFlows(t *testing.T) {
+	dp := open(t, Config{})
+	old, live := plantFlow(t, dp, 1, -time.Second), plantFlow(t, dp, 2, time.Hour)
+	n, err := dp.CollectFlows(context.Background())
+	if err != nil || n != 1 {
+		t.Fatalf("collected %d, %v; want 1", n, err)
+	}
+	if tracked(t, dp, old) || !tracked(t, dp, live) {
+		t.Fatalf("after collecting: expired one tracked %v, live one %v", tracked(t, dp, old), tracked(t, dp, live))
+	}
+
+	if err := dp.CollectFlowsEvery(context.Background(), 0, nil); !errors.Is(err, ErrInvalid) {
+		t.Errorf("interval 0: %v, want ErrInvalid", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- dp.CollectFlowsEvery(ctx, 10*time.Millisecond, func(err error) { t.Error(err) }) }()
+	old = plantFlow(t, dp, 3, -time.Second)
+	deadline := time.Now().Add(10 * time.Second)
+	for tracked(t, dp, old) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if tracked(t, dp, old) {
+		t.Error("the collector left an expired flow for 10 s")
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("cancelled: %v", err)
+	}
+
+	go func() { done <- dp.CollectFlowsEvery(context.Background(), 10*time.Millisecond, nil) }()
+	time.Sleep(50 * time.Millisecond)
+	dp.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, os.ErrClosed) {
+			t.Errorf("after Close: %v, want os.ErrClosed", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("the collector kept running after Close")
+	}
+}
