@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"maps"
 	"net/netip"
 	"slices"
 	"unsafe"
@@ -220,7 +221,12 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (changes Ch
 	var have *MapEntries
 	if last != nil {
 		have = last.entries
+	} else if have, err = current(st, endpoint); err != nil {
+		return changes, err
 	}
+	// A direction that gets its first policy, even one with no rule
+	// (nothing allowed), changes only the summary.
+	summaryChanged := want != nil && !maps.Equal(have.Meta, want.Meta)
 	if changes, err = write(st, endpoint, have, want); err != nil {
 		return changes, err
 	}
@@ -230,7 +236,7 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (changes Ch
 	// A stricter policy governs the flows already running: whatever it
 	// no longer allows is forgotten, and only a new connection could
 	// bring it back, which the policy decides.
-	if want != nil && changes.Added+changes.Removed+changes.Changed > 0 {
+	if want != nil && (summaryChanged || changes.Added+changes.Removed+changes.Changed > 0) {
 		if err := revokeFlows(st, endpoint, want); err != nil {
 			return changes, err
 		}

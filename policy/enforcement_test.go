@@ -405,6 +405,9 @@ func TestStricterPolicyCutsRunningConnections(t *testing.T) {
 		{"first egress policy of the client", func(n *node) (*endpoint.Endpoint, policy.Policy) {
 			return n.a, policy.Policy{Egress: []policy.Rule{{Ports: []policy.Port{{Protocol: policy.UDP, Port: 53}}}}}
 		}},
+		{"the client's first egress policy, allowing nothing", func(n *node) (*endpoint.Endpoint, policy.Policy) {
+			return n.a, policy.Policy{Egress: []policy.Rule{}}
+		}},
 		{"a deny added to the server's policy", func(n *node) (*endpoint.Endpoint, policy.Policy) {
 			return n.b, policy.Policy{Ingress: []policy.Rule{
 				{Peers: fromID(1001)},
