@@ -202,7 +202,7 @@ static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endp
 		return drop(skb, REASON_TUNNELED, DIR_EGRESS, src->id);
 	if (flow_parse4(skb, ip, &f) < 0)
 		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
-	if (frag_ports(&f) < 0)
+	if (f.frag != FRAG_NONE && frag_ports(&f) < 0)
 		return drop(skb, REASON_FRAG_NO_FIRST, DIR_EGRESS, src->id);
 
 	/* Policy applies to where the packet goes after translation: the
@@ -248,7 +248,7 @@ static __always_inline int from_endpoint_ipv6(struct __sk_buff *skb, struct endp
 		return drop(skb, REASON_MALFORMED, DIR_EGRESS, src->id);
 	if (!endpoint_may_send(f.key.proto, 6))
 		return drop(skb, REASON_TUNNELED, DIR_EGRESS, src->id);
-	if (frag_ports(&f) < 0)
+	if (f.frag != FRAG_NONE && frag_ports(&f) < 0)
 		return drop(skb, REASON_FRAG_NO_FIRST, DIR_EGRESS, src->id);
 	/* Neighbour discovery and MLD, in their exact shape, pass as ARP
 	 * does; everything else on the link meets policy as traffic with
@@ -370,7 +370,7 @@ int from_host(struct __sk_buff *skb)
 	} else {
 		goto deliver;
 	}
-	if (frag_ports(&f) < 0)
+	if (f.frag != FRAG_NONE && frag_ports(&f) < 0)
 		return drop(skb, REASON_FRAG_NO_FIRST, DIR_INGRESS, dst->id);
 	if (!skb->ingress_ifindex)
 		identity = IDENTITY_HOST;

@@ -134,13 +134,13 @@ static __always_inline int lb_verdict(struct __sk_buff *skb, struct flow *f, int
 	return result == LB_REJECT ? lb_reject(skb, f) : verdict;
 }
 
-/* lb_commit records a translated packet that policy let through: a new
- * flow's service entry (keyed as the client sent it, to the frontend) and
- * affinity, and the backend's counters. Before policy decides, nothing of
- * a denied flow may stick: its retries would go to the same backend, and
- * it would count as one of its flows. A global function, so that its key
- * and entry stay out of the caller's stack. */
-__noinline int lb_commit(struct flow *f, __u16 ep, __u32 len)
+/* lb_record records a new service flow that policy let through: its
+ * service entry (keyed as the client sent it, to the frontend) and
+ * affinity. Before policy decides, nothing of a denied flow may stick: its
+ * retries would go to the same backend, and it would count as one of its
+ * flows. A global function, so that its key and entry stay out of the
+ * caller's stack. */
+__noinline int lb_record(struct flow *f, __u16 ep, __u32 len)
 {
 	struct lb_frontend_key *fk;
 	struct ct_key sk = {};
@@ -149,9 +149,6 @@ __noinline int lb_commit(struct flow *f, __u16 ep, __u32 len)
 	if (!f || !f->service)
 		return 0;
 	id = f->service;
-	lb_count(f->lb_counter, len, f->lb_new);
-	if (!f->lb_new)
-		return 0;
 	/* The packet is the translated one: the client is its source, or,
 	 * hairpinned, its destination (its own backend); the frontend is
 	 * the service's. */
@@ -169,6 +166,17 @@ __noinline int lb_commit(struct flow *f, __u16 ep, __u32 len)
 		lb_remember(id, sk.saddr, f->backend);
 	ct_create(&sk, f, ep, 0, POLICY_NO_RULE, 0, len);
 	return 0;
+}
+
+/* lb_commit counts a translated packet that policy let through against
+ * its backend, and records it when it opens a new flow (lb_record). */
+static __always_inline void lb_commit(struct flow *f, __u16 ep, __u32 len)
+{
+	if (!f->service)
+		return;
+	lb_count(f->lb_counter, len, f->lb_new);
+	if (f->lb_new)
+		lb_record(f, ep, len);
 }
 
 /* lb_hairpin_reply turns a reply of a hairpinned flow around: it came from
