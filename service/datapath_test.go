@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
@@ -419,5 +420,42 @@ func TestICMPErrorTranslated(t *testing.T) {
 				t.Errorf("read from a frontend whose backend has no listener: %v, want ECONNREFUSED", err)
 			}
 		})
+	}
+}
+
+// A UDP socket whose datagrams carry an IPv6 extension header sees the
+// refusal too: the port unreachable quotes the datagram past the header,
+// to its ports.
+func TestNoBackendRejectBehindExtensionHeader(t *testing.T) {
+	n := newNode(t)
+	fe := service.Frontend{Addr: fe6, Port: 80, Protocol: service.UDP}
+	upsert(t, n.dp, service.Service{Frontend: fe, Backends: []service.Backend{}, Reach: service.TCOnly, NoBackend: service.Reject})
+	err := inNS(n.client, func() error {
+		c, err := net.Dial("udp", netip.AddrPortFrom(fe.Addr, fe.Port).String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		raw, err := c.(*net.UDPConn).SyscallConn()
+		if err != nil {
+			return err
+		}
+		var serr error
+		// A destination options header of 8 bytes: PadN of 4.
+		raw.Control(func(fd uintptr) {
+			serr = unix.SetsockoptString(int(fd), unix.IPPROTO_IPV6, unix.IPV6_DSTOPTS, string([]byte{0, 0, 1, 4, 0, 0, 0, 0}))
+		})
+		if serr != nil {
+			return serr
+		}
+		c.SetDeadline(time.Now().Add(wait))
+		if _, err := c.Write([]byte("hi")); err != nil {
+			return err
+		}
+		_, err = c.Read(make([]byte, 8))
+		return err
+	})
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		t.Errorf("%v, want ECONNREFUSED", err)
 	}
 }

@@ -1,6 +1,7 @@
 package service_test
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -444,6 +445,70 @@ func TestRejectCountsOnce(t *testing.T) {
 		}
 		if !clean {
 			t.Errorf("ipv6=%v: every rejected packet counted as forwarded too", v6)
+		}
+	}
+}
+
+// A rejected packet is answered with a port unreachable that quotes it
+// whole (up to 576 bytes in all for IPv4, 1280 for IPv6): past IPv4
+// options and IPv6 extension headers to its ports, which the sender's
+// socket needs to see the refusal. The answer's checksums are right.
+func TestRejectQuotesThePacket(t *testing.T) {
+	n := newNode(t)
+	prog := fromEndpoint(t, n)
+	for _, tc := range []struct {
+		name    string
+		v6      bool
+		payload int
+	}{
+		{"IPv4", false, 10}, {"IPv4, long", false, 1000},
+		{"IPv6 behind destination options", true, 10}, {"IPv6, long", true, 2000},
+	} {
+		fe := service.Frontend{Addr: frontendAddr(tc.v6), Port: 80, Protocol: service.UDP}
+		upsert(t, n.dp, service.Service{Frontend: fe, Backends: []service.Backend{}, Reach: service.TCOnly, NoBackend: service.Reject})
+		src := addrOf(n.client, tc.v6)
+		e := &packet.Ethernet{Src: n.client.MAC, Dst: n.client.HostMAC}
+		udp := &packet.UDP{SrcPort: 4000, DstPort: 80}
+		body := packet.Payload(make([]byte, tc.payload))
+		frame := packet.Build(e, &packet.IPv4{Src: src, Dst: fe.Addr}, udp, body)
+		if tc.v6 {
+			frame = packet.Build(e, &packet.IPv6{Src: src, Dst: fe.Addr, NextHeader: 60}, packet.Payload{17, 0, 1, 4, 0, 0, 0, 0}, udp, body)
+		}
+		r := runFrom(t, n, prog, n.client, frame)
+		out := r.Packet
+		if r.Verdict != progtest.TCActRedirect || len(out) < 14+48 {
+			t.Errorf("%s: verdict %d, %d bytes", tc.name, r.Verdict, len(out))
+			continue
+		}
+		original := frame[14:]
+		var icmp, quote []byte
+		var pseudo uint32
+		if tc.v6 {
+			ip := out[14:54]
+			icmp, pseudo = out[54:], sum16(ip[8:40], uint32(len(out)-54)+58)
+			if ip[6] != 58 || !bytes.Equal(ip[24:40], src.AsSlice()) || icmp[0] != 1 || icmp[1] != 4 {
+				t.Errorf("%s: not a port unreachable to the client: % x", tc.name, out[14:62])
+			}
+		} else {
+			ip := out[14:34]
+			if fold(sum16(ip, 0)) != 0xffff || ip[9] != 1 || !bytes.Equal(ip[16:20], src.AsSlice()) {
+				t.Errorf("%s: IPv4 header % x", tc.name, ip)
+			}
+			icmp = out[34:]
+			if icmp[0] != 3 || icmp[1] != 3 {
+				t.Errorf("%s: ICMP type %d code %d", tc.name, icmp[0], icmp[1])
+			}
+		}
+		if fold(sum16(icmp, pseudo)) != 0xffff {
+			t.Errorf("%s: ICMP checksum %#04x wrong: want %#04x", tc.name, binary.BigEndian.Uint16(icmp[2:]), internetSum(icmp, 2, pseudo))
+		}
+		quote = icmp[8:]
+		limit := 576 - 28
+		if tc.v6 {
+			limit = 1280 - 48
+		}
+		if want := original[:min(len(original), limit)]; !bytes.Equal(quote, want) {
+			t.Errorf("%s: quoted %d bytes, want the first %d of the packet", tc.name, len(quote), len(want))
 		}
 	}
 }

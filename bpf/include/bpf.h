@@ -28,6 +28,12 @@ enum {
 	BPF_F_MARK_MANGLED_0 = 1ULL << 5, /* UDP: a 0 checksum (none) stays 0 */
 };
 
+/* bpf_skb_adjust_room modes. */
+enum {
+	BPF_ADJ_ROOM_NET = 0, /* room after the network header */
+	BPF_ADJ_ROOM_MAC = 1, /* room after the MAC header */
+};
+
 /* bpf_map_update_elem flags. */
 enum {
 	BPF_ANY = 0,
@@ -146,6 +152,7 @@ static long (*bpf_l3_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 fr
 static long (*bpf_l4_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to, __u64 flags) = (void *)11;
 static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) = (void *)26;
 static __s64 (*bpf_csum_diff)(__be32 *from, __u32 from_size, __be32 *to, __u32 to_size, __wsum seed) = (void *)28;
+static long (*bpf_skb_adjust_room)(struct __sk_buff *skb, __s32 len_diff, __u32 mode, __u64 flags) = (void *)50;
 static long (*bpf_skb_change_tail)(struct __sk_buff *skb, __u32 len, __u64 flags) = (void *)38;
 static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)46;

@@ -11,11 +11,12 @@
 #define ICMP_PORT_UNREACH 3   /* code of ICMP_DEST_UNREACH */
 #define ICMPV6_PORT_UNREACH 4 /* code of ICMPV6_DEST_UNREACH */
 
-/* How much of the packet an answer quotes: its IP header and the first 8
- * bytes after it (RFC 792), the fixed header for IPv6. A fixed size: an
- * IPv4 packet with options is not answered. */
-#define ICMP_QUOTE (20 + 8)
-#define ICMPV6_QUOTE (40 + 8)
+/* How much of the packet an answer quotes: as much as fits in 576 bytes
+ * for IPv4 (RFC 1812 4.3.2.3), in the minimum MTU of 1280 for IPv6 (RFC
+ * 4443 2.4). A quote that reaches past the extension headers and options
+ * to the ports is what lets the sender's socket see the refusal. */
+#define ICMP_QUOTE_MAX (576 - 20 - 8)
+#define ICMPV6_QUOTE_MAX (1280 - 40 - 8)
 
 static __always_inline __u16 csum_fold(__s64 sum)
 {
@@ -41,52 +42,6 @@ static __always_inline void mac_swap(struct __sk_buff *skb)
 	bpf_skb_store_bytes(skb, 0, m, sizeof(m), 0);
 }
 
-struct __attribute__((aligned(8))) icmp4_answer {
-	struct iphdr ip;
-	struct icmp_head icmp;
-	__u8 quote[ICMP_QUOTE];
-};
-
-/* icmp4_port_unreachable turns the IPv4 packet of flow f into the port
- * unreachable that answers it, from from: back to its sender, with the
- * Ethernet addresses swapped. Returns -1 when it cannot. */
-static __always_inline int icmp4_port_unreachable(struct __sk_buff *skb, struct flow *f, __be32 from)
-{
-	struct icmp4_answer a = {};
-	__u32 len = sizeof(a);
-	__s64 sum;
-
-	if (skb->len < ETH_HLEN + ICMP_QUOTE ||
-	    bpf_skb_load_bytes(skb, ETH_HLEN, a.quote, ICMP_QUOTE) < 0 ||
-	    ipv4_hdrlen((struct iphdr *)a.quote) != sizeof(struct iphdr))
-		return -1;
-	a.ip = (struct iphdr){
-		.ver_ihl = 0x45,
-		.tot_len = bpf_htons(len),
-		.ttl = 64,
-		.protocol = IPPROTO_ICMP,
-		.saddr = from,
-		.daddr = *(__be32 *)f->key.saddr,
-	};
-	sum = bpf_csum_diff(NULL, 0, (__be32 *)&a.ip, sizeof(a.ip), 0);
-	a.ip.check = csum_fold(sum);
-	a.icmp.type = ICMP_DEST_UNREACH;
-	a.icmp.code = ICMP_PORT_UNREACH;
-	sum = bpf_csum_diff(NULL, 0, (__be32 *)&a.icmp, sizeof(a.icmp) + ICMP_QUOTE, 0);
-	a.icmp.checksum = csum_fold(sum);
-	if (bpf_skb_change_tail(skb, ETH_HLEN + len, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &a, len, 0) < 0)
-		return -1;
-	mac_swap(skb);
-	return 0;
-}
-
-struct __attribute__((aligned(8))) icmp6_answer {
-	struct ipv6hdr ip;
-	struct icmp_head icmp;
-	__u8 quote[ICMPV6_QUOTE];
-};
-
 /* The pseudo header ICMPv6's checksum covers (RFC 8200 8.1). */
 struct __attribute__((aligned(8))) icmp6_pseudo {
 	__u8 saddr[16];
@@ -95,34 +50,137 @@ struct __attribute__((aligned(8))) icmp6_pseudo {
 	__be32 next; /* 58 in the last byte */
 };
 
+/* The bytes of a checksum are summed this many at a time. */
+#define CSUM_CHUNK 64
+
+/* packet_csum adds len bytes of the packet from off (len at most max, a
+ * constant) to the one's complement sum seed. Chunks start at even
+ * offsets and the last is padded with zeros, as the sum wants an odd
+ * byte at the end. */
+static __always_inline __s64 packet_csum(struct __sk_buff *skb, __u32 off, __u32 len, __u32 max, __s64 seed)
+{
+	__u8 buf[CSUM_CHUNK] __attribute__((aligned(4)));
+
+	for (__u32 done = 0; done < max; done += CSUM_CHUNK) {
+		__u32 n = len - done;
+
+		if (done >= len)
+			break;
+		if (n > CSUM_CHUNK)
+			n = CSUM_CHUNK;
+		/* n is 1 to CSUM_CHUNK already; this says so to the verifier. */
+		n = ((n - 1) & (CSUM_CHUNK - 1)) + 1;
+		__builtin_memset(buf, 0, sizeof(buf));
+		if (bpf_skb_load_bytes(skb, off + done, buf, n) < 0)
+			return -1;
+		seed = bpf_csum_diff(NULL, 0, (__be32 *)buf, sizeof(buf), (__u32)seed);
+		if (seed < 0)
+			return -1;
+	}
+	return seed;
+}
+
+/* An answer's headers, as they go in front of the quote: no padding. */
+struct icmp4_head {
+	struct iphdr ip;
+	struct icmp_head icmp;
+};
+
+struct icmp6_head {
+	struct ipv6hdr ip;
+	struct icmp_head icmp;
+};
+
+_Static_assert(sizeof(struct icmp4_head) == 28, "IPv4 answer headers are 28 bytes");
+_Static_assert(sizeof(struct icmp6_head) == 48, "IPv6 answer headers are 48 bytes");
+
+/* icmp_quote makes room for an answer's headers (hlen bytes) in front of
+ * the packet, which it trims to the quote; it returns the quote's length,
+ * or -1. */
+static __always_inline int icmp_quote(struct __sk_buff *skb, __u32 hlen, __u32 max)
+{
+	__u32 quote = skb->len - ETH_HLEN;
+
+	if (quote > max)
+		quote = max;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + quote, 0) < 0 ||
+	    bpf_skb_adjust_room(skb, hlen, BPF_ADJ_ROOM_MAC, 0) < 0)
+		return -1;
+	return quote;
+}
+
+/* icmp4_port_unreachable turns the IPv4 packet of flow f into the port
+ * unreachable that answers it, from from: back to its sender, with the
+ * Ethernet addresses swapped. Returns -1 when it cannot.
+ *
+ * What the skb says about checksums it leaves: a packet the kernel was to
+ * finish the L4 checksum of (CHECKSUM_PARTIAL) stays so marked, and no BPF
+ * helper resets that. The answer goes back into the sender's own
+ * namespace, addressed to the sender (anti-spoofing saw to that), where
+ * such a packet counts as verified and is never finished: the mark has no
+ * effect there. */
+static __always_inline int icmp4_port_unreachable(struct __sk_buff *skb, struct flow *f, __be32 from)
+{
+	struct icmp4_head h = {};
+	int quote;
+	__s64 sum;
+
+	quote = icmp_quote(skb, sizeof(h), ICMP_QUOTE_MAX);
+	if (quote < 0)
+		return -1;
+	h.ip = (struct iphdr){
+		.ver_ihl = 0x45,
+		.tot_len = bpf_htons(sizeof(h) + quote),
+		.ttl = 64,
+		.protocol = IPPROTO_ICMP,
+		.saddr = from,
+		.daddr = *(__be32 *)f->key.saddr,
+	};
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&h.ip, sizeof(h.ip), 0);
+	h.ip.check = csum_fold(sum);
+	h.icmp.type = ICMP_DEST_UNREACH;
+	h.icmp.code = ICMP_PORT_UNREACH;
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&h.icmp, sizeof(h.icmp), 0);
+	sum = packet_csum(skb, ETH_HLEN + sizeof(h), quote, ICMP_QUOTE_MAX, sum);
+	if (sum < 0)
+		return -1;
+	h.icmp.checksum = csum_fold(sum);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0) < 0)
+		return -1;
+	mac_swap(skb);
+	return 0;
+}
+
 /* icmp6_port_unreachable is icmp4_port_unreachable for IPv6. */
 static __always_inline int icmp6_port_unreachable(struct __sk_buff *skb, struct flow *f, const __u8 *from)
 {
-	struct icmp6_answer a = {};
 	struct icmp6_pseudo ph = {};
-	__u32 len = sizeof(a);
+	struct icmp6_head h = {};
+	int quote;
 	__s64 sum;
 
-	if (skb->len < ETH_HLEN + ICMPV6_QUOTE ||
-	    bpf_skb_load_bytes(skb, ETH_HLEN, a.quote, ICMPV6_QUOTE) < 0)
+	quote = icmp_quote(skb, sizeof(h), ICMPV6_QUOTE_MAX);
+	if (quote < 0)
 		return -1;
-	a.ip.ver_tc = 0x60;
-	a.ip.payload_len = bpf_htons(sizeof(a.icmp) + ICMPV6_QUOTE);
-	a.ip.nexthdr = IPPROTO_ICMPV6;
-	a.ip.hop_limit = 64;
-	__builtin_memcpy(a.ip.saddr, from, 16);
-	__builtin_memcpy(a.ip.daddr, f->key.saddr, 16);
-	a.icmp.type = ICMPV6_DEST_UNREACH;
-	a.icmp.code = ICMPV6_PORT_UNREACH;
-	__builtin_memcpy(ph.saddr, a.ip.saddr, 16);
-	__builtin_memcpy(ph.daddr, a.ip.daddr, 16);
-	ph.len = bpf_htonl(sizeof(a.icmp) + ICMPV6_QUOTE);
+	h.ip.ver_tc = 0x60;
+	h.ip.payload_len = bpf_htons(sizeof(h.icmp) + quote);
+	h.ip.nexthdr = IPPROTO_ICMPV6;
+	h.ip.hop_limit = 64;
+	__builtin_memcpy(h.ip.saddr, from, 16);
+	__builtin_memcpy(h.ip.daddr, f->key.saddr, 16);
+	h.icmp.type = ICMPV6_DEST_UNREACH;
+	h.icmp.code = ICMPV6_PORT_UNREACH;
+	__builtin_memcpy(ph.saddr, h.ip.saddr, 16);
+	__builtin_memcpy(ph.daddr, h.ip.daddr, 16);
+	ph.len = bpf_htonl(sizeof(h.icmp) + quote);
 	ph.next = bpf_htonl(IPPROTO_ICMPV6);
 	sum = bpf_csum_diff(NULL, 0, (__be32 *)&ph, sizeof(ph), 0);
-	sum = bpf_csum_diff(NULL, 0, (__be32 *)&a.icmp, sizeof(a.icmp) + ICMPV6_QUOTE, sum);
-	a.icmp.checksum = csum_fold(sum);
-	if (bpf_skb_change_tail(skb, ETH_HLEN + len, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_HLEN, &a, len, 0) < 0)
+	sum = bpf_csum_diff(NULL, 0, (__be32 *)&h.icmp, sizeof(h.icmp), sum);
+	sum = packet_csum(skb, ETH_HLEN + sizeof(h), quote, ICMPV6_QUOTE_MAX, sum);
+	if (sum < 0)
+		return -1;
+	h.icmp.checksum = csum_fold(sum);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0) < 0)
 		return -1;
 	mac_swap(skb);
 	return 0;
