@@ -47,3 +47,19 @@ func ExampleDatapath_Metrics() {
 		}
 	}
 }
+
+// Remove expired flows every minute for as long as the program runs: a
+// library has no daemon, so the program that embeds the datapath runs the
+// collector.
+func ExampleDatapath_CollectFlowsEvery() {
+	dp, err := datapath.Open(context.Background(), datapath.Config{Name: "node-a"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer dp.Close() // ends the collector too
+
+	go dp.CollectFlowsEvery(context.Background(), time.Minute, func(err error) {
+		log.Printf("collect flows: %v", err)
+	})
+	// ... the program's own work
+}

@@ -18,6 +18,7 @@ import (
 	"github.com/sluicedp/sluice/internal/nsrun"
 	"github.com/sluicedp/sluice/internal/packet"
 	"github.com/sluicedp/sluice/internal/progtest"
+	"github.com/sluicedp/sluice/internal/testutil"
 	"github.com/sluicedp/sluice/policy"
 )
 
@@ -541,24 +542,7 @@ func TestFragmentsFollowTheirFirst(t *testing.T) {
 // the other echoes it, and returns how many bytes came back.
 func bigEcho(t *testing.T, from, to *endpoint.Endpoint, dst netip.AddrPort, size int) int {
 	t.Helper()
-	var srv net.PacketConn
-	if err := inNS(to, func() (err error) {
-		srv, err = net.ListenPacket("udp", dst.String())
-		return err
-	}); err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	go func() {
-		buf := make([]byte, 65536)
-		for {
-			k, peer, err := srv.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			srv.WriteTo(buf[:k], peer)
-		}
-	}()
+	testutil.OpenNetNS(t, to.NetNS).EchoUDP(t, dst)
 	got := 0
 	if err := inNS(from, func() error {
 		c, err := net.Dial("udp", dst.String())

@@ -330,12 +330,7 @@ func TestNoBackendReject(t *testing.T) {
 						return err
 					}
 					defer c.Close()
-					c.SetDeadline(time.Now().Add(wait))
-					if _, err := c.Write([]byte("hi")); err != nil {
-						return err
-					}
-					_, err = c.Read(make([]byte, 8))
-					return err
+					return exchange(c)
 				})
 				if !errors.Is(err, syscall.ECONNREFUSED) || time.Since(start) > wait/2 {
 					t.Errorf("after %v: %v, want ECONNREFUSED at once", time.Since(start), err)
@@ -409,18 +404,24 @@ func TestICMPErrorTranslated(t *testing.T) {
 					return err
 				}
 				defer c.Close()
-				c.SetDeadline(time.Now().Add(wait))
-				if _, err := c.Write([]byte("hi")); err != nil {
-					return err
-				}
-				_, err = c.Read(make([]byte, 8))
-				return err
+				return exchange(c)
 			})
 			if !errors.Is(err, syscall.ECONNREFUSED) {
 				t.Errorf("read from a frontend whose backend has no listener: %v, want ECONNREFUSED", err)
 			}
 		})
 	}
+}
+
+// exchange writes a message on c and reads an answer: the error says why
+// none came (ECONNREFUSED for a refusal).
+func exchange(c net.Conn) error {
+	c.SetDeadline(time.Now().Add(wait))
+	if _, err := c.Write([]byte("hi")); err != nil {
+		return err
+	}
+	_, err := c.Read(make([]byte, 8))
+	return err
 }
 
 // A UDP socket whose datagrams carry an IPv6 extension header sees the
@@ -448,12 +449,7 @@ func TestNoBackendRejectBehindExtensionHeader(t *testing.T) {
 		if serr != nil {
 			return serr
 		}
-		c.SetDeadline(time.Now().Add(wait))
-		if _, err := c.Write([]byte("hi")); err != nil {
-			return err
-		}
-		_, err = c.Read(make([]byte, 8))
-		return err
+		return exchange(c)
 	})
 	if !errors.Is(err, syscall.ECONNREFUSED) {
 		t.Errorf("%v, want ECONNREFUSED", err)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/internal/testutil"
 	"github.com/sluicedp/sluice/policy"
 	"github.com/sluicedp/sluice/service"
 )
@@ -175,24 +176,7 @@ func TestFragmentsThroughFrontend(t *testing.T) {
 	}
 	for _, v6 := range []bool{false, true} {
 		backend := netip.AddrPortFrom(addrOf(n.a, v6), 5353)
-		var srv net.PacketConn
-		if err := inNS(n.a, func() (err error) {
-			srv, err = net.ListenPacket("udp", backend.String())
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
-		defer srv.Close()
-		go func() {
-			buf := make([]byte, 65536)
-			for {
-				k, peer, err := srv.ReadFrom(buf)
-				if err != nil {
-					return
-				}
-				srv.WriteTo(buf[:k], peer)
-			}
-		}()
+		testutil.OpenNetNS(t, n.a.NetNS).EchoUDP(t, backend)
 		fe := service.Frontend{Addr: frontendAddr(v6), Port: 53, Protocol: service.UDP}
 		upsert(t, n.dp, service.Service{Frontend: fe, Backends: []service.Backend{{Addr: backend.Addr(), Port: 5353, Weight: 1}}, Reach: service.TCOnly})
 		got, from := 0, netip.AddrPort{}

@@ -64,3 +64,20 @@ func Receive(c *net.UDPConn, want int, wait time.Duration) []int {
 	}
 	return lens
 }
+
+// EchoUDP sends every datagram that reaches addr inside the namespace back
+// to where it came from, whole, until the test ends.
+func (n *NetNS) EchoUDP(t testing.TB, addr netip.AddrPort) {
+	t.Helper()
+	c := n.ListenUDP(t, addr)
+	go func() {
+		buf := make([]byte, 65536)
+		for {
+			k, peer, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			c.WriteToUDPAddrPort(buf[:k], peer)
+		}
+	}()
+}
