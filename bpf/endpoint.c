@@ -14,7 +14,9 @@
 #include "lib/policy.h"
 #include "lib/ct.h"
 #include "lib/flow.h"
+#include "lib/track.h"
 #include "lib/lb.h"
+#include "lib/icmp.h"
 #include "lib/host.h"
 #include "lib/frag.h"
 
@@ -36,14 +38,18 @@
 __noinline int enforce(struct __sk_buff *skb, struct flow *f, __u16 ep, __u8 dir, __u32 identity)
 {
 	__u8 ct_dir = dir == DIR_EGRESS ? CT_EGRESS : CT_INGRESS;
+	struct ct_service reply = {};
 	struct policy_result res;
+	struct ct_policy decided;
 	enum ct_status status;
 
 	if (!f)
 		return TC_ACT_SHOT;
-	status = ct_lookup(f, ct_dir, ep, dir == DIR_INGRESS && identity == IDENTITY_HOST, skb->len);
-	if (status != CT_NEW)
+	status = ct_lookup(f, ct_dir, ep, dir == DIR_INGRESS && identity == IDENTITY_HOST, skb->len, &reply);
+	if (status != CT_NEW) {
+		f->lb.rev_nat = reply.id;
 		return 0;
+	}
 	if (f->key.proto == IPPROTO_TCP && f->l4_off && !tcp_is_syn(f))
 		return drop(skb, REASON_NO_CONNECTION, dir, ep);
 	if (dir == DIR_EGRESS && (identity == IDENTITY_WORLD || identity_is_cidr(identity)) &&
@@ -56,17 +62,49 @@ __noinline int enforce(struct __sk_buff *skb, struct flow *f, __u16 ep, __u8 dir
 				 (__u32)res.rule << 16 | f->l4_port);
 	if (res.verdict == POLICY_DENIED)
 		return drop(skb, REASON_POLICY_DENIED, dir, ep);
+	decided = (struct ct_policy){.identity = identity, .rule = res.rule, .audited = res.verdict == POLICY_AUDITED};
 	f->key.dir = ct_dir;
-	ct_create(&f->key, f, ep, identity, res.rule, res.verdict == POLICY_AUDITED, skb->len);
+	ct_create(&f->key, f, ep, &decided, ct_dir != CT_INGRESS || (f->lb.flags & LB_FLOW_HAIRPIN), skb->len);
 	return 0;
 }
 
+/* reject answers the flow's packet, to a frontend with no backend that
+ * rejects, with a port unreachable from the frontend (bpf/lib/icmp.h),
+ * sent straight back into the endpoint it came from. A global function:
+ * verified once. */
+__noinline int reject(struct __sk_buff *skb, struct flow *f)
+{
+	int ret;
+
+	if (!f)
+		return TC_ACT_SHOT;
+	if (f->key.family == 4)
+		ret = icmp4_port_unreachable(skb, f, *(__be32 *)f->key.daddr);
+	else
+		ret = icmp6_port_unreachable(skb, f, f->key.daddr);
+	if (ret < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
+/* translate_verdict drops (or answers) a packet lb_translate did not let
+ * on from endpoint ep: no backend is a NO_BACKEND drop, answered or not. */
+static __always_inline int translate_verdict(struct __sk_buff *skb, struct flow *f, int result, __u16 ep)
+{
+	int verdict;
+
+	if (result == LB_MALFORMED)
+		return drop(skb, REASON_MALFORMED, DIR_EGRESS, ep);
+	verdict = drop(skb, REASON_NO_BACKEND, DIR_EGRESS, ep);
+	return result == LB_REJECT ? reject(skb, f) : verdict;
+}
+
 /* reverse_nat makes a reply delivered to the client of a translated flow
- * (f->rev_nat set by conntrack) come from the frontend, and an ICMP error
+ * (f->lb.rev_nat, from conntrack) come from the frontend, and an ICMP error
  * about one quote the frontend. It returns 0, or the drop verdict. */
 static __always_inline int reverse_nat(struct __sk_buff *skb, struct flow *f, __u16 ep)
 {
-	if (f->rev_nat && lb_reverse(skb, f) < 0)
+	if (f->lb.rev_nat && lb_reverse(skb, f) < 0)
 		return drop(skb, REASON_MALFORMED, DIR_INGRESS, ep);
 	return 0;
 }
@@ -169,13 +207,13 @@ static __always_inline int from_endpoint_deliver(struct __sk_buff *skb, struct e
 
 	/* A reply of a flow the endpoint sent to itself through a frontend
 	 * goes back to it, from the frontend. */
-	if (f->rev_nat) {
+	if (f->lb.rev_nat) {
 		if (lb_hairpin_reply(skb, f) < 0)
 			return drop(skb, REASON_NO_BACKEND, DIR_EGRESS, src->id);
 		dst = src;
 	}
 	if (dst && ttl_decrement(skb, f->key.family)) {
-		ret = to_endpoint(skb, dst, f, src->identity, f->rev_nat != 0);
+		ret = to_endpoint(skb, dst, f, src->identity, f->lb.rev_nat != 0);
 		if (ret != TC_ACT_REDIRECT)
 			return ret;
 	} else {
@@ -209,7 +247,7 @@ static __always_inline int from_endpoint_ipv4(struct __sk_buff *skb, struct endp
 	 * backend's identity and port. */
 	ret = lb_translate(skb, &f, src->id);
 	if (ret != LB_OK)
-		return lb_verdict(skb, &f, ret, src->id);
+		return translate_verdict(skb, &f, ret, src->id);
 	remote = ipcache_lookup4(*(__be32 *)f.key.daddr);
 	ret = enforce(skb, &f, src->id, DIR_EGRESS, identity_of(remote));
 	if (ret)
@@ -265,7 +303,7 @@ static __always_inline int from_endpoint_ipv6(struct __sk_buff *skb, struct endp
 	}
 	ret = lb_translate(skb, &f, src->id);
 	if (ret != LB_OK)
-		return lb_verdict(skb, &f, ret, src->id);
+		return translate_verdict(skb, &f, ret, src->id);
 	remote = ipcache_lookup6(f.key.daddr);
 	ret = enforce(skb, &f, src->id, DIR_EGRESS, identity_of(remote));
 	if (ret)

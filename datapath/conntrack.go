@@ -168,13 +168,13 @@ func flowOf(k *bpfobj.TypesCtKey, v *bpfobj.TypesCtEntry, now uint64, wall time.
 		Dst:      netip.AddrPortFrom(addr(k.Daddr), be16(k.Dport)),
 		Protocol: k.Proto,
 		Endpoint: v.Endpoint,
-		Remote:   Identity(v.Identity),
-		Rule:     int(int16(v.Rule)),
+		Remote:   Identity(v.Policy.Identity),
+		Rule:     int(int16(v.Policy.Rule)),
 		Expires:  wall.Add(time.Duration(int64(v.Expires) - int64(now))),
 		Packets:  v.Packets,
 		Bytes:    v.Bytes,
 		Replied:  v.Flags&uint8(bpfobj.TypesCtFlagCT_F_SEEN_REPLY) != 0,
-		Audited:  v.Flags&uint8(bpfobj.TypesCtFlagCT_F_AUDITED) != 0,
+		Audited:  v.Policy.Audited != 0,
 	}
 	fin := uint8(bpfobj.TypesCtFlagCT_F_FIN | bpfobj.TypesCtFlagCT_F_FIN_REPLY)
 	f.Closing = v.Flags&uint8(bpfobj.TypesCtFlagCT_F_RST) != 0 || v.Flags&fin == fin
@@ -186,7 +186,7 @@ func flowOf(k *bpfobj.TypesCtKey, v *bpfobj.TypesCtEntry, now uint64, wall time.
 	case uint8(bpfobj.TypesCtDirCT_SERVICE):
 		f.ToFrontend = true
 	}
-	f.Service, f.Backend = v.RevNat, v.Backend
+	f.Service, f.Backend = v.Service.Id, v.Service.Backend
 	return f
 }
 

@@ -611,7 +611,7 @@ func revokeFlows(st *core.State, endpoint uint16, m *MapEntries) error {
 		if k.Dir == ingress {
 			dir = datapath.Ingress
 		}
-		if verdict, _ := m.Decide(endpoint, dir, datapath.Identity(v.Identity), k.Proto, flowPort(&k)); verdict == datapath.VerdictDenied {
+		if verdict, _ := m.Decide(endpoint, dir, datapath.Identity(v.Policy.Identity), k.Proto, flowPort(&k)); verdict == datapath.VerdictDenied {
 			peer := k
 			peer.Dir = egress + ingress - k.Dir
 			revoke = append(revoke, k, peer)

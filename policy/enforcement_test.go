@@ -183,7 +183,8 @@ func TestConntrackOwnerAndExpiry(t *testing.T) {
 		copy(k.Daddr[:], []byte{198, 19, 9, 1})
 		k.Sport, k.Dport = htons(41000), htons(80)
 		k.Proto, k.Family, k.Dir = 6, 4, uint8(bpfobj.TypesCtDirCT_EGRESS)
-		v := bpfobj.TypesCtEntry{Endpoint: owner, Expires: uint64(int64(monotonic()) + int64(expires)), Identity: 2, Rule: 0xffff}
+		v := bpfobj.TypesCtEntry{Endpoint: owner, Expires: uint64(int64(monotonic()) + int64(expires))}
+		v.Policy.Identity, v.Policy.Rule = 2, 0xffff
 		if err := ct.Put(&k, &v); err != nil {
 			t.Fatal(err)
 		}

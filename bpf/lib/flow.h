@@ -6,7 +6,34 @@
 #include "common.h"
 #include "../include/net.h"
 #include "parse.h"
-#include "ct.h"
+#include "ct.h"      /* struct ct_key */
+#include "service.h" /* struct ct_service, struct lb_flow */
+
+/* The flow a packet belongs to, filled in by the parser; load balancing
+ * fills in its parts. Laid out without holes: it lives on the stack of
+ * every program. */
+struct flow {
+	struct ct_key key;         /* as this packet has it (dir set by the caller) */
+	__u8 tcp_flags;            /* of this packet */
+	__u8 icmp_error;           /* an ICMP error: related holds the flow it is about */
+	__u8 frag;                 /* enum frag_kind */
+	__u8 pad;
+	__u16 l4_port;             /* dport, or ICMP type << 8 | code, host order */
+	__u16 l4_off;              /* where the L4 header starts; 0 for a later fragment */
+	__u32 frag_id;             /* a fragment's datagram identification */
+	__u16 related_l3_off;      /* an ICMP error: where the packet it quotes starts */
+	__u16 related_l4_off;      /* and that packet's L4 header */
+	struct ct_service service; /* the translation it went through: the entries it creates record it */
+	struct lb_flow lb;         /* load balancing's choice, and what replies go back to */
+	struct ct_key related __attribute__((aligned(8))); /* read as 8-byte words */
+};
+
+/* tcp_is_syn reports whether the flow's packet opens a TCP connection: a
+ * SYN without ACK. */
+static __always_inline int tcp_is_syn(const struct flow *f)
+{
+	return f->key.proto == IPPROTO_TCP && (f->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+}
 
 /* ICMP and ICMPv6 types the parser tells apart. */
 #define ICMP_ECHOREPLY 0

@@ -6,7 +6,7 @@
 #pragma once
 
 #include "common.h"
-#include "ct.h"
+#include "flow.h"
 
 #define FRAG_ENTRIES 8192
 

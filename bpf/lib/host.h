@@ -2,7 +2,7 @@
 #pragma once
 
 #include "common.h"
-#include "ct.h"
+#include "flow.h"
 
 /* node_owns_dst reports whether the destination of the flow's packet,
  * which arrived on the skb's device, is an address of the node: the

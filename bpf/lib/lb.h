@@ -5,42 +5,22 @@
 #pragma once
 
 #include "common.h"
-#include "reasons.h"
-#include "events.h"
-#include "ct.h"
-#include "nat.h"
 #include "parse.h"
-#include "policy.h"
 #include "service.h"
-#include "icmp.h"
+#include "ct.h"
+#include "flow.h"
+#include "track.h"
+#include "nat.h"
 
-/* What lb_translate returns for a packet it does not let on: the caller
- * drops it (lb_verdict), so that the event code's stack is not added to
- * its own. */
+/* What lb_translate returns for a packet it does not let on: the program
+ * drops or answers it, so that the event code's stack is not added to
+ * lb_translate's. */
 enum lb_result {
 	LB_OK = 0,
 	LB_NO_BACKEND = 1, /* no backend takes new flows: dropped */
 	LB_REJECT = 2,     /* no backend, and the frontend rejects: answered */
 	LB_MALFORMED = 3,  /* cannot be rewritten */
 };
-
-/* lb_reject answers the flow's packet, to a frontend with no backend that
- * rejects, with a port unreachable from the frontend, sent straight back
- * into the endpoint it came from. A global function: verified once. */
-__noinline int lb_reject(struct __sk_buff *skb, struct flow *f)
-{
-	int ret;
-
-	if (!f)
-		return TC_ACT_SHOT;
-	if (f->key.family == 4)
-		ret = icmp4_port_unreachable(skb, f, *(__be32 *)f->key.daddr);
-	else
-		ret = icmp6_port_unreachable(skb, f, f->key.daddr);
-	if (ret < 0)
-		return TC_ACT_SHOT;
-	return bpf_redirect_peer(skb->ifindex, 0);
-}
 
 /* lb_translate sends the flow's packet, from endpoint ep, to a backend when
  * its destination is a frontend translated at tc: the flow's backend while
@@ -50,7 +30,7 @@ __noinline int lb_reject(struct __sk_buff *skb, struct flow *f)
  * (hairpin) gets the frontend as its source too: the sender would drop a
  * packet from its own address. f is updated to the translated packet;
  * nothing is recorded or counted until policy let it through (lb_commit).
- * It returns LB_OK, or why the packet goes no further (lb_verdict). A global function: its keys stay
+ * It returns LB_OK, or why the packet goes no further. A global function: its keys stay
  * out of the caller's stack, and it is verified once. */
 __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 {
@@ -79,18 +59,18 @@ __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 	k.dir = CT_SERVICE; /* keyed as the client sends, to the frontend */
 	e = ct_find(&k, ep, bpf_ktime_get_ns());
 	if (e) {
-		b = lb_backend_of(e->backend, fe->service);
+		b = lb_backend_of(e->service.backend, fe->service);
 		if (b && tcp_is_syn(f) &&
 		    (b->state != LB_ACTIVE || (e->flags & CT_F_RST) ||
 		     (e->flags & CT_F_CLOSED_BY_FIN) == CT_F_CLOSED_BY_FIN))
 			b = NULL;
 		if (b) {
-			id = e->backend;
+			id = e->service.backend;
 			/* The client acknowledges only what came back: its
 			 * ACK shows the backend answered. */
 			if (f->tcp_flags & TCP_ACK)
 				e->flags |= CT_F_SEEN_REPLY;
-			ct_touch(e, f, 0, skb->len, bpf_ktime_get_ns());
+			ct_touch(e, f->key.proto, f->tcp_flags, 0, skb->len, bpf_ktime_get_ns());
 		}
 	}
 	if (!b && f->frag == FRAG_LATER)
@@ -105,14 +85,15 @@ __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 		id = lb_select(fe, f->key.saddr, lb_hash(f->key.saddr, f->key.sport, f->key.proto), &b);
 		if (!id)
 			return fe->flags & LB_F_REJECT ? LB_REJECT : LB_NO_BACKEND;
-		f->lb_new = 1;
-		f->lb_remember = fe->affinity != 0;
+		f->lb.flags |= LB_FLOW_NEW;
+		if (fe->affinity)
+			f->lb.flags |= LB_FLOW_REMEMBER;
 	}
-	f->service = fe->service;
-	f->backend = id;
-	f->lb_counter = b->counter;
+	f->service.id = fe->service;
+	f->service.backend = id;
+	f->lb.counter = b->counter;
 	if (ipv6_equal(b->addr, f->key.saddr)) {
-		f->hairpin = 1;
+		f->lb.flags |= LB_FLOW_HAIRPIN;
 		if (nat_rewrite(skb, f, 0, fk.addr, f->key.sport) < 0)
 			return LB_MALFORMED;
 	}
@@ -120,18 +101,6 @@ __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 		return LB_MALFORMED;
 	f->l4_port = bpf_ntohs(f->key.dport);
 	return LB_OK;
-}
-
-/* lb_verdict drops (or answers) a packet lb_translate did not let on from
- * endpoint ep: no backend is a NO_BACKEND drop, answered or not. */
-static __always_inline int lb_verdict(struct __sk_buff *skb, struct flow *f, int result, __u16 ep)
-{
-	int verdict;
-
-	if (result == LB_MALFORMED)
-		return drop(skb, REASON_MALFORMED, DIR_EGRESS, ep);
-	verdict = drop(skb, REASON_NO_BACKEND, DIR_EGRESS, ep);
-	return result == LB_REJECT ? lb_reject(skb, f) : verdict;
 }
 
 /* lb_record records a new service flow that policy let through: its
@@ -146,25 +115,25 @@ __noinline int lb_record(struct flow *f, __u16 ep, __u32 len)
 	struct ct_key sk = {};
 	__u32 id;
 
-	if (!f || !f->service)
+	if (!f || !f->service.id)
 		return 0;
-	id = f->service;
+	id = f->service.id;
 	/* The packet is the translated one: the client is its source, or,
 	 * hairpinned, its destination (its own backend); the frontend is
 	 * the service's. */
 	fk = bpf_map_lookup_elem(&lb_revnat, &id);
 	if (!fk)
 		return 0;
-	__builtin_memcpy(sk.saddr, f->hairpin ? f->key.daddr : f->key.saddr, 16);
+	__builtin_memcpy(sk.saddr, f->lb.flags & LB_FLOW_HAIRPIN ? f->key.daddr : f->key.saddr, 16);
 	__builtin_memcpy(sk.daddr, fk->addr, 16);
 	sk.sport = f->key.sport;
 	sk.dport = fk->port;
 	sk.proto = f->key.proto;
 	sk.family = f->key.family;
 	sk.dir = CT_SERVICE;
-	if (f->lb_remember)
-		lb_remember(id, sk.saddr, f->backend);
-	ct_create(&sk, f, ep, 0, POLICY_NO_RULE, 0, len);
+	if (f->lb.flags & LB_FLOW_REMEMBER)
+		lb_remember(id, sk.saddr, f->service.backend);
+	ct_create(&sk, f, ep, NULL, 1, len);
 	return 0;
 }
 
@@ -172,10 +141,10 @@ __noinline int lb_record(struct flow *f, __u16 ep, __u32 len)
  * its backend, and records it when it opens a new flow (lb_record). */
 static __always_inline void lb_commit(struct flow *f, __u16 ep, __u32 len)
 {
-	if (!f->service)
+	if (!f->service.id)
 		return;
-	lb_count(f->lb_counter, len, f->lb_new);
-	if (f->lb_new)
+	lb_count(f->lb.counter, len, f->lb.flags & LB_FLOW_NEW);
+	if (f->lb.flags & LB_FLOW_NEW)
 		lb_record(f, ep, len);
 }
 
@@ -185,7 +154,7 @@ static __always_inline void lb_commit(struct flow *f, __u16 ep, __u32 len)
  * service is gone or the packet cannot be rewritten. */
 static __always_inline int lb_hairpin_reply(struct __sk_buff *skb, struct flow *f)
 {
-	__u32 id = f->rev_nat;
+	__u32 id = f->lb.rev_nat;
 	struct lb_frontend_key *fk = bpf_map_lookup_elem(&lb_revnat, &id);
 	__be16 client_port = f->key.dport;
 	__u8 client[16];
@@ -210,7 +179,7 @@ __noinline int lb_reverse(struct __sk_buff *skb, struct flow *f)
 
 	if (!f) /* a global function: verified once, for any pointer */
 		return -1;
-	id = f->rev_nat;
+	id = f->lb.rev_nat;
 	fk = bpf_map_lookup_elem(&lb_revnat, &id);
 	if (!fk)
 		return 0;

@@ -7,7 +7,7 @@
 
 #include "common.h"
 #include "../include/net.h"
-#include "ct.h"
+#include "flow.h"
 #include "parse.h"
 
 #define IPV4_SADDR_OFF (ETH_HLEN + 12)

@@ -11,6 +11,15 @@
 #define POLICY_ENTRIES 262144
 #define POLICY_ENDPOINTS 16384
 
+/* Policy's part of a conntrack entry (bpf/lib/ct.h keeps it and reads
+ * nothing in it): what decided the flow when it began. */
+struct ct_policy {
+	__u32 identity; /* the remote identity */
+	__u16 rule;     /* the rule that allowed it; POLICY_NO_RULE: none */
+	__u8 audited;   /* policy would have denied it (audit mode) */
+	__u8 pad;
+};
+
 /* One entry: traffic of an endpoint in a direction, with a remote
  * identity (0: any) and an L4 protocol (0: any) to a port prefix. For ICMP
  * and ICMPv6 the "port" is type << 8 | code. */

@@ -13,6 +13,30 @@
 #define LB_SLOTS (1 << 20)
 #define LB_AFFINITY 65536
 
+/* Load balancing's part of a conntrack entry (bpf/lib/ct.h keeps it and
+ * reads nothing in it): the service whose frontend the flow's replies come
+ * from, and the backend it was sent to. */
+struct ct_service {
+	__u32 backend; /* backend ID; 0: none */
+	__u16 id;      /* service ID; 0: not translated */
+	__u16 pad;
+};
+
+/* Load balancing's part of a packet's flow (bpf/lib/flow.h): what
+ * lb_translate chose for it, and what its replies go back to. */
+struct lb_flow {
+	__u32 counter; /* the backend's counter index */
+	__u16 rev_nat; /* a reply (or an ICMP error about) a translated flow: the service whose frontend it comes from */
+	__u8 flags;    /* enum lb_flow_flag */
+	__u8 pad;
+};
+
+enum lb_flow_flag {
+	LB_FLOW_NEW = 1 << 0,      /* a new service flow: lb_commit records it once let through */
+	LB_FLOW_REMEMBER = 1 << 1, /* and remembers its backend for client affinity */
+	LB_FLOW_HAIRPIN = 1 << 2,  /* translated to its own sender: the source is the frontend */
+};
+
 struct lb_frontend_key {
 	__u8 addr[16]; /* IPv4 in the first 4 bytes */
 	__be16 port;

@@ -27,12 +27,22 @@ type TypesCtEntry struct {
 	Endpoint uint16
 	Flags    uint8
 	TcpFlags uint8
-	Identity uint32
-	Rule     uint16
-	RevNat   uint16
-	Backend  uint32
-	Packets  uint64
-	Bytes    uint64
+	Pad      uint32
+	Policy   struct {
+		_        structs.HostLayout
+		Identity uint32
+		Rule     uint16
+		Audited  uint8
+		Pad      uint8
+	}
+	Service struct {
+		_       structs.HostLayout
+		Backend uint32
+		Id      uint16
+		Pad     uint16
+	}
+	Packets uint64
+	Bytes   uint64
 }
 
 type TypesCtFlag uint32
@@ -40,7 +50,6 @@ type TypesCtFlag uint32
 const (
 	TypesCtFlagCT_F_SEEN_REPLY TypesCtFlag = 1
 	TypesCtFlagCT_F_FIN        TypesCtFlag = 2
-	TypesCtFlagCT_F_AUDITED    TypesCtFlag = 4
 	TypesCtFlagCT_F_FIN_REPLY  TypesCtFlag = 8
 	TypesCtFlagCT_F_RST        TypesCtFlag = 16
 )
