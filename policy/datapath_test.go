@@ -693,15 +693,6 @@ func revoked(t *testing.T, dp *datapath.Datapath) uint64 {
 		m[datapath.MetricKey{Reason: datapath.ReasonNoConnection, Direction: datapath.Egress}].Packets
 }
 
-func denied(t *testing.T, dp *datapath.Datapath) uint64 {
-	t.Helper()
-	m, err := dp.Metrics()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return m[datapath.MetricKey{Reason: datapath.ReasonPolicyDenied, Direction: datapath.Ingress}].Packets
-}
-
 // An ICMP error about an allowed flow gets through a policy that denies
 // everything else: a datagram to a closed port of the node comes back as
 // "port unreachable", which the socket sees as a refused connection.
