@@ -481,7 +481,7 @@ func tcpPair(t *testing.T, from, to *endpoint.Endpoint, addr netip.Addr) (client
 // other within timeout.
 func carries(from, to net.Conn, timeout time.Duration) bool {
 	from.SetWriteDeadline(time.Now().Add(timeout))
-	if _, err := from.Write([]byte("ping")); err != nil {
+	if _, err := from.Write([]byte("data")); err != nil {
 		return false
 	}
 	to.SetReadDeadline(time.Now().Add(timeout))
