@@ -6,11 +6,14 @@ import (
 	"maps"
 	"net"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/internal/bpfobj"
+	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/service"
 )
 
@@ -155,17 +158,20 @@ func reference(t *testing.T, svc service.Service, client netip.Addr, sports []ui
 	return out
 }
 
-// TestAffinity: a client's new flows stick to one backend until the
-// affinity times out.
+// TestAffinity: a client's flows stick to one backend while its affinity
+// lasts, and choose anew once it is over. The affinity is long, so that
+// no round outlasts it on a slow machine; it is made to be over by aging
+// the client's entry, not by waiting.
 func TestAffinity(t *testing.T) {
 	n := newNode(t)
 	serve(t, n.a, false, ports10...)
 	fe := service.Frontend{Addr: fe4, Port: 80, Protocol: service.UDP}
-	upsert(t, n.dp, service.Service{Frontend: fe, Backends: backends(n.a, false, ports10...), Affinity: time.Second, Reach: service.TCOnly})
+	upsert(t, n.dp, service.Service{Frontend: fe, Backends: backends(n.a, false, ports10...), Affinity: time.Hour, Reach: service.TCOnly})
+	affinity := core.Of(n.dp).Map(bpfobj.EndpointMapLbAffinity)
 	var first []uint16
-	for round := range 4 {
-		// The first flow alone: flows that start at the same time after a
-		// timeout may each choose before any has written the affinity.
+	for round := range 8 {
+		// The first flow alone: flows that start at the same time may
+		// each choose before any has written the affinity.
 		got := spread(t, n, netip.AddrPortFrom(fe.Addr, fe.Port), sourcePorts(23000+100*round, 1))
 		maps.Copy(got, spread(t, n, netip.AddrPortFrom(fe.Addr, fe.Port), sourcePorts(23001+100*round, 19)))
 		var p uint16
@@ -176,11 +182,23 @@ func TestAffinity(t *testing.T) {
 			p = q
 		}
 		first = append(first, p)
-		time.Sleep(1500 * time.Millisecond)
+		// Over: the client's entry is two hours old.
+		var k bpfobj.TypesLbAffinityKey
+		var v bpfobj.TypesLbAffinityEntry
+		it := affinity.Iterate()
+		for it.Next(&k, &v) {
+			v.Last -= uint64(2 * time.Hour)
+			if err := affinity.Put(&k, &v); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := it.Err(); err != nil {
+			t.Fatal(err)
+		}
 	}
-	// After each timeout the choice is new: four times the same backend
-	// happens once in 1000 runs.
-	if first[0] == first[1] && first[1] == first[2] && first[2] == first[3] {
+	// After each timeout the choice is new: eight times the same backend
+	// of ten happens once in ten million runs.
+	if !slices.ContainsFunc(first, func(p uint16) bool { return p != first[0] }) {
 		t.Errorf("every round went to %d: affinity never timed out", first[0])
 	}
 }
