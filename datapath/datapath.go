@@ -43,6 +43,7 @@ type Datapath struct {
 
 	mu         sync.Mutex
 	stopEvents func() // stops the running Events reader and waits for it; nil when none
+	closing    bool   // Close or Unload began: no Events reader may start
 }
 
 func init() {
@@ -389,18 +390,26 @@ func (dp *Datapath) Name() string { return dp.st.Name }
 // PinDir returns the directory where the datapath's maps and links are pinned.
 func (dp *Datapath) PinDir() string { return dp.st.Dir }
 
-// Close releases the datapath's handles and ends a running Events reader.
+// Close releases the datapath's handles and ends a running Events reader;
+// an Events call racing it fails with an error matching os.ErrClosed.
 // The datapath keeps running: its programs stay attached and its maps
 // pinned. Close waits for calls in flight on this handle; calls after it
 // fail with an error matching os.ErrClosed. Closing twice is a no-op.
 func (dp *Datapath) Close() error {
+	dp.stopReader()
+	return dp.st.Close()
+}
+
+// stopReader keeps a new Events reader from starting and ends the running
+// one, if any, waiting for it.
+func (dp *Datapath) stopReader() {
 	dp.mu.Lock()
+	dp.closing = true
 	stop := dp.stopEvents
 	dp.mu.Unlock()
 	if stop != nil {
 		stop()
 	}
-	return dp.st.Close()
 }
 
 // Unload tears the datapath down: it undoes every object its ledger
@@ -411,13 +420,17 @@ func (dp *Datapath) Close() error {
 // all of them. Unloading a closed Datapath fails with an error matching
 // os.ErrClosed and changes nothing: open it again to unload it.
 func (dp *Datapath) Unload() error {
-	dp.mu.Lock()
-	stop := dp.stopEvents
-	dp.mu.Unlock()
-	if stop != nil {
-		stop()
-	}
+	dp.stopReader()
 	st := dp.st
+	defer func() {
+		// An Unload refused (a closed handle, a lock not had) leaves the
+		// handle as it was: it may read events again.
+		if !st.Closed() {
+			dp.mu.Lock()
+			dp.closing = false
+			dp.mu.Unlock()
+		}
+	}()
 	return st.Unload(func() error {
 		var errs []error
 		for _, kind := range []ledger.Kind{ledger.KindEndpoint} {

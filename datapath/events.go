@@ -248,10 +248,22 @@ const lostPoll = 250 * time.Millisecond
 //
 // A ring buffer hands each record to one consumer, so a datapath has one
 // reader at a time, across its handles and processes: while one runs,
-// Events on any handle in any process fails with ErrExists.
+// Events on any handle in any process fails with ErrExists. On a closed
+// handle, or one being closed, it fails with an error matching
+// os.ErrClosed; Close ends the reader it started.
 func (dp *Datapath) Events(ctx context.Context) (<-chan Event, error) {
 	dp.mu.Lock()
 	defer dp.mu.Unlock()
+	// A Close that began stops only the reader it saw: none may start
+	// after it.
+	if dp.closing {
+		return nil, fmt.Errorf("events of datapath %s: %w", dp.st.Name, os.ErrClosed)
+	}
+	release, err := dp.st.Use()
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	unlock, err := lockReader(dp.st.Dir)
 	if err != nil {
 		return nil, err

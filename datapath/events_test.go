@@ -319,3 +319,65 @@ func TestEventsOneReaderAcrossProcesses(t *testing.T) {
 		t.Errorf("a reader after the other process died: %v", err)
 	}
 }
+
+// Events on a closed handle fails with os.ErrClosed, read-write and
+// read-only, and a reader started while another goroutine closes the
+// handle either fails or is ended by Close: the next handle can read.
+func TestEventsAndClose(t *testing.T) {
+	dp := open(t, Config{})
+	ro, err := OpenReadOnly(context.Background(), Config{Name: dp.st.Name, BPFFS: filepath.Dir(dp.PinDir())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ro.Close()
+	if _, err := ro.Events(context.Background()); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("Events on a closed read-only handle: %v, want os.ErrClosed", err)
+	}
+	cfg := Config{Name: dp.st.Name, BPFFS: filepath.Dir(dp.PinDir())}
+	dp.Close()
+	if _, err := dp.Events(context.Background()); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("Events on a closed handle: %v, want os.ErrClosed", err)
+	}
+	for round := range 60 {
+		h, err := Open(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		started := make(chan (<-chan Event), 1)
+		go func() {
+			events, err := h.Events(context.Background())
+			if err != nil {
+				started <- nil
+				return
+			}
+			started <- events
+		}()
+		if round%2 == 0 {
+			time.Sleep(time.Duration(round) * 50 * time.Microsecond)
+		}
+		if err := h.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if events := <-started; events != nil {
+			select {
+			case _, ok := <-events:
+				for ok {
+					_, ok = <-events
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatalf("round %d: a reader started during Close kept running", round)
+			}
+		}
+		next, err := Open(context.Background(), cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		events, err := next.Events(context.Background())
+		if err != nil {
+			t.Fatalf("round %d: the next handle cannot read: %v", round, err)
+		}
+		next.Close()
+		for range events {
+		}
+	}
+}
