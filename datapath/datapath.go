@@ -69,7 +69,7 @@ func Open(ctx context.Context, cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	dp, err := load(cfg, ns)
+	dp, err := load(ctx, cfg, ns)
 	if err != nil {
 		if ns.IsOpen() {
 			ns.Close()
@@ -164,7 +164,7 @@ func openNetNS(spec string) (netns.NsHandle, error) {
 	return ns, nil
 }
 
-func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
+func load(ctx context.Context, cfg Config, ns netns.NsHandle) (*Datapath, error) {
 	dir := filepath.Join(cfg.BPFFS, cfg.Name)
 	if cfg.MustExist {
 		if _, err := os.Stat(filepath.Join(dir, "layout")); err != nil {
@@ -181,7 +181,7 @@ func load(cfg Config, ns netns.NsHandle) (*Datapath, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "links"), 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory: %w", err)
 	}
-	unlock, err := core.LockDir(dir)
+	unlock, err := core.LockDir(ctx, dir)
 	if err != nil {
 		return nil, err
 	}
@@ -300,7 +300,11 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 		return nil, fmt.Errorf("stamp layout version: %w", err)
 	}
 	if events != nil {
-		if err := dp.SetEventConfig(context.Background(), *events); err != nil {
+		if err := events.validate(); err != nil {
+			st.Objs.Close()
+			return nil, err
+		}
+		if err := dp.setEventConfig(*events); err != nil {
 			st.Objs.Close()
 			return nil, err
 		}
@@ -459,7 +463,7 @@ func (dp *Datapath) Reconcile(ctx context.Context) (int, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
-	unlock, err := dp.st.Lock()
+	unlock, err := dp.st.Lock(ctx)
 	if err != nil {
 		return 0, err
 	}

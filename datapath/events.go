@@ -16,7 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/internal/bpfobj"
-	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/packet"
 )
 
@@ -145,14 +144,16 @@ func (dp *Datapath) SetEventConfig(ctx context.Context, cfg EventConfig) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if dp.st.ReadOnly {
-		return fmt.Errorf("set event config: %w", core.ErrReadOnly)
-	}
-	release, err := dp.st.Use()
+	release, err := dp.st.Lock(ctx)
 	if err != nil {
-		return err
+		return fmt.Errorf("set event config: %w", err)
 	}
 	defer release()
+	return dp.setEventConfig(cfg)
+}
+
+// setEventConfig is SetEventConfig under the lock, which Open holds.
+func (dp *Datapath) setEventConfig(cfg EventConfig) error {
 	ring := uint64(dp.st.Objs.Events.MaxEntries())
 	if need := ringBytes(cfg, cpus()); cfg.RatePerCPU != 0 && need > ring {
 		return fmt.Errorf("events at %d/s and bursts of %d per CPU on %d CPUs need a ring of %d bytes, this datapath's has %d: %w",

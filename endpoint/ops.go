@@ -65,7 +65,7 @@ func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (*Endpoint, e
 		return nil, err
 	}
 
-	unlock, err := st.Lock()
+	unlock, err := st.Lock(ctx)
 	if err != nil {
 		return nil, err
 	}

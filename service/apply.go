@@ -234,12 +234,9 @@ func ReadCounters(dp *datapath.Datapath, fe Frontend) ([]BackendCounters, error)
 // so a reader holds the lock; a read-only handle changes nothing and needs
 // none.
 func readIndex(dp *datapath.Datapath) (*core.State, *index, func(), error) {
+	// Readers share the lock: they exclude only a change half-made.
 	st := core.Of(dp)
-	take := st.Lock
-	if st.ReadOnly {
-		take = st.Use
-	}
-	release, err := take()
+	release, err := st.ReadLock(context.Background())
 	if err != nil {
 		return nil, nil, nil, err
 	}

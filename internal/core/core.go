@@ -15,6 +15,7 @@ import (
 	"reflect"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netns"
@@ -44,7 +45,7 @@ type State struct {
 	LayoutID ebpf.MapID // of the pinned layout map this State opened
 	ReadOnly bool       // opened for inspection: no changes
 
-	mu     sync.Mutex
+	mu     sync.RWMutex
 	rw     sync.RWMutex
 	closed bool
 
@@ -76,20 +77,42 @@ func (s *State) Use() (release func(), err error) {
 }
 
 // Lock serializes changes to the datapath: among goroutines with a mutex,
-// among processes with a flock on the pin directory. It fails with
-// os.ErrClosed once the datapath is closed, and with errGone (matching
-// os.ErrNotExist) once it was unloaded, by this process or another.
-func (s *State) Lock() (unlock func(), err error) {
+// among processes with an exclusive flock on the pin directory. Waiting
+// for either ends with ctx. It fails with os.ErrClosed once the datapath
+// is closed, and with errGone (matching os.ErrNotExist) once it was
+// unloaded, by this process or another.
+func (s *State) Lock(ctx context.Context) (unlock func(), err error) {
 	if s.ReadOnly {
 		return nil, fmt.Errorf("datapath %s: %w", s.Name, ErrReadOnly)
 	}
-	s.mu.Lock()
-	release, err := s.Use()
-	if err != nil {
-		s.mu.Unlock()
+	return s.lock(ctx, false)
+}
+
+// ReadLock is Lock for calls that read the object records and must not see
+// a change half-made: readers share it (a read lock on the mutex, a shared
+// flock), writers exclude them. A read-only handle takes only the read
+// hold (Use): it must not block the datapath's writers.
+func (s *State) ReadLock(ctx context.Context) (unlock func(), err error) {
+	if s.ReadOnly {
+		return s.Use()
+	}
+	return s.lock(ctx, true)
+}
+
+func (s *State) lock(ctx context.Context, shared bool) (unlock func(), err error) {
+	lock, unlockMu := s.mu.Lock, s.mu.Unlock
+	if shared {
+		lock, unlockMu = s.mu.RLock, s.mu.RUnlock
+	}
+	if err := waitFor(ctx, lock, unlockMu); err != nil {
 		return nil, err
 	}
-	unlockDir, err := LockDir(s.Dir)
+	release, err := s.Use()
+	if err != nil {
+		unlockMu()
+		return nil, err
+	}
+	unlockDir, err := lockDir(ctx, s.Dir, shared)
 	if err == nil {
 		err = s.checkPinned()
 		if err != nil {
@@ -98,10 +121,31 @@ func (s *State) Lock() (unlock func(), err error) {
 	}
 	if err != nil {
 		release()
-		s.mu.Unlock()
+		unlockMu()
 		return nil, err
 	}
-	return func() { unlockDir(); release(); s.mu.Unlock() }, nil
+	return func() { unlockDir(); release(); unlockMu() }, nil
+}
+
+// waitFor takes a lock, or gives up when ctx ends first; a lock taken
+// after that is given back (unlock).
+func waitFor(ctx context.Context, lock, unlock func()) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if ctx.Done() == nil {
+		lock()
+		return nil
+	}
+	got := make(chan struct{})
+	go func() { lock(); close(got) }()
+	select {
+	case <-got:
+		return nil
+	case <-ctx.Done():
+		go func() { <-got; unlock() }()
+		return ctx.Err()
+	}
 }
 
 // Change starts a change to the datapath dp (a *datapath.Datapath): it
@@ -112,7 +156,7 @@ func Change(ctx context.Context, dp any) (st *State, unlock func(), err error) {
 		return nil, nil, err
 	}
 	st = Of(dp)
-	unlock, err = st.Lock()
+	unlock, err = st.Lock(ctx)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -181,7 +225,7 @@ func (s *State) Unload(teardown func() error) error {
 	if s.closed {
 		return fmt.Errorf("unload datapath %s: %w", s.Name, os.ErrClosed)
 	}
-	unlockDir, err := LockDir(s.Dir)
+	unlockDir, err := LockDir(context.Background(), s.Dir)
 	if err != nil {
 		return err
 	}
@@ -192,17 +236,40 @@ func (s *State) Unload(teardown func() error) error {
 	return errors.Join(teardown(), s.closeLocked())
 }
 
-// LockDir takes an exclusive flock on dir.
-func LockDir(dir string) (unlock func(), err error) {
+// LockDir takes an exclusive flock on dir, waiting for it as long as ctx
+// lets it.
+func LockDir(ctx context.Context, dir string) (unlock func(), err error) {
+	return lockDir(ctx, dir, false)
+}
+
+// lockDir takes a flock on dir, shared or exclusive. A flock cannot be
+// waited for with a deadline, so it is tried without blocking, again and
+// again, until it is had or ctx ends.
+func lockDir(ctx context.Context, dir string, shared bool) (unlock func(), err error) {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", dir, err)
 	}
-	if err := unix.Flock(fd, unix.LOCK_EX); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("lock %s: %w", dir, err)
+	how := unix.LOCK_EX
+	if shared {
+		how = unix.LOCK_SH
 	}
-	return func() { unix.Close(fd) }, nil
+	for wait := 100 * time.Microsecond; ; wait = min(2*wait, 20*time.Millisecond) {
+		err = unix.Flock(fd, how|unix.LOCK_NB)
+		if err == nil {
+			return func() { unix.Close(fd) }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) && !errors.Is(err, unix.EINTR) {
+			unix.Close(fd)
+			return nil, fmt.Errorf("lock %s: %w", dir, err)
+		}
+		select {
+		case <-ctx.Done():
+			unix.Close(fd)
+			return nil, fmt.Errorf("lock %s: %w", dir, ctx.Err())
+		case <-time.After(wait):
+		}
+	}
 }
 
 // LinksDir is where the datapath's links are pinned.
