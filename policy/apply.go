@@ -3,6 +3,7 @@ package policy
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/binary"
 	"encoding/gob"
 	"encoding/json"
@@ -34,7 +35,7 @@ type Changes struct {
 // is the record's blob (a policy of many rules does not fit a record).
 type record struct {
 	Version    int            `json:"version"`
-	Generation uint64         `json:"generation"`         // one more at every Apply
+	Generation uint64         `json:"generation"`         // new at every Apply, never one used before (newGeneration)
 	Prefixes   []netip.Prefix `json:"prefixes,omitempty"` // the CIDR identities it holds
 }
 
@@ -153,6 +154,17 @@ type memo struct {
 	doc        []byte
 }
 
+// newGeneration returns a generation for a policy record: random, so that
+// it never repeats one a handle may still remember, even after the record
+// was deleted with its policy or its endpoint (a count would start again
+// at 1 there, and a handle that applied generation 1 would trust its stale
+// memo of the entries).
+func newGeneration() uint64 {
+	var b [8]byte
+	rand.Read(b[:])
+	return binary.NativeEndian.Uint64(b[:]) | 1
+}
+
 func memoKey(endpoint uint16) string { return fmt.Sprintf("policy/%d", endpoint) }
 
 // checkEndpoint fails with ErrNotFound unless the endpoint exists and is
@@ -206,7 +218,7 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (changes Ch
 		if want, err = c.Resolve(endpoint, ids); err != nil {
 			return changes, err
 		}
-		rec = record{Version: recordVersion, Generation: old.Generation + 1, Prefixes: c.Prefixes()}
+		rec = record{Version: recordVersion, Generation: newGeneration(), Prefixes: c.Prefixes()}
 		// The record first, so that a process killed half-way leaves it
 		// naming this endpoint's entries to sweep, and another handle's
 		// memo out of date.
@@ -340,7 +352,7 @@ func refresh(st *core.State, except uint16, ids map[netip.Prefix]datapath.Identi
 			return err
 		}
 		// A new generation: every handle's memo of ep is out of date.
-		rec.Generation++
+		rec.Generation = newGeneration()
 		if r.Object, err = json.Marshal(rec); err != nil {
 			return err
 		}

@@ -883,3 +883,49 @@ func TestCIDRIdentityReleased(t *testing.T) {
 		t.Error("the CIDR of a deleted endpoint's policy kept its identity")
 	}
 }
+
+// A handle's memo of what it wrote is trusted only while nobody wrote
+// since, and a generation never repeats: after another handle deleted the
+// policy and applied another, the first handle's next Apply starts from
+// the maps, not from its memo (the generation a count would have started
+// again at 1 with).
+func TestGenerationsNeverRepeat(t *testing.T) {
+	for _, again := range []uint16{3333, 1111} {
+		t.Run(fmt.Sprint("then ", again), func(t *testing.T) {
+			n := newNode(t)
+			other, err := datapath.Open(context.Background(), datapath.Config{Name: "node", NetNS: n.ns.Path, BPFFS: filepathDir(n.dp)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer other.Close()
+			port := func(p uint16) policy.Policy {
+				return policy.Policy{Ingress: []policy.Rule{{Peers: []policy.Peer{{Identity: 1001}}, Ports: []policy.Port{{Protocol: policy.TCP, Port: p}}}}}
+			}
+			if _, err := policy.Apply(context.Background(), n.dp, n.b.ID, port(1111)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := policy.Delete(context.Background(), other, n.b.ID); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := policy.Apply(context.Background(), other, n.b.ID, port(2222)); err != nil {
+				t.Fatal(err)
+			}
+			changes, err := policy.Apply(context.Background(), n.dp, n.b.ID, port(again))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if changes.Added+changes.Changed+changes.Removed == 0 {
+				t.Errorf("applying %d over 2222: no change reported", again)
+			}
+			got, err := policy.Get(other, n.b.ID)
+			if err != nil || got.Ingress[0].Ports[0].Port != again {
+				t.Errorf("Get: %+v, %v; want port %d", got, err, again)
+			}
+			checks := []check{{"tcp", n.a, n.b, again, true}, {"tcp", n.a, n.b, 2222, false}}
+			if again != 1111 {
+				checks = append(checks, check{"tcp", n.a, n.b, 1111, false})
+			}
+			n.run(t, checks)
+		})
+	}
+}
