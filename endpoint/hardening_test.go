@@ -1,6 +1,7 @@
 package endpoint
 
 import (
+	"context"
 	"encoding/binary"
 	"net/netip"
 	"testing"
@@ -11,6 +12,7 @@ import (
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/ipcache"
+	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/packet"
 	"github.com/sluicedp/sluice/internal/progtest"
 )
@@ -201,5 +203,42 @@ func TestFromEndpointUndeliverable(t *testing.T) {
 	})
 	if after, _ := ReadCounters(w.dp, ghostID); after.PacketsIn != before.PacketsIn {
 		t.Errorf("packets in went from %d to %d for packets that were dropped", before.PacketsIn, after.PacketsIn)
+	}
+}
+
+// A Delete killed once it marked the record Deleting leaves the endpoint's
+// tracked flows behind; Reconcile finishes it, flows included, so an
+// endpoint that gets the ID and addresses later inherits none.
+func TestReconcileSweepsFlowsOfKilledDelete(t *testing.T) {
+	w := newProgWorld(t)
+	st := core.Of(w.dp)
+	// A flow of each endpoint, as from-endpoint tracks it.
+	for _, ep := range []*Endpoint{w.a, w.b} {
+		if r := w.run(t, ep, frame(ep, netip.MustParseAddr("198.19.0.1"), &packet.UDP{SrcPort: 1, DstPort: 2})); r.Verdict != progtest.TCActOK {
+			t.Fatalf("endpoint %d: verdict %d", ep.ID, r.Verdict)
+		}
+	}
+	// Killed right after the record said Deleting.
+	rec, err := lookupRecord(st, w.a.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec.State = ledger.Deleting
+	if err := ledger.Put(st.Objs.Ledger, rec); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := w.dp.Reconcile(context.Background()); err != nil || n != 1 {
+		t.Fatalf("Reconcile undid %d, %v; want 1", n, err)
+	}
+	flows, err := w.dp.Flows()
+	if err != nil {
+		t.Fatal(err)
+	}
+	left := map[uint16]int{}
+	for _, f := range flows {
+		left[f.Endpoint]++
+	}
+	if left[w.a.ID] != 0 || left[w.b.ID] != 1 {
+		t.Errorf("flows after Reconcile: %v; want none of endpoint %d and the one of endpoint %d", left, w.a.ID, w.b.ID)
 	}
 }

@@ -609,9 +609,9 @@ func releaseCIDRs(st *core.State, endpoint uint16, drop, keep []netip.Prefix) {
 // whether it may go: the flow's own entry, to the backend, is decided.
 func revokeFlows(st *core.State, endpoint uint16, m *MapEntries) error {
 	var (
-		k      bpfobj.TypesCtKey
-		v      bpfobj.TypesCtEntry
-		revoke []bpfobj.TypesCtKey
+		k           bpfobj.TypesCtKey
+		v           bpfobj.TypesCtEntry
+		own, theirs []bpfobj.TypesCtKey
 	)
 	egress, ingress := uint8(bpfobj.TypesCtDirCT_EGRESS), uint8(bpfobj.TypesCtDirCT_INGRESS)
 	it := st.Objs.Conntrack.Iterate()
@@ -619,23 +619,27 @@ func revokeFlows(st *core.State, endpoint uint16, m *MapEntries) error {
 		if v.Endpoint != endpoint || (k.Dir != egress && k.Dir != ingress) {
 			continue
 		}
-		dir := datapath.Egress
+		dir, peer := datapath.Egress, k
+		peer.Dir = ingress
 		if k.Dir == ingress {
-			dir = datapath.Ingress
+			dir, peer.Dir = datapath.Ingress, egress
 		}
 		if verdict, _ := m.Decide(endpoint, dir, datapath.Identity(v.Policy.Identity), k.Proto, flowPort(&k)); verdict == datapath.VerdictDenied {
-			peer := k
-			peer.Dir = egress + ingress - k.Dir
-			revoke = append(revoke, k, peer)
+			own, theirs = append(own, k), append(theirs, peer)
 		}
 	}
 	if err := it.Err(); err != nil {
 		return fmt.Errorf("read tracked flows: %w", err)
 	}
-	for i, k := range revoke {
-		// The other side's entry only if it is another endpoint's: the
-		// same tuple the other way may be this endpoint's own flow.
-		if i%2 == 1 && (st.Objs.Conntrack.Lookup(&k, &v) != nil || v.Endpoint == endpoint) {
+	for _, k := range own {
+		if err := deleteKey(st.Objs.Conntrack, &k); err != nil {
+			return err
+		}
+	}
+	// The other side's entry only if it is another endpoint's: the same
+	// tuple the other way may be this endpoint's own flow.
+	for _, k := range theirs {
+		if st.Objs.Conntrack.Lookup(&k, &v) != nil || v.Endpoint == endpoint {
 			continue
 		}
 		if err := deleteKey(st.Objs.Conntrack, &k); err != nil {

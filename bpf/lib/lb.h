@@ -30,8 +30,8 @@ enum lb_result {
  * (hairpin) gets the frontend as its source too: the sender would drop a
  * packet from its own address. f is updated to the translated packet;
  * nothing is recorded or counted until policy let it through (lb_commit).
- * It returns LB_OK, or why the packet goes no further. A global function: its keys stay
- * out of the caller's stack, and it is verified once. */
+ * It returns LB_OK, or why the packet goes no further. A global function:
+ * its keys stay out of the caller's stack, and it is verified once. */
 __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 {
 	struct lb_frontend_key fk = {};
@@ -40,6 +40,7 @@ __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 	struct ct_entry *e;
 	struct ct_key k;
 	__u32 id = 0;
+	__u64 now;
 
 	/* A later fragment has the first one's ports (frag_ports): it follows
 	 * the flow's translation, and starts none. */
@@ -57,12 +58,11 @@ __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 	/* On the stack: older kernels take map keys from nowhere else. */
 	k = f->key;
 	k.dir = CT_SERVICE; /* keyed as the client sends, to the frontend */
-	e = ct_find(&k, ep, bpf_ktime_get_ns());
+	now = bpf_ktime_get_ns();
+	e = ct_find(&k, ep, now);
 	if (e) {
 		b = lb_backend_of(e->service.backend, fe->service);
-		if (b && tcp_is_syn(f) &&
-		    (b->state != LB_ACTIVE || (e->flags & CT_F_RST) ||
-		     (e->flags & CT_F_CLOSED_BY_FIN) == CT_F_CLOSED_BY_FIN))
+		if (b && tcp_is_syn(f) && (b->state != LB_ACTIVE || ct_is_over(e, f->key.proto, 1)))
 			b = NULL;
 		if (b) {
 			id = e->service.backend;
@@ -70,7 +70,7 @@ __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 			 * ACK shows the backend answered. */
 			if (f->tcp_flags & TCP_ACK)
 				e->flags |= CT_F_SEEN_REPLY;
-			ct_touch(e, f->key.proto, f->tcp_flags, 0, skb->len, bpf_ktime_get_ns());
+			ct_touch(e, f->key.proto, f->tcp_flags, 0, skb->len, now);
 		}
 	}
 	if (!b && f->frag == FRAG_LATER)

@@ -44,11 +44,11 @@ static __always_inline __sum16 csum_replace4(__sum16 check, __be32 from, __be32 
 
 /* nat_rewrite sets the source (dest == 0) or destination (dest == 1)
  * address and port of the flow's packet to addr and port, and updates f's
- * key to match; a later fragment gets only the address. The L4 checksum goes through the helper, which knows
- * whether the NIC is still to fill it in; the IP header is written in
- * place (pull_headers made it linear). It returns -1 when the packet
- * cannot be rewritten. Every packet pointer taken before is invalid after
- * it. */
+ * key to match; a later fragment gets only the address. The L4 checksum
+ * goes through the helper, which knows whether the NIC is still to fill
+ * it in; the IP header is written in place (pull_headers made it linear).
+ * It returns -1 when the packet cannot be rewritten. Every packet pointer
+ * taken before is invalid after it. */
 static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, int dest, const __u8 *addr,
 				       __be16 port)
 {

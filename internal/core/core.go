@@ -100,11 +100,11 @@ func (s *State) ReadLock(ctx context.Context) (unlock func(), err error) {
 }
 
 func (s *State) lock(ctx context.Context, shared bool) (unlock func(), err error) {
-	lock, unlockMu := s.mu.Lock, s.mu.Unlock
+	tryLock, lock, unlockMu := s.mu.TryLock, s.mu.Lock, s.mu.Unlock
 	if shared {
-		lock, unlockMu = s.mu.RLock, s.mu.RUnlock
+		tryLock, lock, unlockMu = s.mu.TryRLock, s.mu.RLock, s.mu.RUnlock
 	}
-	if err := waitFor(ctx, lock, unlockMu); err != nil {
+	if err := waitFor(ctx, tryLock, lock, unlockMu); err != nil {
 		return nil, err
 	}
 	release, err := s.Use()
@@ -128,10 +128,14 @@ func (s *State) lock(ctx context.Context, shared bool) (unlock func(), err error
 }
 
 // waitFor takes a lock, or gives up when ctx ends first; a lock taken
-// after that is given back (unlock).
-func waitFor(ctx context.Context, lock, unlock func()) error {
+// after that is given back (unlock). A lock that is free costs no
+// goroutine.
+func waitFor(ctx context.Context, tryLock func() bool, lock, unlock func()) error {
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if tryLock() {
+		return nil
 	}
 	if ctx.Done() == nil {
 		lock()
