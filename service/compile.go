@@ -16,7 +16,7 @@ type Entries struct {
 	Frontend bpfobj.TypesLbFrontend
 	Backends []bpfobj.TypesLbBackend // in the order of Service.Backends
 	IDs      []uint32                // the backends' IDs, in the same order
-	Slots    []uint32                // backend ID per slot
+	Slots    []uint32                // backend ID per slot: of the backends that take new flows (State)
 }
 
 // backendID is the ID of a service's backend: the service's ID and a number
@@ -48,16 +48,20 @@ func Compile(s *Service, id uint16, half uint32, numbers []uint16, counters []ui
 	if s.NoBackend == Reject {
 		e.Frontend.Flags |= uint32(bpfobj.TypesLbFlagLB_F_REJECT)
 	}
-	var usable []int // indices of backends that take new flows
 	for i, b := range s.Backends {
 		e.IDs = append(e.IDs, backendID(id, numbers[i]))
 		e.Backends = append(e.Backends, backendValue(b, id, counters[i]))
-		if b.State == Active && b.Weight > 0 {
-			usable = append(usable, i)
-		}
 	}
+	// The table holds the backends that take new flows: the ready ones,
+	// or the terminating ones that serve when none is ready. The
+	// frontend says which, for affinity and for a SYN on a tracked tuple
+	// (lb_open in bpf/lib/service.h).
+	usable, fallback := s.takers()
 	if len(usable) == 0 {
 		return e
+	}
+	if fallback {
+		e.Frontend.Flags |= uint32(bpfobj.TypesLbFlagLB_F_FALLBACK)
 	}
 	// The same backends in any order make the same table.
 	slices.SortFunc(usable, func(a, b int) int {
@@ -88,10 +92,10 @@ func Compile(s *Service, id uint16, half uint32, numbers []uint16, counters []ui
 	return e
 }
 
-// randomShares is how many slots each usable backend takes in a random
-// service's table: its weight divided by the weights' greatest common
-// divisor, or, when those add up to more than maxRandomSlots, its share of
-// maxRandomSlots (at least 1).
+// randomShares is how many slots each backend of usable (those that take
+// new flows) takes in a random service's table: its weight divided by the
+// weights' greatest common divisor, or, when those add up to more than
+// maxRandomSlots, its share of maxRandomSlots (at least 1).
 func randomShares(s *Service, usable []int) []int {
 	g := uint(0)
 	sum := 0

@@ -2,7 +2,9 @@
 // (an address, port and protocol, as a Kubernetes ClusterIP and port)
 // is translated to one of its backends, chosen at random or by Maglev,
 // with client affinity and backend states (active, terminating,
-// quarantined, maintenance) as kube-proxy and Cilium know them.
+// terminating but still serving, quarantined, maintenance) as kube-proxy
+// and Cilium know them: a service with no active backend falls back to
+// its terminating backends that still serve (see State).
 //
 // Translation happens at two levels, chosen per service. At the socket
 // level the programs attached to the datapath's cgroup (datapath.Config

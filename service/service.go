@@ -40,23 +40,45 @@ func (f Frontend) String() string {
 	return netip.AddrPortFrom(f.Addr, f.Port).String() + "/" + f.Protocol.String()
 }
 
-// State is where a backend is in its life. Only an active backend gets new
-// flows; in every state a backend keeps the flows it has, until it is
-// removed from the service.
+// State is where a backend is in its life. In every state a backend keeps
+// the flows it has, until it is removed from the service. New flows go to
+// the service's ready backends: those Active with a weight. A service that
+// has none sends them to its TerminatingServing backends with a weight
+// instead, as kube-proxy does with terminating endpoints that still serve
+// (Kubernetes KEP-1669, ProxyTerminatingEndpoints); while it has a ready
+// backend again, they get none. No other state ever gets a new flow.
+//
+// A controller that follows EndpointSlices maps an endpoint's conditions
+// to states so: ready is Active; terminating and serving is
+// TerminatingServing; terminating and not serving is Terminating; neither
+// ready nor terminating is Quarantined (or the backend is left out).
 type State uint8
 
-// Backend states, as Cilium names them.
+// Backend states, as Cilium names them, but for one: Cilium's Terminating
+// (serving) is TerminatingServing here, and its TerminatingNotServing is
+// Terminating, which keeps the meaning it had before the fallback came.
+// The values are stored (in the ledger and the lb_backends map): a new
+// state takes the next one.
 const (
-	// Active backends get new flows, in proportion to their weight.
+	// Active backends get new flows, in proportion to their weight: a
+	// Kubernetes endpoint that is ready.
 	Active State = iota
 	// Terminating backends drain: they keep their flows and get no new
-	// ones (a Kubernetes endpoint that is terminating).
+	// ones, even when the service has no other backend (a Kubernetes
+	// endpoint that is terminating and no longer serving).
 	Terminating
 	// Quarantined backends failed a health check: no new flows.
 	Quarantined
 	// Maintenance backends are out of rotation by an operator's choice: no
 	// new flows.
 	Maintenance
+	// TerminatingServing backends drain as Terminating ones do while the
+	// service has a ready backend (Active, with a weight). When it has
+	// none, new flows go to them, in proportion to their weight (0 gives
+	// none here too), rather than nowhere: a Kubernetes endpoint that is
+	// terminating and still serving. Client affinity holds among them
+	// while they take the service's new flows.
+	TerminatingServing
 )
 
 func (s State) String() string {
@@ -69,6 +91,8 @@ func (s State) String() string {
 		return "quarantined"
 	case Maintenance:
 		return "maintenance"
+	case TerminatingServing:
+		return "terminating-serving"
 	}
 	return fmt.Sprintf("state(%d)", uint8(s))
 }
@@ -77,8 +101,9 @@ func (s State) String() string {
 type Backend struct {
 	Addr netip.Addr // of the frontend's family
 	Port uint16     // not 0
-	// Weight is the backend's share of new flows relative to the others;
-	// 0 gives it none. At least one active backend needs a weight.
+	// Weight is the backend's share of new flows relative to the others
+	// that take them (see State); 0 gives it none, in every state. At
+	// least one backend of the service needs a weight.
 	Weight uint16
 	State  State
 }
@@ -169,11 +194,13 @@ type Service struct {
 	Backends  []Backend
 	Algorithm Algorithm
 	// MaglevSize is the Maglev table size, a prime at least the number of
-	// backends with a weight; DefaultMaglevSize when 0. Only for Maglev.
+	// backends that take new flows (see State); DefaultMaglevSize when 0.
+	// Only for Maglev.
 	MaglevSize int
 	// Affinity, when not 0, sends every new flow of a client address to
-	// the backend its last one went to, while that backend is active and
-	// less than Affinity has passed since; whole seconds, at most a day.
+	// the backend its last one went to, while that backend still takes
+	// the service's new flows (see State) and less than Affinity has
+	// passed since; whole seconds, at most a day.
 	Affinity  time.Duration
 	Reach     Reach
 	NoBackend NoBackend
@@ -223,7 +250,6 @@ func (s *Service) Validate() error {
 		return bad("%d backends: at most %d", len(s.Backends), MaxBackends)
 	}
 	seen := make(map[netip.AddrPort]bool, len(s.Backends))
-	usable := 0
 	for _, b := range s.Backends {
 		if !b.Addr.IsValid() || b.Addr.IsUnspecified() || b.Addr.Is4In6() || b.Addr.Zone() != "" || b.Addr.IsMulticast() {
 			return bad("backend address %v: want a specified unicast address", b.Addr)
@@ -234,16 +260,13 @@ func (s *Service) Validate() error {
 		if b.Port == 0 {
 			return bad("backend %v: port 0", b.Addr)
 		}
-		if b.State > Maintenance {
+		if b.State > TerminatingServing {
 			return bad("backend %v: unknown state %v", b.AddrPort(), b.State)
 		}
 		if seen[b.AddrPort()] {
 			return bad("backend %v twice", b.AddrPort())
 		}
 		seen[b.AddrPort()] = true
-		if b.State == Active && b.Weight > 0 {
-			usable++
-		}
 	}
 	if len(s.Backends) > 0 && !slices.ContainsFunc(s.Backends, func(b Backend) bool { return b.Weight > 0 }) {
 		return bad("every backend has weight 0")
@@ -253,13 +276,34 @@ func (s *Service) Validate() error {
 		if !isPrime(m) || m > maxMaglevSize {
 			return bad("maglev table size %d: want a prime up to %d", m, maxMaglevSize)
 		}
-		if usable > m {
-			return bad("maglev table size %d: too small for %d backends", m, usable)
+		if usable, _ := s.takers(); len(usable) > m {
+			return bad("maglev table size %d: too small for %d backends", m, len(usable))
 		}
 	} else if s.MaglevSize != 0 {
 		return bad("a Maglev table size for the %v algorithm", s.Algorithm)
 	}
 	return nil
+}
+
+// takers returns the indexes in s.Backends of the backends that take new
+// flows: the ready ones (Active, with a weight), or, when there are none,
+// the TerminatingServing ones with a weight, and then fallback is true.
+// None take them when neither kind is there.
+func (s *Service) takers() (usable []int, fallback bool) {
+	for i, b := range s.Backends {
+		if b.State == Active && b.Weight > 0 {
+			usable = append(usable, i)
+		}
+	}
+	if len(usable) > 0 {
+		return usable, false
+	}
+	for i, b := range s.Backends {
+		if b.State == TerminatingServing && b.Weight > 0 {
+			usable = append(usable, i)
+		}
+	}
+	return usable, len(usable) > 0
 }
 
 func (s *Service) maglevSize() int {

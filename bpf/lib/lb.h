@@ -62,7 +62,7 @@ __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 	e = ct_find(&k, ep, now);
 	if (e) {
 		b = lb_backend_of(e->service.backend, fe->service);
-		if (b && tcp_is_syn(f) && (b->state != LB_ACTIVE || ct_is_over(e, f->key.proto, 1)))
+		if (b && tcp_is_syn(f) && (!lb_open(fe, b) || ct_is_over(e, f->key.proto, 1)))
 			b = NULL;
 		if (b) {
 			id = e->service.backend;

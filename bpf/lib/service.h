@@ -49,6 +49,9 @@ enum lb_flag {
 	LB_F_SOCKET = 1 << 1, /* translated by the socket programs */
 	LB_F_TC = 1 << 2,     /* translated per packet by from-endpoint */
 	LB_F_REJECT = 1 << 3, /* no backend: answer ICMP unreachable (else drop) */
+	/* The slots are the service's terminating backends that still serve:
+	 * it has no active one with a weight (lb_open). */
+	LB_F_FALLBACK = 1 << 4,
 };
 
 /* A frontend points at one of the service's two slot tables. An update
@@ -82,13 +85,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_revnat SEC(".maps");
 
-/* Only an active backend is given new flows; every state keeps the flows it
- * has (a terminating backend drains). */
+/* An active backend is given new flows, and a terminating one that still
+ * serves while its service has no active one (the frontend's
+ * LB_F_FALLBACK); every state keeps the flows it has (a terminating
+ * backend drains). service.State in Go, value for value. */
 enum lb_backend_state {
 	LB_ACTIVE = 0,
-	LB_TERMINATING = 1,
+	LB_TERMINATING = 1, /* and no longer serving: never a new flow */
 	LB_QUARANTINED = 2,
 	LB_MAINTENANCE = 3,
+	LB_TERMINATING_SERVING = 4,
 };
 
 struct lb_backend {
@@ -218,6 +224,14 @@ static __always_inline struct lb_backend *lb_backend_of(__u32 id, __u32 service)
 	return b;
 }
 
+/* lb_open reports whether backend b of frontend fe takes new flows by its
+ * state: an active one does, and a terminating one that still serves while
+ * fe's slots are the fallback ones. The weight is the caller's to check. */
+static __always_inline int lb_open(const struct lb_frontend *fe, const struct lb_backend *b)
+{
+	return b->state == LB_ACTIVE || (b->state == LB_TERMINATING_SERVING && (fe->flags & LB_F_FALLBACK));
+}
+
 /* lb_count counts, at a backend's counter index, a packet of len bytes
  * (none when len is 0), and a new flow when new_flow is set. */
 static __always_inline void lb_count(__u32 counter, __u32 len, int new_flow)
@@ -246,11 +260,11 @@ static __always_inline void lb_remember(__u32 service, const __u8 *client, __u32
 }
 
 /* lb_select picks the backend of a new flow of frontend fe from client
- * (16 bytes): the client's affinity backend while it takes new flows and
- * the timeout has not passed, else the slot hash picks (a Maglev table)
- * or a random one. It returns the backend's ID, or 0 when no backend takes
- * new flows. It records nothing: the caller remembers the choice
- * (lb_remember) once the flow is let through. */
+ * (16 bytes): the client's affinity backend while it takes new flows (it
+ * has a weight, and lb_open) and the timeout has not passed, else the slot
+ * hash picks (a Maglev table) or a random one. It returns the backend's
+ * ID, or 0 when no backend takes new flows. It records nothing: the caller
+ * remembers the choice (lb_remember) once the flow is let through. */
 static __always_inline __u32 lb_select(const struct lb_frontend *fe, const __u8 *client, __u32 hash,
 				       struct lb_backend **out)
 {
@@ -269,7 +283,7 @@ static __always_inline __u32 lb_select(const struct lb_frontend *fe, const __u8 
 		aff = bpf_map_lookup_elem(&lb_affinity, &ak);
 		if (aff && bpf_ktime_get_ns() - aff->last < (__u64)fe->affinity * NSEC_PER_SEC) {
 			b = lb_backend_of(aff->backend, fe->service);
-			if (b && b->state == LB_ACTIVE && b->weight) {
+			if (b && b->weight && lb_open(fe, b)) {
 				*out = b;
 				return aff->backend;
 			}

@@ -254,19 +254,21 @@ type TypesLbBackendCounters struct {
 type TypesLbBackendState uint32
 
 const (
-	TypesLbBackendStateLB_ACTIVE      TypesLbBackendState = 0
-	TypesLbBackendStateLB_TERMINATING TypesLbBackendState = 1
-	TypesLbBackendStateLB_QUARANTINED TypesLbBackendState = 2
-	TypesLbBackendStateLB_MAINTENANCE TypesLbBackendState = 3
+	TypesLbBackendStateLB_ACTIVE              TypesLbBackendState = 0
+	TypesLbBackendStateLB_TERMINATING         TypesLbBackendState = 1
+	TypesLbBackendStateLB_QUARANTINED         TypesLbBackendState = 2
+	TypesLbBackendStateLB_MAINTENANCE         TypesLbBackendState = 3
+	TypesLbBackendStateLB_TERMINATING_SERVING TypesLbBackendState = 4
 )
 
 type TypesLbFlag uint32
 
 const (
-	TypesLbFlagLB_F_MAGLEV TypesLbFlag = 1
-	TypesLbFlagLB_F_SOCKET TypesLbFlag = 2
-	TypesLbFlagLB_F_TC     TypesLbFlag = 4
-	TypesLbFlagLB_F_REJECT TypesLbFlag = 8
+	TypesLbFlagLB_F_MAGLEV   TypesLbFlag = 1
+	TypesLbFlagLB_F_SOCKET   TypesLbFlag = 2
+	TypesLbFlagLB_F_TC       TypesLbFlag = 4
+	TypesLbFlagLB_F_REJECT   TypesLbFlag = 8
+	TypesLbFlagLB_F_FALLBACK TypesLbFlag = 16
 )
 
 type TypesLbFrontend struct {
