@@ -6,6 +6,8 @@ import (
 	"regexp"
 
 	"github.com/sluicedp/sluice/internal/attach"
+	"github.com/sluicedp/sluice/internal/bpfobj"
+	"github.com/sluicedp/sluice/internal/core"
 )
 
 // DefaultBPFFS is where pins go unless Config.BPFFS says otherwise.
@@ -32,7 +34,9 @@ type Config struct {
 	Node Node
 	// MustExist makes Open fail with ErrNotFound, instead of creating the
 	// datapath, when none is pinned under this name: for tools that only
-	// inspect.
+	// inspect. With no NetNS either, Open is not held to the datapath's
+	// namespace, and so neither reconciles nor upgrades programs: the
+	// calling thread may be in another namespace.
 	MustExist bool
 	// Events configures drop and trace events. Nil keeps the settings of a
 	// datapath that is re-opened and applies DefaultEventConfig to a new one.
@@ -50,20 +54,48 @@ type Config struct {
 }
 
 // Limits are the capacities of a datapath's maps, fixed when it is first
-// opened. A full map refuses what does not fit with ErrMapFull.
+// opened: every map that holds objects is sized from them. A full map
+// refuses what does not fit with ErrMapFull, and the change is not made.
+// The defaults (DefaultLimits) allow 16,384 endpoints, each with a policy
+// of 16 entries, 16,384 CIDR identities, and 16,384 services with 131,072
+// backends together, up to 1,023 of them Maglev services with the default
+// table (and so room to change any of them). Maps that are not
+// preallocated (most of them: those that hold objects) take memory as
+// they fill, beyond an index of 16 bytes for each entry they may hold
+// rounded up to a power of two; Conntrack and the maps sized from it are
+// allocated whole, and so are the backends' per-CPU counters. With the
+// defaults an empty datapath takes about 60 MiB of kernel memory and 3 MiB
+// more per CPU (see Capacity in docs/architecture.md).
 type Limits struct {
-	// Endpoints is how many local endpoints the datapath holds: 1 to
-	// 65535, DefaultEndpoints when 0.
+	// Endpoints is how many local endpoints the datapath holds, each with
+	// a policy or not: 1 to 65535, DefaultEndpoints when 0.
 	Endpoints int
-	// IPCache is how many prefixes the ipcache holds (the addresses of
-	// local endpoints among them): 2 to 1<<24, DefaultIPCache when 0.
+	// IPCache is how many prefixes the ipcache holds: the addresses of
+	// local endpoints (one for each address family an endpoint has), CIDR
+	// identities, identities assigned to prefixes. 2 to 1<<24,
+	// DefaultIPCache when 0.
 	IPCache int
 	// Conntrack is how many flows the datapath tracks at once (each
 	// connection between two local endpoints takes two): 1024 to 1<<24,
 	// DefaultConntrack when 0. Its map is allocated whole when the
-	// datapath is made, about 150 bytes a flow. When it is full the least
-	// recently used flow makes room.
+	// datapath is made, about 150 bytes a flow; so are the maps sized from
+	// it: service affinities and socket translations (a quarter as many,
+	// at least 1024 each) and fragmented datagrams in flight (a sixteenth,
+	// at least 1024). When one is full the least recently used entry
+	// makes room.
 	Conntrack int
+	// PolicyEntries is how many map entries the policies of all endpoints
+	// compile to together (policy.Compile; a rule takes one for each peer
+	// identity, protocol and aligned block of its port range): 1 to 1<<24,
+	// DefaultPolicyEntries when 0. An Apply writes the endpoint's new
+	// entries before its old ones go, so it needs room for those it adds.
+	// The per-rule counters have as much room.
+	PolicyEntries int
+	// CIDRIdentities is how many CIDR prefixes the policies of all
+	// endpoints may name together: each takes an identity, recorded in
+	// the ledger, which keeps room for this many (and an ipcache entry,
+	// counted in IPCache). 1 to 1<<20, DefaultCIDRIdentities when 0.
+	CIDRIdentities int
 	// Services is how many service frontends the datapath holds: 1 to
 	// 65535, DefaultServices when 0.
 	Services int
@@ -72,26 +104,54 @@ type Limits struct {
 	Backends int
 	// ServiceSlots is how many selection slots all services have
 	// together, kept in blocks of 16: a random service takes about as many
-	// as it has active backends (more with unequal weights), a Maglev one
-	// its table size, each rounded up to 16. 1024 to 1<<26,
-	// DefaultServiceSlots when 0. Entries are allocated as they are used.
+	// as it has backends that take new flows (more with unequal weights),
+	// a Maglev one its table size (16,381, 1,024 blocks, by default), each
+	// rounded up to 16. A change writes the service's new table beside the
+	// old one, so changing a service needs room for its table once more.
+	// ServiceSlots/16,384 Maglev services of the default size fit, one
+	// fewer with room to change them. 1024 to 1<<26, DefaultServiceSlots
+	// when 0.
 	ServiceSlots int
 }
 
 // Default capacities.
 const (
-	DefaultEndpoints = 16384
-	DefaultIPCache   = 65536
-	DefaultConntrack = 131072
+	DefaultEndpoints      = 16384
+	DefaultIPCache        = 65536
+	DefaultConntrack      = 131072
+	DefaultPolicyEntries  = 262144
+	DefaultCIDRIdentities = 16384
 
 	DefaultServices     = 16384
 	DefaultBackends     = 131072
-	DefaultServiceSlots = 1 << 20
+	DefaultServiceSlots = 1 << 24 // 1,024 Maglev tables of 16,381 slots
 )
 
-// ledgerSpare is room in the ledger beyond one record per endpoint: the
-// datapath's own and those of later object kinds.
+// DefaultLimits returns the limits a datapath gets when Config.Limits is
+// zero.
+func DefaultLimits() Limits { return Limits{}.withDefaults() }
+
+// ledgerSpare is room in the ledger beyond the records the limits allow:
+// the datapath's own record, an object's record written before the map
+// that refuses it, and the records of later object kinds. Limits derives
+// CIDRIdentities from the ledger's size with it.
 const ledgerSpare = 1024
+
+// Room in the ledger's blobs (chunks of ledgerBlobChunk bytes): a policy
+// takes about 20 to 40 bytes of encoding per entry (policyBlobBytes
+// covers that, twice, for the next policy an Apply writes beside the live
+// one), a service with more backends than fit its record about 100 per
+// backend (serviceBlobBytes); each takes at least one chunk.
+const (
+	policyBlobBytes  = 2 * 40
+	serviceBlobBytes = 128
+	blobSpare        = 64
+)
+
+var ledgerBlobChunk = len(bpfobj.TypesLedgerBlob{}.Data)
+
+// slotBlock is how many selection slots an lb_slots entry holds.
+var slotBlock = len(bpfobj.TypesLbSlotBlock{}.Backend)
 
 func (l Limits) withDefaults() Limits {
 	if l.Endpoints == 0 {
@@ -102,6 +162,12 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.Conntrack == 0 {
 		l.Conntrack = DefaultConntrack
+	}
+	if l.PolicyEntries == 0 {
+		l.PolicyEntries = DefaultPolicyEntries
+	}
+	if l.CIDRIdentities == 0 {
+		l.CIDRIdentities = DefaultCIDRIdentities
 	}
 	if l.Services == 0 {
 		l.Services = DefaultServices
@@ -125,6 +191,12 @@ func (l Limits) validate() error {
 	if l.Conntrack != 0 && (l.Conntrack < 1024 || l.Conntrack > 1<<24) {
 		return fmt.Errorf("limit of %d tracked flows: want 1024 to %d: %w", l.Conntrack, 1<<24, ErrInvalid)
 	}
+	if l.PolicyEntries < 0 || l.PolicyEntries > 1<<24 {
+		return fmt.Errorf("limit of %d policy entries: want 1 to %d: %w", l.PolicyEntries, 1<<24, ErrInvalid)
+	}
+	if l.CIDRIdentities < 0 || l.CIDRIdentities > 1<<20 {
+		return fmt.Errorf("limit of %d CIDR identities: want 1 to %d: %w", l.CIDRIdentities, 1<<20, ErrInvalid)
+	}
 	if l.Services < 0 || l.Services > 65535 {
 		return fmt.Errorf("limit of %d services: want 1 to 65535: %w", l.Services, ErrInvalid)
 	}
@@ -136,6 +208,66 @@ func (l Limits) validate() error {
 	}
 	return nil
 }
+
+// ledgerRoom is how many records the ledger holds for limits (with their
+// defaults) but the CIDR identities: an endpoint's and its policy's, a
+// service's and the one all services share, and the spare.
+func (l Limits) ledgerRoom() int {
+	return 2*l.Endpoints + l.Services + 1 + ledgerSpare
+}
+
+// mapSizes returns the size of each map that limits (with their defaults)
+// size; the event ring is sized elsewhere (ringBytes), and the maps not
+// named here keep the size bpf/ gives them (one entry, or one per drop
+// reason).
+func (l Limits) mapSizes() map[string]uint32 {
+	chunks := func(bytes int) int { return (bytes + ledgerBlobChunk - 1) / ledgerBlobChunk }
+	blobs := l.Endpoints + chunks(l.PolicyEntries*policyBlobBytes) +
+		l.Services + chunks(l.Backends*serviceBlobBytes) + blobSpare
+	return map[string]uint32{
+		bpfobj.EndpointMapEndpoints:      uint32(l.Endpoints),
+		bpfobj.EndpointMapEpCounters:     uint32(l.Endpoints),
+		bpfobj.EndpointMapIpcache:        uint32(l.IPCache),
+		bpfobj.EndpointMapConntrack:      uint32(l.Conntrack),
+		bpfobj.EndpointMapFragments:      uint32(max(l.Conntrack/16, 1024)),
+		bpfobj.EndpointMapPolicy:         uint32(l.PolicyEntries),
+		bpfobj.EndpointMapPolicyCounters: uint32(l.PolicyEntries),
+		bpfobj.EndpointMapPolicyMeta:     uint32(2 * l.Endpoints), // one per endpoint and direction
+		bpfobj.EndpointMapLedger:         uint32(l.ledgerRoom() + l.CIDRIdentities),
+		bpfobj.EndpointMapLedgerBlobs:    uint32(blobs),
+		bpfobj.EndpointMapLbFrontends:    uint32(l.Services),
+		bpfobj.EndpointMapLbRevnat:       uint32(l.Services),
+		bpfobj.EndpointMapLbBackends:     uint32(l.Backends),
+		bpfobj.EndpointMapLbCounters:     uint32(l.Backends),
+		bpfobj.EndpointMapLbSlots:        uint32(l.ServiceSlots / slotBlock),
+		bpfobj.EndpointMapLbAffinity:     uint32(max(l.Conntrack/4, 1024)),
+		bpfobj.EndpointMapLbSockRevnat:   uint32(max(l.Conntrack/4, 1024)),
+	}
+}
+
+// limitsOf returns the limits a datapath's maps were sized for, from
+// their sizes.
+func limitsOf(st *core.State) Limits {
+	o := &st.Objs
+	l := Limits{
+		Endpoints:     int(o.Endpoints.MaxEntries()),
+		IPCache:       int(o.Ipcache.MaxEntries()),
+		Conntrack:     int(o.Conntrack.MaxEntries()),
+		PolicyEntries: int(o.Policy.MaxEntries()),
+		Services:      int(o.LbFrontends.MaxEntries()),
+		Backends:      int(o.LbBackends.MaxEntries()),
+		ServiceSlots:  int(o.LbSlots.MaxEntries()) * slotBlock,
+	}
+	// A datapath made before CIDR identities had a limit has no room of
+	// its own for them.
+	l.CIDRIdentities = max(int(o.Ledger.MaxEntries())-l.ledgerRoom(), 0)
+	return l
+}
+
+// Limits returns the capacities of the datapath's maps: those the Limits
+// of its first Open gave them, with the defaults filled in. It works on a
+// read-only handle, and on a closed one.
+func (dp *Datapath) Limits() Limits { return limitsOf(dp.st) }
 
 // AttachMode says how tc programs are attached.
 type AttachMode int

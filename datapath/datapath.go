@@ -10,7 +10,6 @@ package datapath
 
 import (
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -29,7 +28,6 @@ import (
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/ledger"
-	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
 // LayoutVersion is the version of the pinned maps' layout this build reads
@@ -51,10 +49,30 @@ func init() {
 }
 
 // Open loads the datapath named cfg.Name into cfg.NetNS, or re-opens it when
-// its pins exist already, keeping all its state. It returns ErrInvalid for a
-// bad Config, ErrNotFound when the namespace does not exist, and
-// ErrIncompatible when the pins were written with another LayoutVersion.
-// Requires root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN to mount bpffs).
+// its pins exist already, keeping all its state, and finishes what a
+// process killed half-way through a change left (see Reconcile). Requires
+// root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN to mount bpffs).
+//
+// It checks every pin before it loads anything, and a failed Open changes
+// nothing of a datapath that runs: it removes only the pins it made
+// itself. Its error wraps one of these, with the kernel's errno beside
+// it where there is one:
+//
+//   - ErrInvalid: a bad Config; a re-open in another namespace or with
+//     other pod CIDRs than the first Open's; an event rate the pinned
+//     ring cannot hold; a BPFFS directory that is neither a BPF
+//     filesystem nor empty; Limits the kernel has no memory for (ENOMEM).
+//   - ErrNotFound: the namespace does not exist; MustExist and no
+//     datapath is pinned under the name.
+//   - ErrIncompatible: pins this build must not read: a stamp of another
+//     LayoutVersion; a pin with the name of one of the maps that is not
+//     that map (a directory, a program, a map of another type, key, value
+//     or flags); a map missing from a datapath that has state; a ledger
+//     record that cannot be read (the error names it). UnloadPinned
+//     removes such a datapath.
+//   - ErrNotSupported: the kernel lacks what Config.Cgroup needs.
+//   - os.ErrPermission: missing privileges.
+//   - ctx.Err(): ctx ended while Open waited for another process's lock.
 func Open(ctx context.Context, cfg Config) (*Datapath, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
@@ -102,11 +120,11 @@ func OpenReadOnly(ctx context.Context, cfg Config) (*Datapath, error) {
 		cfg.BPFFS = DefaultBPFFS
 	}
 	dir := filepath.Join(cfg.BPFFS, cfg.Name)
-	fresh, err := checkLayout(dir)
+	version, err := checkLayout(dir)
 	if err != nil {
 		return nil, fmt.Errorf("open datapath %s: %w", cfg.Name, err)
 	}
-	if fresh {
+	if version == 0 {
 		return nil, fmt.Errorf("open datapath %s: no datapath pinned in %s: %w", cfg.Name, dir, ErrNotFound)
 	}
 	spec, err := bpfobj.LoadEndpoint()
@@ -191,13 +209,12 @@ func load(ctx context.Context, cfg Config, ns netns.NsHandle) (*Datapath, error)
 	if err != nil {
 		return nil, err
 	}
-	fresh, err := checkLayout(dir)
-	if err == nil && !fresh {
-		err = checkPins(dir, before)
-	}
+	// Everything is checked before anything is loaded: a refused Open
+	// changes nothing.
 	var dp *Datapath
+	f, err := inspect(dir, before, cfg)
 	if err == nil {
-		dp, err = loadPinned(cfg, ns, dir, fresh)
+		dp, err = loadPinned(cfg, ns, dir, f)
 	}
 	if err != nil {
 		// Remove what this Open made, and nothing else: the pins of a
@@ -220,22 +237,6 @@ func pins(dir string) (map[string]bool, error) {
 	return out, nil
 }
 
-// checkPins fails with ErrIncompatible when a datapath's pins lack a map
-// this build has: loading would make a new, empty one, and the state the
-// missing one held (endpoints, records) would silently be gone.
-func checkPins(dir string, have map[string]bool) error {
-	spec, err := bpfobj.LoadEndpoint()
-	if err != nil {
-		return err
-	}
-	for name := range spec.Maps {
-		if !have[name] {
-			return fmt.Errorf("%w: the datapath in %s has no %s map", ErrIncompatible, dir, name)
-		}
-	}
-	return nil
-}
-
 // removeNew removes the pins of dir that are not in before, and dir itself
 // when this Open made it.
 func removeNew(dir string, before map[string]bool, madeDir bool) error {
@@ -255,29 +256,22 @@ func removeNew(dir string, before map[string]bool, madeDir bool) error {
 	return errors.Join(errs...)
 }
 
-// loadPinned loads the objects with their maps pinned in dir and stamps the
-// layout version.
-func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapath, error) {
-	spec, err := bpfobj.LoadEndpoint()
-	if err != nil {
-		return nil, err
-	}
-	events := cfg.Events
-	if events == nil && fresh {
-		def := DefaultEventConfig()
-		events = &def
-	}
-	if err := sizeMaps(spec, dir, cfg.Limits, events); err != nil {
-		return nil, err
-	}
+// loadPinned loads the objects with their maps pinned in dir, as inspect
+// found them, and stamps the layout version.
+func loadPinned(cfg Config, ns netns.NsHandle, dir string, f *found) (*Datapath, error) {
+	spec, events := f.spec, f.events
 	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: attach.Mode(cfg.TCAttach), PodCIDRs: slices.Clone(cfg.Node.PodCIDRs)}
 	// Maps only: each hook family's programs are loaded when first needed
 	// (core.State.Programs), so a program this kernel refuses fails only
 	// the calls that need it.
-	err = spec.LoadAndAssign(&st.Objs.EndpointMaps, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
+	err := spec.LoadAndAssign(&st.Objs.EndpointMaps, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if errors.Is(err, ebpf.ErrMapIncompatible) || errors.Is(err, unix.EINVAL) {
-		// EINVAL: a pin of the right name that is not a map.
+		// EINVAL: a pin of the right name that is not a map. (inspect
+		// refuses both first, unless a pin changed since.)
 		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
+	}
+	if errors.Is(err, unix.ENOMEM) {
+		return nil, fmt.Errorf("%w: the kernel has no memory for maps of these Limits: %w", ErrInvalid, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("load objects: %w", err)
@@ -285,14 +279,23 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 	if info, err := st.Objs.Layout.Info(); err == nil {
 		st.LayoutID, _ = info.ID()
 	}
+	st.CIDRIdentities = limitsOf(st).CIDRIdentities
 	dp := &Datapath{st: st}
 	if err := dp.checkNode(cfg); err != nil {
 		st.Objs.Close()
 		return nil, err
 	}
-	if _, err := reconcile(st); err != nil {
-		st.Objs.Close()
-		return nil, err
+	// A tool that only inspects (MustExist, no NetNS: the CLI) may be in
+	// another namespace: it repairs nothing and attaches nothing there.
+	if inspecting := cfg.MustExist && cfg.NetNS == ""; !inspecting {
+		if _, err := reconcile(st); err != nil {
+			st.Objs.Close()
+			return nil, err
+		}
+		if err := upgrade(st); err != nil {
+			st.Objs.Close()
+			return nil, err
+		}
 	}
 	stamp := bpfobj.TypesLayoutStamp{Version: LayoutVersion}
 	if err := st.Objs.Layout.Put(uint32(0), &stamp); err != nil {
@@ -300,10 +303,6 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 		return nil, fmt.Errorf("stamp layout version: %w", err)
 	}
 	if events != nil {
-		if err := events.validate(); err != nil {
-			st.Objs.Close()
-			return nil, err
-		}
 		if err := dp.setEventConfig(*events); err != nil {
 			st.Objs.Close()
 			return nil, err
@@ -318,74 +317,19 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, fresh bool) (*Datapat
 	return dp, nil
 }
 
-// sizeMaps sets the sizes of the maps: a pinned map keeps its size (a
-// re-open cannot resize it), a new one takes it from limits, and the event
-// ring is sized for the event config (see ringBytes).
-func sizeMaps(spec *ebpf.CollectionSpec, dir string, limits Limits, events *EventConfig) error {
-	limits = limits.withDefaults()
-	ev := DefaultEventConfig()
-	if events != nil {
-		ev = *events
-	}
-	want := map[string]uint32{
-		bpfobj.EndpointMapEndpoints:    uint32(limits.Endpoints),
-		bpfobj.EndpointMapEpCounters:   uint32(limits.Endpoints),
-		bpfobj.EndpointMapIpcache:      uint32(limits.IPCache),
-		bpfobj.EndpointMapLedger:       uint32(limits.Endpoints+limits.Services) + ledgerSpare,
-		bpfobj.EndpointMapConntrack:    uint32(limits.Conntrack),
-		bpfobj.EndpointMapLbFrontends:  uint32(limits.Services),
-		bpfobj.EndpointMapLbRevnat:     uint32(limits.Services),
-		bpfobj.EndpointMapLbBackends:   uint32(limits.Backends),
-		bpfobj.EndpointMapLbCounters:   uint32(limits.Backends),
-		bpfobj.EndpointMapLbSlots:      uint32(limits.ServiceSlots / len(bpfobj.TypesLbSlotBlock{}.Backend)),
-		bpfobj.EndpointMapLbAffinity:   uint32(max(limits.Conntrack/4, 1024)),
-		bpfobj.EndpointMapLbSockRevnat: uint32(max(limits.Conntrack/4, 1024)),
-		bpfobj.EndpointMapEvents:       uint32(ringBytes(ev, cpus())),
-	}
-	for name, size := range want {
-		m := spec.Maps[name]
-		pinned, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), &ebpf.LoadPinOptions{ReadOnly: true})
-		switch {
-		case err == nil:
-			m.MaxEntries = pinned.MaxEntries()
-			pinned.Close()
-		case errors.Is(err, os.ErrNotExist):
-			m.MaxEntries = size
-		default:
-			return fmt.Errorf("%w: load pinned %s: %w", ErrIncompatible, name, err)
-		}
-	}
-	return nil
-}
-
-// checkLayout reports whether dir holds no datapath yet, and fails with
-// ErrIncompatible when it holds one of another layout version.
-func checkLayout(dir string) (fresh bool, err error) {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, "layout"), &ebpf.LoadPinOptions{ReadOnly: true})
-	if errors.Is(err, os.ErrNotExist) {
-		return true, nil
-	}
+// checkLayout returns the layout version dir's pins are stamped with: 0
+// when there is no stamp (no datapath, or one whose first Open did not
+// finish). It fails with ErrIncompatible when the stamp is of another
+// layout version, or cannot be read.
+func checkLayout(dir string) (version uint32, err error) {
+	version, err = readStamp(dir)
 	if err != nil {
-		return false, fmt.Errorf("%w: read layout stamp: %w", ErrIncompatible, err)
+		return 0, err
 	}
-	defer m.Close()
-	// The version is the stamp's first field in every layout, so a stamp of
-	// any layout can be read this way.
-	raw := make([]byte, m.ValueSize())
-	if err := m.Lookup(uint32(0), raw); err != nil {
-		return false, fmt.Errorf("%w: read layout stamp: %w", ErrIncompatible, err)
+	if version != 0 && version != LayoutVersion {
+		return 0, fmt.Errorf("%w: pins in %s have layout version %d, this build has %d", ErrIncompatible, dir, version, LayoutVersion)
 	}
-	if len(raw) < 4 {
-		return false, fmt.Errorf("%w: a layout stamp of %d bytes", ErrIncompatible, len(raw))
-	}
-	version := binary.NativeEndian.Uint32(raw)
-	if version == 0 {
-		return true, nil // an Open that failed before stamping it
-	}
-	if version != LayoutVersion {
-		return false, fmt.Errorf("%w: pins in %s have layout version %d, this build has %d", ErrIncompatible, dir, version, LayoutVersion)
-	}
-	return false, nil
+	return version, nil
 }
 
 // Name returns the datapath's name.
@@ -416,13 +360,17 @@ func (dp *Datapath) stopReader() {
 	}
 }
 
-// Unload tears the datapath down: it undoes every object its ledger
-// records (an endpoint's veth pair, the namespace Create made for it),
-// detaches every program it attached, removes every pin and closes the
-// handles. It holds the datapath's lock throughout, so a Create in this or
-// another process waits and then fails. It goes on past errors and returns
-// all of them. Unloading a closed Datapath fails with an error matching
-// os.ErrClosed and changes nothing: open it again to unload it.
+// Unload tears the datapath down: it undoes what every object its ledger
+// records made outside the pins (an endpoint's veth pair, the namespace
+// Create made for it), detaches every program it attached, removes every
+// pin and closes the handles. It holds the datapath's lock throughout, so
+// a Create in this or another process waits and then fails. It goes on
+// past errors and returns all of them; a ledger record it cannot read
+// does not stop it either: what such a record of an endpoint made may be
+// left, and the error (matching ErrIncompatible) names it. Unloading a
+// closed Datapath fails with an error matching os.ErrClosed and changes
+// nothing: open it again to unload it, or, where Open refuses the
+// datapath, use UnloadPinned.
 func (dp *Datapath) Unload() error {
 	dp.stopReader()
 	st := dp.st
@@ -435,30 +383,18 @@ func (dp *Datapath) Unload() error {
 			dp.mu.Unlock()
 		}
 	}()
-	return st.Unload(func() error {
-		var errs []error
-		for _, kind := range []ledger.Kind{ledger.KindEndpoint} {
-			recs, err := ledger.List(st.Objs.Ledger, kind)
-			errs = append(errs, err)
-			for _, r := range recs {
-				errs = append(errs, st.Undo(r))
-			}
-		}
-		errs = append(errs,
-			attach.DetachAll(st.LinksDir()),
-			nsrun.Do(st.NS, func() error { return attach.RemoveLegacy(st.LegacyPrefix()) }),
-		)
-		if err := os.RemoveAll(st.Dir); err != nil {
-			errs = append(errs, fmt.Errorf("remove pins: %w", err))
-		}
-		return errors.Join(errs...)
-	})
+	return st.Unload(func() error { return teardown(st) })
 }
 
 // Reconcile finishes what a process killed half-way through a change left
-// behind: an object the ledger records as being created or deleted is
+// behind. An endpoint the ledger records as being created or deleted is
 // undone whole (its devices, namespace, attachments and map entries
-// removed). Open does the same. It returns how many objects it undid.
+// removed). A change of a policy or a service is finished, or taken back
+// where it cannot be: each is exactly its old version or its new one
+// after. That takes the object's package in the program: in one without
+// it, a half-changed policy is left as it is (undoing it would allow what
+// it denies) and a half-changed service is removed. Open does the same.
+// It returns how many objects it repaired.
 func (dp *Datapath) Reconcile(ctx context.Context) (int, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
@@ -471,30 +407,124 @@ func (dp *Datapath) Reconcile(ctx context.Context) (int, error) {
 	return reconcile(dp.st)
 }
 
-// reconcile undoes every record that is not Ready; call it with the lock.
+// reconcileOrder is the order kinds are repaired in: an endpoint undone
+// takes its policy with it, a policy finished gives and takes CIDR
+// identities.
+var reconcileOrder = []ledger.Kind{ledger.KindEndpoint, ledger.KindPolicy, ledger.KindCIDR, ledger.KindService}
+
+// reconcile repairs every kind; call it with the lock.
 func reconcile(st *core.State) (int, error) {
 	n := 0
-	for _, kind := range []ledger.Kind{ledger.KindEndpoint, ledger.KindService} {
-		recs, err := ledger.List(st.Objs.Ledger, kind)
+	for _, kind := range reconcileOrder {
+		var k int
+		var err error
+		if repair := core.RepairOf(kind); repair != nil {
+			k, err = repair(st)
+		} else if kind == ledger.KindEndpoint || kind == ledger.KindService {
+			k, err = undoUnready(st, kind)
+		}
+		n += k
 		if err != nil {
 			return n, fmt.Errorf("reconcile: %w", err)
 		}
-		for _, r := range recs {
-			if r.State == ledger.Ready {
-				continue
-			}
-			if err := st.Undo(r); err != nil {
-				return n, fmt.Errorf("reconcile: %w", err)
-			}
-			if kind == ledger.KindService {
-				// The services' shared record goes too: every handle's
-				// memo of the set is stale.
-				if err := ledger.Delete(st.Objs.Ledger, ledger.KindService, 0); err != nil {
-					return n, fmt.Errorf("reconcile: %w", err)
-				}
-			}
-			n++
-		}
 	}
 	return n, nil
+}
+
+// undoUnready undoes every record of a kind that is not Ready.
+func undoUnready(st *core.State, kind ledger.Kind) (int, error) {
+	recs, err := ledger.List(st.Objs.Ledger, kind)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, r := range recs {
+		if r.State == ledger.Ready {
+			continue
+		}
+		if err := st.Undo(r); err != nil {
+			return n, err
+		}
+		if kind == ledger.KindService {
+			// The services' shared record goes too: every handle's
+			// memo of the set is stale.
+			if err := ledger.Delete(st.Objs.Ledger, ledger.KindService, 0); err != nil {
+				return n, err
+			}
+		}
+		n++
+	}
+	return n, nil
+}
+
+// Drift is a difference between the maps and what the ledger says they
+// hold, found by Verify.
+type Drift struct {
+	// Object is what it concerns: "endpoint 3", "policy of endpoint 3",
+	// "service 198.18.0.10:80/TCP", or, for an entry no object made, its
+	// map.
+	Object string
+	What   string
+	// Repaired says Verify mended it.
+	Repaired bool
+}
+
+func (d Drift) String() string {
+	s := d.Object + ": " + d.What
+	if d.Repaired {
+		s += " (repaired)"
+	}
+	return s
+}
+
+// verifyOrder is the order kinds are checked and repaired in.
+var verifyOrder = []ledger.Kind{ledger.KindEndpoint, ledger.KindPolicy, ledger.KindCIDR, ledger.KindService}
+
+// Verify reads the maps back and compares them with the ledger, for every
+// object kind whose package this program has: each endpoint's entries,
+// each policy's entries as it resolves now, each CIDR identity, each
+// service's frontend, backends and table, and entries no object made
+// (after a writer was killed, a map was edited by hand, or a bug). It
+// returns each difference. With repair it first finishes what killed
+// writers left (as Reconcile does) and then mends each difference: the
+// record decides, and entries no object made are deleted. Without repair
+// it changes nothing and shares the lock with other readers; a read-only
+// handle can verify but not repair.
+func (dp *Datapath) Verify(ctx context.Context, repair bool) ([]Drift, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	lock := dp.st.ReadLock
+	if repair {
+		lock = dp.st.Lock
+	}
+	unlock, err := lock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	var out []Drift
+	if repair {
+		n, err := reconcile(dp.st)
+		if n > 0 {
+			out = append(out, Drift{Object: "ledger", What: fmt.Sprintf("%d objects were left half-changed by killed writers", n), Repaired: err == nil})
+		}
+		if err != nil {
+			return out, err
+		}
+	}
+	for _, kind := range verifyOrder {
+		check := core.CheckOf(kind)
+		if check == nil {
+			continue
+		}
+		drift, err := check(dp.st, repair)
+		for _, d := range drift {
+			out = append(out, Drift(d))
+		}
+		if err != nil {
+			return out, fmt.Errorf("verify: %w", err)
+		}
+	}
+	return out, nil
 }

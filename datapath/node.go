@@ -21,6 +21,8 @@ type nodeRecord struct {
 	NetNSDev uint64         `json:"netns_dev"`
 	NetNSIno uint64         `json:"netns_ino"`
 	PodCIDRs []netip.Prefix `json:"pod_cidrs"`
+	// Programs is the build whose programs are attached (bpfobj.Build).
+	Programs string `json:"programs,omitempty"`
 }
 
 const nodeRecordVersion = 1

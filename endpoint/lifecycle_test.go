@@ -27,7 +27,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	testutil.Main(m, map[string]func(string) int{"churn": churn})
+	testutil.Main(m, map[string]func(string) int{"churn": churn, "opcrash": opCrash})
 }
 
 // churnIDs are the endpoints the child makes and takes apart.

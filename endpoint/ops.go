@@ -26,6 +26,7 @@ import (
 	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
+	"github.com/sluicedp/sluice/internal/txn"
 )
 
 // Create provisions an endpoint and connects it to the datapath:
@@ -131,7 +132,8 @@ func intent(ep *Endpoint) *ledger.Record {
 		// must not inherit them.
 		{Map: "conntrack", InValue: true, Offset: int(unsafe.Offsetof(bpfobj.TypesCtEntry{}.Endpoint)), Size: 2, Value: id},
 	}
-	rec.Made.Records = []ledger.Ref{{Kind: ledger.KindPolicy, ID: id}}
+	// Both slots of its policy's blob (see package policy).
+	rec.Made.Records = []ledger.Ref{{Kind: ledger.KindPolicy, ID: id}, {Kind: ledger.KindPolicy, ID: id | 1<<16}}
 	if ep.OwnsNetNS {
 		rec.Made.NetNS = ep.NetNS
 	}
@@ -139,79 +141,95 @@ func intent(ep *Endpoint) *ledger.Record {
 }
 
 // connect makes the endpoint's devices, attaches the program and registers
-// it, recording each step in the ledger first; when a step fails it undoes
-// what the steps before made. A process killed half-way leaves a record
-// that Open, Reconcile or the next Create with this ID undoes.
-func connect(st *core.State, ep *Endpoint) (err error) {
+// it, as one transaction (internal/txn): the record first, as Creating,
+// naming all it will make, whose undo takes apart whatever the later
+// phases made. A process killed half-way leaves a record that Open,
+// Reconcile or the next Create with this ID undoes.
+func connect(st *core.State, ep *Endpoint) error {
 	ep.OwnsNetNS = !ep.Adopted() && !strings.ContainsRune(ep.NetNS, '/') && !namedNetNSExists(ep.NetNS)
 	rec := intent(ep)
-	if err := setObject(rec, ep); err != nil {
-		return err
-	}
-	if err := putRecord(st, rec); err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			if undoErr := st.Undo(rec); undoErr != nil {
-				err = fmt.Errorf("%w (and undoing: %w)", err, undoErr)
-			}
-		}
-	}()
-
-	if ep.Adopted() {
-		err = adopt(st, ep)
-	} else {
-		err = provision(st, ep)
-	}
-	if err != nil {
-		return err
-	}
-	rec.Made.Device.Ifindex = ep.HostIfindex
-	rec.Made.Entries = entries(ep)
-	if err := setObject(rec, ep); err != nil {
-		return err
-	}
-	if err := putRecord(st, rec); err != nil {
-		return err
-	}
-
-	// The program first: until the endpoint is registered below it drops
-	// whatever the workload sends (UNKNOWN_ENDPOINT), and the host end is
-	// still down unless the caller adopted it up.
-	progs, err := st.EndpointPrograms()
-	if err != nil {
-		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
-	}
-	if err := st.AttachTC(ep.HostIfindex, attach.Ingress, progs.FromEndpoint, linkKey(ep.ID)); err != nil {
-		return fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
-	}
-	if err := st.AttachTC(ep.HostIfindex, attach.Egress, progs.FromHost, egressKey(ep.ID)); err != nil {
-		return fmt.Errorf("endpoint %d: attach from-host to %s: %w", ep.ID, ep.HostIfName, err)
-	}
-	if err := register(st, ep); err != nil {
-		return err
-	}
-	if err := netdev.SetUp(st.NS, ep.HostIfName); err != nil {
-		return fmt.Errorf("endpoint %d: %w", ep.ID, err)
-	}
-	// The node reaches the endpoint through its host end; the routes go
-	// with the device.
-	for _, a := range addrs(ep) {
-		if err := netdev.HostRoute(st.NS, ep.HostIfName, a); err != nil {
-			return fmt.Errorf("endpoint %d: %w", ep.ID, err)
-		}
-	}
-	if !ep.Adopted() { // an adopted pair's far end is the caller's to set up
-		if err := waitRunning(st, ep); err != nil {
-			return err
-		}
-	}
-	if err := setReady(st, ep, true); err != nil {
-		return err
-	}
-	rec.State = ledger.Ready
-	return putRecord(st, rec)
+	return txn.Run("endpoint",
+		txn.Phase{
+			Name: "intent",
+			Do: func() error {
+				if err := setObject(rec, ep); err != nil {
+					return err
+				}
+				return putRecord(st, rec)
+			},
+			Undo: func() error { return st.Undo(rec) },
+		},
+		txn.Phase{
+			Name: "devices",
+			Do: func() error {
+				if ep.Adopted() {
+					return adopt(st, ep)
+				}
+				return provision(st, ep)
+			},
+		},
+		txn.Phase{
+			Name: "record",
+			Do: func() error {
+				rec.Made.Device.Ifindex = ep.HostIfindex
+				rec.Made.Entries = entries(ep)
+				if err := setObject(rec, ep); err != nil {
+					return err
+				}
+				return putRecord(st, rec)
+			},
+		},
+		txn.Phase{
+			Name: "attach",
+			// The program first: until the endpoint is registered
+			// below it drops whatever the workload sends
+			// (UNKNOWN_ENDPOINT), and the host end is still down unless
+			// the caller adopted it up.
+			Do: func() error {
+				progs, err := st.EndpointPrograms()
+				if err != nil {
+					return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+				}
+				if err := st.AttachTC(ep.HostIfindex, attach.Ingress, progs.FromEndpoint, linkKey(ep.ID)); err != nil {
+					return fmt.Errorf("endpoint %d: attach from-endpoint to %s: %w", ep.ID, ep.HostIfName, err)
+				}
+				if err := st.AttachTC(ep.HostIfindex, attach.Egress, progs.FromHost, egressKey(ep.ID)); err != nil {
+					return fmt.Errorf("endpoint %d: attach from-host to %s: %w", ep.ID, ep.HostIfName, err)
+				}
+				return nil
+			},
+		},
+		txn.Phase{Name: "register", Do: func() error { return register(st, ep) }},
+		txn.Phase{
+			Name: "up",
+			Do: func() error {
+				if err := netdev.SetUp(st.NS, ep.HostIfName); err != nil {
+					return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+				}
+				// The node reaches the endpoint through its host end;
+				// the routes go with the device.
+				for _, a := range addrs(ep) {
+					if err := netdev.HostRoute(st.NS, ep.HostIfName, a); err != nil {
+						return fmt.Errorf("endpoint %d: %w", ep.ID, err)
+					}
+				}
+				if !ep.Adopted() { // an adopted pair's far end is the caller's to set up
+					return waitRunning(st, ep)
+				}
+				return nil
+			},
+		},
+		txn.Phase{
+			Name: "ready",
+			Do: func() error {
+				if err := setReady(st, ep, true); err != nil {
+					return err
+				}
+				rec.State = ledger.Ready
+				return putRecord(st, rec)
+			},
+		},
+	)
 }
 
 // namedNetNSExists reports whether /run/netns/name exists.
@@ -275,7 +293,10 @@ func egressKey(id uint16) string { return fmt.Sprintf("endpoint-%d-egress", id) 
 
 // links are an endpoint's attachments, as its ledger record names them.
 func links(id uint16) []ledger.Link {
-	return []ledger.Link{{Key: linkKey(id)}, {Key: egressKey(id), Egress: true}}
+	return []ledger.Link{
+		{Key: linkKey(id), Program: bpfobj.EndpointProgFromEndpoint},
+		{Key: egressKey(id), Egress: true, Program: bpfobj.EndpointProgFromHost},
+	}
 }
 
 // checkFree fails with ErrExists when the endpoint's ID, addresses or host
@@ -570,11 +591,24 @@ func Update(ctx context.Context, dp *datapath.Datapath, id uint16, c Changes) (*
 		}
 		return nil
 	}
-	if err := write(&next); err != nil {
-		return nil, errors.Join(fmt.Errorf("endpoint %d: update: %w", id, err), write(ep))
-	}
-	if err := putRecord(st, rec); err != nil {
-		return nil, errors.Join(fmt.Errorf("endpoint %d: update record: %w", id, err), write(ep))
+	// A process killed between the phases leaves the maps the new
+	// version and the record the old one: Reconcile writes the maps
+	// back (repairEndpoints).
+	err = txn.Run("endpoint update",
+		txn.Phase{
+			Name: "maps",
+			Do: func() error {
+				if err := write(&next); err != nil {
+					return fmt.Errorf("endpoint %d: update: %w", id, err)
+				}
+				return nil
+			},
+			Undo: func() error { return write(ep) },
+		},
+		txn.Phase{Name: "record", Do: func() error { return putRecord(st, rec) }},
+	)
+	if err != nil {
+		return nil, err
 	}
 	return &next, nil
 }
@@ -598,19 +632,35 @@ func Delete(ctx context.Context, dp *datapath.Datapath, id uint16) error {
 	if err != nil {
 		return err
 	}
-	if rec.State == ledger.Ready {
-		rec.State = ledger.Deleting
-		if err := putRecord(st, rec); err != nil {
-			return err
-		}
-		// Nothing is delivered to it from now on; then it comes apart.
-		if ep, err := decode(rec); err == nil {
-			if err := setReady(st, ep, false); err != nil {
-				return err
-			}
-		}
-	}
-	if err := st.Undo(rec); err != nil {
+	ep, decodeErr := decode(rec)
+	err = txn.Run("endpoint delete",
+		txn.Phase{
+			Name: "intent",
+			// From here the endpoint is being deleted: it is no longer
+			// listed, and what stops this Delete, Reconcile finishes.
+			Do: func() error {
+				if rec.State != ledger.Ready {
+					return nil
+				}
+				rec.State = ledger.Deleting
+				return putRecord(st, rec)
+			},
+		},
+		txn.Phase{
+			Name:  "stop",
+			After: true,
+			// Nothing is delivered to it from now on; then it comes
+			// apart.
+			Do: func() error {
+				if decodeErr != nil {
+					return nil
+				}
+				return setReady(st, ep, false)
+			},
+		},
+		txn.Phase{Name: "take apart", After: true, Do: func() error { return st.Undo(rec) }},
+	)
+	if err != nil {
 		return fmt.Errorf("endpoint %d: delete: %w", id, err)
 	}
 	return nil

@@ -3,17 +3,13 @@ package policy
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/binary"
-	"encoding/gob"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
-	"maps"
 	"net/netip"
 	"slices"
-	"unsafe"
 
 	"github.com/cilium/ebpf"
 
@@ -22,6 +18,7 @@ import (
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/ipcache"
 	"github.com/sluicedp/sluice/internal/ledger"
+	"github.com/sluicedp/sluice/internal/txn"
 )
 
 // Changes says what Apply or Delete changed in the datapath's maps.
@@ -30,16 +27,6 @@ type Changes struct {
 	Changed int // entries written over another value
 	Removed int // entries deleted
 }
-
-// record is an endpoint's policy as the ledger keeps it; the policy itself
-// is the record's blob (a policy of many rules does not fit a record).
-type record struct {
-	Version    int            `json:"version"`
-	Generation uint64         `json:"generation"`         // new at every Apply, never one used before (newGeneration)
-	Prefixes   []netip.Prefix `json:"prefixes,omitempty"` // the CIDR identities it holds
-}
-
-const recordVersion = 1
 
 // Apply makes p the policy of the endpoint with the given ID, replacing the
 // one it had, and returns how many map entries it wrote and deleted: only
@@ -104,6 +91,10 @@ func List(dp *datapath.Datapath) ([]uint16, error) {
 	}
 	var out []uint16
 	for _, r := range recs {
+		var rec record
+		if json.Unmarshal(r.Object, &rec) == nil && rec.NoLive {
+			continue // its first Apply is under way
+		}
 		out = append(out, uint16(r.ID))
 	}
 	slices.Sort(out)
@@ -111,10 +102,14 @@ func List(dp *datapath.Datapath) ([]uint16, error) {
 }
 
 func get(st *core.State, endpoint uint16) (Policy, error) {
-	doc, err := ledger.GetBlob(st.Objs.LedgerBlobs, ledger.KindPolicy, uint32(endpoint))
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
+	_, rec, err := loadRecord(st, endpoint)
+	if err != nil {
+		return Policy{}, err
+	}
+	if rec == nil || rec.NoLive {
 		return Policy{}, fmt.Errorf("policy of endpoint %d: %w", endpoint, datapath.ErrNotFound)
 	}
+	doc, err := liveDoc(st, endpoint, rec)
 	if err != nil {
 		return Policy{}, err
 	}
@@ -125,44 +120,12 @@ func get(st *core.State, endpoint uint16) (Policy, error) {
 	return p, nil
 }
 
-// docVersion starts a stored policy: the version of its encoding, gob (a
-// tenth of the size of JSON for a policy of many rules, and faster).
-const docVersion = 1
-
-func encode(p Policy) ([]byte, error) {
-	buf := bytes.NewBuffer([]byte{docVersion})
-	if err := gob.NewEncoder(buf).Encode(p); err != nil {
-		return nil, err
-	}
-	return buf.Bytes(), nil
-}
-
-func decode(doc []byte) (Policy, error) {
-	var p Policy
-	if len(doc) == 0 || doc[0] != docVersion {
-		return p, fmt.Errorf("stored policy of another version")
-	}
-	err := gob.NewDecoder(bytes.NewReader(doc[1:])).Decode(&p)
-	return p, err
-}
-
 // memo is what Apply last wrote for an endpoint through this handle:
 // valid while the ledger record has the same generation.
 type memo struct {
 	generation uint64
 	entries    *MapEntries
 	doc        []byte
-}
-
-// newGeneration returns a generation for a policy record: random, so that
-// it never repeats one a handle may still remember, even after the record
-// was deleted with its policy or its endpoint (a count would start again
-// at 1 there, and a handle that applied generation 1 would trust its stale
-// memo of the entries).
-func newGeneration() uint64 {
-	var b [8]byte
-	rand.Read(b[:])
-	return binary.NativeEndian.Uint64(b[:]) | 1
 }
 
 func memoKey(endpoint uint16) string { return fmt.Sprintf("policy/%d", endpoint) }
@@ -180,116 +143,279 @@ func checkEndpoint(st *core.State, endpoint uint16) error {
 	return fmt.Errorf("policy of endpoint %d: no such endpoint: %w", endpoint, datapath.ErrNotFound)
 }
 
-// apply replaces the endpoint's entries with those of c (none when c is
-// nil). The entries there are read from the map, not taken from a record,
-// so a change a killed process left half-done is finished here.
-func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (changes Changes, err error) {
-	var old record
-	if r, err := ledger.Get(st.Objs.Ledger, ledger.KindPolicy, uint32(endpoint)); err == nil {
-		json.Unmarshal(r.Object, &old)
+// apply makes c, encoded as doc, the endpoint's policy, or none when c is
+// nil, as one transaction (internal/txn) of these phases:
+//
+//   - cidrs: the CIDR identities c names, given and put in the ipcache
+//     (undo: given back);
+//   - plan: c's entries, and what differs from those in the maps; when
+//     nothing does, and c is the live policy, nothing is written;
+//   - intent: c's encoding into the blob slot not live, and the record,
+//     Creating, naming it as the target (undo: the record as it was);
+//   - maps: the entries, written in Plan's order (undo: the old ones
+//     written back);
+//   - revoke: the tracked flows c does not allow forgotten;
+//   - commit: the record, Ready, naming c live;
+//   - cleanup: the old policy's blob, its rules' counters and the CIDR
+//     identities only it held, removed.
+//
+// A process killed at any point leaves the record naming the live policy
+// (Get returns it) and the target, and maps holding either or a mix of
+// both: Reconcile finishes the change (repair). The entries in the maps
+// are read back unless this handle's memo is current, so a change a killed
+// process left is finished here too.
+func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (Changes, error) {
+	r, old, err := loadRecord(st, endpoint)
+	if err != nil {
+		return Changes{}, err
 	}
-	// What this handle wrote last, if nobody wrote since: no need to read
-	// the maps back.
+	ready := r == nil || r.State == ledger.Ready
 	var last *memo
-	if v, ok := st.Memo.LoadAndDelete(memoKey(endpoint)); ok && v.(*memo).generation == old.Generation {
+	if v, ok := st.Memo.LoadAndDelete(memoKey(endpoint)); ok && old != nil && ready && v.(*memo).generation == old.Generation {
 		last = v.(*memo)
 	}
-	var want *MapEntries
-	var rec record
+	if last != nil && c != nil && bytes.Equal(last.doc, doc) {
+		st.Memo.Store(memoKey(endpoint), last) // applied already, by this handle
+		return Changes{}, nil
+	}
+	var (
+		prefixes   []netip.Prefix // c's CIDR identities
+		held       []netip.Prefix // those the record holds: the live policy's and an unfinished target's
+		have, want *MapEntries
+		live       []byte
+		steps      []Step
+		changes    Changes
+		next       = target{Delete: c == nil}
+		gen        = newGeneration()
+	)
+	if old != nil {
+		held = old.Prefixes
+		if old.Target != nil {
+			held = append(slices.Clone(held), old.Target.Prefixes...)
+		}
+		if !old.NoLive {
+			next.Slot = 1 - old.Slot
+		}
+	}
 	if c != nil {
-		ids, fresh, err := acquireCIDRs(st, endpoint, c.Prefixes())
-		if err != nil {
-			return changes, err
-		}
-		defer func() {
-			if err != nil {
-				releaseCIDRs(st, endpoint, c.Prefixes(), old.Prefixes)
-			}
-		}()
-		// A new CIDR identity takes its addresses from the prefixes
-		// around it: the policies with such a prefix name it too, before
-		// any packet carries it.
-		if err := refresh(st, endpoint, ids, fresh); err != nil {
-			return changes, err
-		}
-		if err := publishCIDRs(st, fresh); err != nil {
-			return changes, err
-		}
-		if want, err = c.Resolve(endpoint, ids); err != nil {
-			return changes, err
-		}
-		rec = record{Version: recordVersion, Generation: newGeneration(), Prefixes: c.Prefixes()}
-		// The record first, so that a process killed half-way leaves it
-		// naming this endpoint's entries to sweep, and another handle's
-		// memo out of date.
-		var oldDoc []byte
-		if last != nil {
-			oldDoc = last.doc
-		}
-		if err := putRecord(st, endpoint, rec, doc, oldDoc); err != nil {
-			return changes, err
-		}
+		prefixes = c.Prefixes()
+		next.Prefixes = prefixes
 	}
-	var have *MapEntries
-	if last != nil {
-		have = last.entries
-	} else if have, err = current(st, endpoint); err != nil {
-		return changes, err
-	}
-	// A direction that gets its first policy, even one with no rule
-	// (nothing allowed), changes only the summary.
-	summaryChanged := want != nil && !maps.Equal(have.Meta, want.Meta)
-	if changes, err = write(st, endpoint, have, want); err != nil {
-		return changes, err
-	}
-	if want != nil {
-		st.Memo.Store(memoKey(endpoint), &memo{generation: rec.Generation, entries: want, doc: doc})
-	}
-	// A stricter policy governs the flows already running: whatever it
-	// no longer allows is forgotten, and only a new connection could
-	// bring it back, which the policy decides.
-	if want != nil && (summaryChanged || changes.Added+changes.Removed+changes.Changed > 0) {
-		if err := revokeFlows(st, endpoint, want); err != nil {
-			return changes, err
+	err = txn.Run("policy",
+		txn.Phase{
+			Name: "cidrs",
+			Do: func() error {
+				if c == nil {
+					return nil
+				}
+				ids, fresh, err := acquireCIDRs(st, endpoint, prefixes)
+				if err != nil {
+					return err
+				}
+				// A new CIDR identity takes its addresses from the
+				// prefixes around it: the policies with such a prefix
+				// name it too, before any packet carries it.
+				if err := refresh(st, endpoint, ids, fresh); err != nil {
+					return err
+				}
+				if err := publishCIDRs(st, fresh); err != nil {
+					return err
+				}
+				want, err = c.Resolve(endpoint, ids)
+				return err
+			},
+			Undo: func() error {
+				if c != nil {
+					releaseCIDRs(st, endpoint, prefixes, held)
+				}
+				return nil
+			},
+		},
+		txn.Phase{
+			Name: "plan",
+			Do: func() (err error) {
+				if last != nil {
+					have, live = last.entries, last.doc
+				} else {
+					if have, err = current(st, endpoint); err != nil {
+						return err
+					}
+					if live, err = liveDoc(st, endpoint, old); err != nil {
+						return err
+					}
+				}
+				steps = Plan(have, want)
+				if ready && len(steps) == 0 && bytes.Equal(live, doc) {
+					return txn.ErrUnchanged
+				}
+				return checkRoom(st, endpoint, have, want)
+			},
+		},
+		txn.Phase{
+			Name: "intent",
+			Do: func() error {
+				if c != nil {
+					if err := putDoc(st, endpoint, next.Slot, doc, nil); err != nil {
+						return err
+					}
+				}
+				rec := record{Generation: gen, Target: &next, NoLive: old == nil || old.NoLive}
+				if old != nil {
+					rec.Prefixes, rec.Slot = old.Prefixes, old.Slot
+				}
+				return putRecord(st, endpoint, ledger.Creating, &rec)
+			},
+			Undo: func() error {
+				var errs []error
+				if c != nil {
+					errs = append(errs, deleteDoc(st, endpoint, next.Slot))
+				}
+				if old == nil {
+					errs = append(errs, ledger.Delete(st.Objs.Ledger, ledger.KindPolicy, uint32(endpoint)))
+				} else {
+					was := *old
+					was.Generation = gen // the maps were written: no memo holds
+					errs = append(errs, putRecord(st, endpoint, r.State, &was))
+				}
+				return errors.Join(errs...)
+			},
+		},
+		txn.Phase{
+			Name: "maps",
+			Do: func() (err error) {
+				changes, err = write(st, endpoint, steps, have)
+				// A direction's summary is an entry too.
+				add, remove := Diff(have, want)
+				for k := range add.Meta {
+					if _, had := have.Meta[k]; had {
+						changes.Changed++
+					} else {
+						changes.Added++
+					}
+				}
+				changes.Removed += len(remove.Meta)
+				return err
+			},
+			// The new entries' plan backwards: no packet meets a
+			// policy that is neither.
+			Undo: func() error {
+				_, err := write(st, endpoint, Plan(want, have), want)
+				return err
+			},
+		},
+		txn.Phase{
+			Name: "revoke",
+			// A stricter policy governs the flows already running:
+			// whatever it no longer allows is forgotten, and only a
+			// new connection could bring it back, which the policy
+			// decides. A direction that gets its first policy, even
+			// one with no rule, changes only the summary.
+			Do: func() error {
+				if c == nil || len(steps) == 0 {
+					return nil
+				}
+				return revokeFlows(st, endpoint, want)
+			},
+		},
+		txn.Phase{
+			Name: "commit",
+			Do: func() error {
+				if c == nil {
+					return ledger.Delete(st.Objs.Ledger, ledger.KindPolicy, uint32(endpoint))
+				}
+				if err := putRecord(st, endpoint, ledger.Ready, &record{Generation: gen, Prefixes: prefixes, Slot: next.Slot}); err != nil {
+					return err
+				}
+				st.Memo.Store(memoKey(endpoint), &memo{generation: gen, entries: want, doc: doc})
+				return nil
+			},
+		},
+		txn.Phase{
+			Name:  "cleanup",
+			After: true,
+			// What the old policy had and the new one does not.
+			Do: func() error {
+				var errs []error
+				for _, slot := range []uint32{0, 1} {
+					if c == nil || slot != next.Slot {
+						errs = append(errs, deleteDoc(st, endpoint, slot))
+					}
+				}
+				if !bytes.Equal(live, doc) {
+					// The rule indexes name the new rules now: their
+					// counts start over.
+					errs = append(errs, st.Sweep(counterSweep(endpoint)))
+				}
+				releaseCIDRs(st, endpoint, held, prefixes)
+				return errors.Join(errs...)
+			},
+		},
+	)
+	if errors.Is(err, txn.ErrUnchanged) {
+		if c != nil {
+			st.Memo.Store(memoKey(endpoint), &memo{generation: old.Generation, entries: want, doc: doc})
 		}
+		return Changes{}, nil
 	}
-	// The rule indexes name the new rules now: their counts start over.
-	if err := st.Sweep(counterSweep(endpoint)); err != nil {
-		return changes, err
+	if err != nil {
+		return Changes{}, err
 	}
-	var keep []netip.Prefix
-	if c != nil {
-		keep = c.Prefixes()
-	} else if err := errors.Join(
-		ledger.Delete(st.Objs.Ledger, ledger.KindPolicy, uint32(endpoint)),
-		ledger.DeleteBlob(st.Objs.LedgerBlobs, ledger.KindPolicy, uint32(endpoint)),
-	); err != nil {
-		return changes, err
-	}
-	releaseCIDRs(st, endpoint, old.Prefixes, keep)
 	return changes, nil
 }
 
-// write makes the endpoint's map entries want, in Plan's order: no packet
-// sees a mix that neither the old nor the new entries would give. On error
-// what it wrote is put back.
-func write(st *core.State, endpoint uint16, have, want *MapEntries) (changes Changes, err error) {
-	if have == nil {
-		if have, err = current(st, endpoint); err != nil {
-			return changes, err
+// checkRoom fails with ErrMapFull when the policy map cannot hold every
+// endpoint's entries at the peak of the change, when the new entries are
+// written and the old not yet deleted.
+func checkRoom(st *core.State, endpoint uint16, have, want *MapEntries) error {
+	add, _ := Diff(have, want)
+	grow := 0
+	for k := range add.Entries {
+		if _, ok := have.Entries[k]; !ok {
+			grow++
 		}
 	}
-	steps := Plan(have, want)
-	adds := 0
+	if grow == 0 {
+		return nil
+	}
+	size := int(st.Objs.Policy.MaxEntries())
+	total, err := count(st.Objs.Policy)
+	if err != nil {
+		return err
+	}
+	if total+grow > size {
+		return fmt.Errorf("policy of endpoint %d needs %d more entries, the policy map holds %d and has %d: %w",
+			endpoint, grow, size, total, datapath.ErrMapFull)
+	}
+	return nil
+}
+
+// count returns how many entries the policy map has, in batches.
+func count(m *ebpf.Map) (int, error) {
+	const batch = 4096
+	keys := make([]bpfobj.TypesPolicyKey, batch)
+	vals := make([]bpfobj.TypesPolicyEntry, batch)
+	var cursor ebpf.MapBatchCursor
+	total := 0
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		total += n
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return total, nil
+		}
+		if err != nil {
+			return 0, fmt.Errorf("count policy entries: %w", err)
+		}
+	}
+}
+
+// write takes the steps of a plan (Plan) from the endpoint's entries have.
+// A kill half-way is a crash point of its own: the maps hold a mix.
+func write(st *core.State, endpoint uint16, steps []Step, have *MapEntries) (changes Changes, err error) {
+	total := 0
 	for _, step := range steps {
-		if !step.Delete {
-			adds += len(step.Entries)
-		}
+		total += len(step.Entries)
 	}
-	if len(have.Entries)+adds > int(st.Objs.Policy.MaxEntries()) {
-		return changes, fmt.Errorf("policy of endpoint %d needs %d more entries, the policy map holds %d in all: %w",
-			endpoint, adds, st.Objs.Policy.MaxEntries(), datapath.ErrMapFull)
-	}
+	done := 0
 	for _, step := range steps {
 		for k, v := range step.Meta {
 			if step.Delete {
@@ -298,7 +424,6 @@ func write(st *core.State, endpoint uint16, have, want *MapEntries) (changes Cha
 				err = st.Objs.PolicyMeta.Put(&k, &v)
 			}
 			if err != nil {
-				restore(st, have, want)
 				return changes, core.MapError(err, datapath.ErrMapFull, fmt.Sprintf("policy of endpoint %d", endpoint))
 			}
 		}
@@ -315,8 +440,10 @@ func write(st *core.State, endpoint uint16, have, want *MapEntries) (changes Cha
 				err = st.Objs.Policy.Put(&k, &v)
 			}
 			if err != nil {
-				restore(st, have, want)
 				return changes, core.MapError(err, datapath.ErrMapFull, fmt.Sprintf("policy of endpoint %d", endpoint))
+			}
+			if done++; done == total/2 {
+				txn.Crash("policy/maps/half")
 			}
 		}
 	}
@@ -324,7 +451,9 @@ func write(st *core.State, endpoint uint16, have, want *MapEntries) (changes Cha
 }
 
 // refresh resolves again, with ids, the policies of other endpoints that
-// name a prefix around one of the fresh ones, and writes their entries.
+// name a prefix around one of the fresh ones, and writes their entries,
+// each as a change of its own: its record Creating with its own policy as
+// the target, then Ready.
 func refresh(st *core.State, except uint16, ids map[netip.Prefix]datapath.Identity, fresh []netip.Prefix) error {
 	if len(fresh) == 0 {
 		return nil
@@ -336,7 +465,7 @@ func refresh(st *core.State, except uint16, ids map[netip.Prefix]datapath.Identi
 	for _, r := range recs {
 		ep := uint16(r.ID)
 		var rec record
-		if ep == except || json.Unmarshal(r.Object, &rec) != nil || !covers(rec.Prefixes, fresh) {
+		if ep == except || r.State != ledger.Ready || json.Unmarshal(r.Object, &rec) != nil || !covers(rec.Prefixes, fresh) {
 			continue
 		}
 		p, err := get(st, ep)
@@ -351,16 +480,23 @@ func refresh(st *core.State, except uint16, ids map[netip.Prefix]datapath.Identi
 		if err != nil {
 			return err
 		}
+		have, err := current(st, ep)
+		if err != nil {
+			return err
+		}
 		// A new generation: every handle's memo of ep is out of date.
-		rec.Generation = newGeneration()
-		if r.Object, err = json.Marshal(rec); err != nil {
-			return err
-		}
-		if err := ledger.Put(st.Objs.Ledger, r); err != nil {
-			return err
-		}
 		st.Memo.Delete(memoKey(ep))
-		if _, err := write(st, ep, nil, want); err != nil {
+		rec.Generation = newGeneration()
+		rec.Target = &target{Slot: rec.Slot, Prefixes: rec.Prefixes}
+		if err := putRecord(st, ep, ledger.Creating, &rec); err != nil {
+			return err
+		}
+		if _, err := write(st, ep, Plan(have, want), have); err != nil {
+			_, undoErr := write(st, ep, Plan(want, have), want)
+			return errors.Join(err, undoErr)
+		}
+		rec.Target = nil
+		if err := putRecord(st, ep, ledger.Ready, &rec); err != nil {
 			return err
 		}
 	}
@@ -379,60 +515,11 @@ func covers(outer, inner []netip.Prefix) bool {
 	return false
 }
 
-// restore puts back the entries a failed replacement had written over.
-func restore(st *core.State, have, want *MapEntries) {
-	for k := range want.orEmpty().Entries {
-		if v, ok := have.Entries[k]; ok {
-			st.Objs.Policy.Put(&k, &v)
-		} else {
-			st.Objs.Policy.Delete(&k)
-		}
-	}
-	for k := range want.orEmpty().Meta {
-		if v, ok := have.Meta[k]; ok {
-			st.Objs.PolicyMeta.Put(&k, &v)
-		} else {
-			st.Objs.PolicyMeta.Delete(&k)
-		}
-	}
-}
-
 func deleteKey(m *ebpf.Map, k any) error {
 	if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete from %s: %w", m, err)
 	}
 	return nil
-}
-
-// putRecord writes the ledger record and blob of an endpoint's policy. Its
-// sweeps and meta keys are what undoing it (with its endpoint) removes.
-func putRecord(st *core.State, endpoint uint16, rec record, doc, oldDoc []byte) error {
-	obj, err := json.Marshal(rec)
-	if err != nil {
-		return err
-	}
-	id := uint32(endpoint)
-	r := &ledger.Record{Kind: ledger.KindPolicy, ID: id, State: ledger.Ready, Object: obj}
-	r.Made.Sweeps = []ledger.Sweep{
-		{Map: "policy", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyKey{}.Endpoint)), Size: 2, Value: id},
-		{Map: "policy_meta", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyMetaKey{}.Endpoint)), Size: 2, Value: id},
-		counterSweep(endpoint),
-	}
-	if err := ledger.PutBlob(st.Objs.LedgerBlobs, ledger.KindPolicy, id, doc, oldDoc); err != nil {
-		return core.MapError(err, datapath.ErrMapFull, fmt.Sprintf("policy of endpoint %d", endpoint))
-	}
-	if err := ledger.Put(st.Objs.Ledger, r); err != nil {
-		if errors.Is(err, ledger.ErrTooLarge) {
-			return fmt.Errorf("policy of endpoint %d: %w: %w", endpoint, datapath.ErrInvalid, err)
-		}
-		return err
-	}
-	return nil
-}
-
-// counterSweep names the endpoint's per-rule counters.
-func counterSweep(endpoint uint16) ledger.Sweep {
-	return ledger.Sweep{Map: "policy_counters", Offset: int(unsafe.Offsetof(bpfobj.TypesPolicyCounterKey{}.Endpoint)), Size: 2, Value: uint32(endpoint)}
 }
 
 // current reads the endpoint's entries from the maps, in batches: a
@@ -481,17 +568,19 @@ type cidrRecord struct {
 // prefixes are fresh: given an identity of the CIDR range now, recorded in
 // the ledger with their users but not yet in the ipcache (publishCIDRs).
 func acquireCIDRs(st *core.State, endpoint uint16, prefixes []netip.Prefix) (map[netip.Prefix]datapath.Identity, []netip.Prefix, error) {
-	ids := map[netip.Prefix]datapath.Identity{}
-	recs, err := ledger.List(st.Objs.Ledger, ledger.KindCIDR)
+	ids, byPrefix, err := cidrIdentities(st)
 	if err != nil {
 		return nil, nil, err
 	}
-	byPrefix := map[netip.Prefix]*ledger.Record{}
-	for _, r := range recs {
-		var c cidrRecord
-		if json.Unmarshal(r.Object, &c) == nil {
-			byPrefix[c.Prefix] = r
-			ids[c.Prefix] = CIDRIdentityFirst + datapath.Identity(r.ID)
+	if limit := st.CIDRIdentities; limit > 0 {
+		n := len(byPrefix)
+		for _, p := range prefixes {
+			if byPrefix[p] == nil {
+				n++
+			}
+		}
+		if n > limit {
+			return nil, nil, fmt.Errorf("policy of endpoint %d: %d CIDR identities, the datapath holds %d: %w", endpoint, n, limit, datapath.ErrMapFull)
 		}
 	}
 	var fresh []netip.Prefix
@@ -503,6 +592,14 @@ func acquireCIDRs(st *core.State, endpoint uint16, prefixes []netip.Prefix) (map
 			}
 			byPrefix[p] = r
 			ids[p] = CIDRIdentityFirst + datapath.Identity(r.ID)
+			fresh = append(fresh, p)
+			txn.Crash("policy/cidrs/recorded")
+		} else if _, ok, err := ipcache.Lookup(st.Objs.Ipcache, p); err != nil {
+			return nil, nil, err
+		} else if !ok {
+			// Recorded by a process killed before it reached the
+			// ipcache: the prefix would count as world, and a deny of
+			// it would not match.
 			fresh = append(fresh, p)
 		}
 		var c cidrRecord
@@ -516,6 +613,25 @@ func acquireCIDRs(st *core.State, endpoint uint16, prefixes []netip.Prefix) (map
 		}
 	}
 	return ids, fresh, nil
+}
+
+// cidrIdentities returns every CIDR identity the ledger records, and its
+// record, by prefix.
+func cidrIdentities(st *core.State) (map[netip.Prefix]datapath.Identity, map[netip.Prefix]*ledger.Record, error) {
+	recs, err := ledger.List(st.Objs.Ledger, ledger.KindCIDR)
+	if err != nil {
+		return nil, nil, err
+	}
+	ids := map[netip.Prefix]datapath.Identity{}
+	byPrefix := map[netip.Prefix]*ledger.Record{}
+	for _, r := range recs {
+		var c cidrRecord
+		if json.Unmarshal(r.Object, &c) == nil {
+			byPrefix[c.Prefix] = r
+			ids[c.Prefix] = CIDRIdentityFirst + datapath.Identity(r.ID)
+		}
+	}
+	return ids, byPrefix, nil
 }
 
 // allocateCIDR gives prefix p an identity of the CIDR range, the slot its
@@ -538,7 +654,7 @@ func allocateCIDR(st *core.State, p netip.Prefix) (*ledger.Record, error) {
 		r := &ledger.Record{Kind: ledger.KindCIDR, ID: slot, State: ledger.Ready, Object: obj}
 		r.Made.Entries = []ledger.Entry{{Map: "ipcache", Key: ipcache.KeyBytes(p), Source: uint8(ipcache.CIDR)}}
 		if err := ledger.Put(st.Objs.Ledger, r); err != nil {
-			return nil, err
+			return nil, core.MapError(err, datapath.ErrMapFull, "CIDR "+p.String())
 		}
 		return r, nil
 	}
@@ -609,27 +725,38 @@ func releaseCIDRs(st *core.State, endpoint uint16, drop, keep []netip.Prefix) {
 // whether it may go: the flow's own entry, to the backend, is decided.
 func revokeFlows(st *core.State, endpoint uint16, m *MapEntries) error {
 	var (
-		k           bpfobj.TypesCtKey
 		v           bpfobj.TypesCtEntry
 		own, theirs []bpfobj.TypesCtKey
 	)
 	egress, ingress := uint8(bpfobj.TypesCtDirCT_EGRESS), uint8(bpfobj.TypesCtDirCT_INGRESS)
-	it := st.Objs.Conntrack.Iterate()
-	for it.Next(&k, &v) {
-		if v.Endpoint != endpoint || (k.Dir != egress && k.Dir != ingress) {
-			continue
+	// In batches, bucket by bucket: an iteration by next key aborts when
+	// the datapath deletes the key it stands on, which a busy map does.
+	const batch = 4096
+	keys := make([]bpfobj.TypesCtKey, batch)
+	vals := make([]bpfobj.TypesCtEntry, batch)
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := st.Objs.Conntrack.BatchLookup(&cursor, keys, vals, nil)
+		for i := range n {
+			k, v := keys[i], vals[i]
+			if v.Endpoint != endpoint || (k.Dir != egress && k.Dir != ingress) {
+				continue
+			}
+			dir, peer := datapath.Egress, k
+			peer.Dir = ingress
+			if k.Dir == ingress {
+				dir, peer.Dir = datapath.Ingress, egress
+			}
+			if verdict, _ := m.Decide(endpoint, dir, datapath.Identity(v.Policy.Identity), k.Proto, flowPort(&k)); verdict == datapath.VerdictDenied {
+				own, theirs = append(own, k), append(theirs, peer)
+			}
 		}
-		dir, peer := datapath.Egress, k
-		peer.Dir = ingress
-		if k.Dir == ingress {
-			dir, peer.Dir = datapath.Ingress, egress
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
 		}
-		if verdict, _ := m.Decide(endpoint, dir, datapath.Identity(v.Policy.Identity), k.Proto, flowPort(&k)); verdict == datapath.VerdictDenied {
-			own, theirs = append(own, k), append(theirs, peer)
+		if err != nil {
+			return fmt.Errorf("read tracked flows: %w", err)
 		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("read tracked flows: %w", err)
 	}
 	for _, k := range own {
 		if err := deleteKey(st.Objs.Conntrack, &k); err != nil {

@@ -82,11 +82,11 @@ func TestBadInput(t *testing.T) {
 		if _, err := service.Upsert(context.Background(), n.dp, s); !errors.Is(err, datapath.ErrInvalid) {
 			t.Errorf("%s: %v, want ErrInvalid", name, err)
 		}
-		if _, err := service.Sync(context.Background(), n.dp, []service.Service{good, s}); !errors.Is(err, datapath.ErrInvalid) {
+		if _, err := service.Sync(context.Background(), n.dp, "", []service.Service{good, s}); !errors.Is(err, datapath.ErrInvalid) {
 			t.Errorf("%s: Sync: %v, want ErrInvalid", name, err)
 		}
 	}
-	if _, err := service.Sync(context.Background(), n.dp, []service.Service{good, good}); !errors.Is(err, datapath.ErrInvalid) {
+	if _, err := service.Sync(context.Background(), n.dp, "", []service.Service{good, good}); !errors.Is(err, datapath.ErrInvalid) {
 		t.Errorf("a frontend twice: Sync: %v, want ErrInvalid", err)
 	}
 	if after := dump(t, n.dp); after != before {
@@ -151,12 +151,12 @@ func TestUpsertSyncDelete(t *testing.T) {
 	}
 
 	s3 := service.Service{Frontend: service.Frontend{Addr: fe6, Port: 443, Protocol: service.UDP}, Backends: []service.Backend{{Addr: netip.MustParseAddr("fd00:1::12"), Port: 8443, Weight: 1}}, Algorithm: service.Maglev}
-	sc, err := service.Sync(ctx, n.dp, []service.Service{s2, s3})
+	sc, err := service.Sync(ctx, n.dp, "", []service.Service{s2, s3})
 	if err != nil || len(sc.Added) != 1 || sc.Unchanged != 1 || len(sc.Changed)+len(sc.Removed) != 0 {
 		t.Fatalf("Sync: %+v, %v", sc, err)
 	}
 	before = dump(t, n.dp)
-	if sc, err := service.Sync(ctx, n.dp, []service.Service{s3, s2}); err != nil || sc.Unchanged != 2 {
+	if sc, err := service.Sync(ctx, n.dp, "", []service.Service{s3, s2}); err != nil || sc.Unchanged != 2 {
 		t.Fatalf("Sync again: %+v, %v", sc, err)
 	}
 	if after := dump(t, n.dp); after != before {
@@ -166,7 +166,7 @@ func TestUpsertSyncDelete(t *testing.T) {
 	if err != nil || len(list) != 2 || list[0].Frontend != s2.Frontend {
 		t.Fatalf("List: %+v, %v", list, err)
 	}
-	if sc, err := service.Sync(ctx, n.dp, []service.Service{s3}); err != nil || len(sc.Removed) != 1 {
+	if sc, err := service.Sync(ctx, n.dp, "", []service.Service{s3}); err != nil || len(sc.Removed) != 1 {
 		t.Fatalf("Sync removing: %+v, %v", sc, err)
 	}
 	if _, err := service.Get(n.dp, s1.Frontend); !errors.Is(err, datapath.ErrNotFound) {

@@ -15,6 +15,7 @@ import (
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/ledger"
+	"github.com/sluicedp/sluice/internal/txn"
 )
 
 // Changes says what Upsert did to a service's backend set.
@@ -55,13 +56,16 @@ func Upsert(ctx context.Context, dp *datapath.Datapath, svc Service) (Changes, e
 		return Changes{}, err
 	}
 	defer unlock()
-	idx, err := loadIndex(st)
+	idx, err := loadSettled(st)
 	if err != nil {
 		return Changes{}, err
 	}
 	old := idx.byFrontend[svc.Frontend]
 	if old != nil && equal(&old.svc, &svc) {
 		return Changes{}, nil
+	}
+	if err := checkOwner(old, svc.Owner); err != nil {
+		return Changes{}, err
 	}
 	ch, err := plan(idx, old, &svc, st.Objs.LbCounters.MaxEntries())
 	if err != nil {
@@ -84,7 +88,7 @@ func Delete(ctx context.Context, dp *datapath.Datapath, fe Frontend) error {
 		return err
 	}
 	defer unlock()
-	idx, err := loadIndex(st)
+	idx, err := loadSettled(st)
 	if err != nil {
 		return err
 	}
@@ -95,17 +99,26 @@ func Delete(ctx context.Context, dp *datapath.Datapath, fe Frontend) error {
 	return apply(st, idx, []*change{{old: old}})
 }
 
-// Sync makes all the datapath's services: each one given is upserted,
-// each one the datapath has and all does not name is deleted. Only the
-// difference is written, with batch map operations, in the order Upsert
-// writes: a controller hands over its whole desired state, at start and
-// after every change, and nothing that is right already is rewritten. Bad
-// input (an invalid service, a frontend twice) is ErrInvalid and changes
-// nothing; so does ErrMapFull.
-func Sync(ctx context.Context, dp *datapath.Datapath, all []Service) (SyncChanges, error) {
+// Sync makes all the services of an owner: each one given is upserted,
+// and each one the owner has and all does not name is deleted. Services
+// of other owners are not touched, and all may not name their frontends
+// (ErrExists). Only the difference is written, with batch map operations,
+// in the order Upsert writes: a controller hands over its whole desired
+// state, at start and after every change, and nothing that is right
+// already is rewritten. Each service of all is the owner's: its Owner is
+// set to owner, and another one there is ErrInvalid. Bad input (an invalid
+// service, a frontend twice) is ErrInvalid and changes nothing; so do
+// ErrExists and ErrMapFull.
+func Sync(ctx context.Context, dp *datapath.Datapath, owner string, all []Service) (SyncChanges, error) {
+	if len(owner) > maxOwner {
+		return SyncChanges{}, fmt.Errorf("owner of %d bytes: at most %d: %w", len(owner), maxOwner, datapath.ErrInvalid)
+	}
 	want := make([]Service, len(all))
 	seen := make(map[Frontend]bool, len(all))
 	for i := range all {
+		if all[i].Owner != "" && all[i].Owner != owner {
+			return SyncChanges{}, fmt.Errorf("service %s: owner %q in a Sync of owner %q: %w", all[i].Frontend, all[i].Owner, owner, datapath.ErrInvalid)
+		}
 		if err := all[i].Validate(); err != nil {
 			return SyncChanges{}, err
 		}
@@ -114,13 +127,14 @@ func Sync(ctx context.Context, dp *datapath.Datapath, all []Service) (SyncChange
 		}
 		seen[all[i].Frontend] = true
 		want[i] = normalize(all[i])
+		want[i].Owner = owner
 	}
 	st, unlock, err := core.Change(ctx, dp)
 	if err != nil {
 		return SyncChanges{}, err
 	}
 	defer unlock()
-	idx, err := loadIndex(st)
+	idx, err := loadSettled(st)
 	if err != nil {
 		return SyncChanges{}, err
 	}
@@ -131,6 +145,10 @@ func Sync(ctx context.Context, dp *datapath.Datapath, all []Service) (SyncChange
 		if old != nil && equal(&old.svc, &want[i]) {
 			out.Unchanged++
 			continue
+		}
+		if err := checkOwner(old, owner); err != nil {
+			st.Memo.Delete(indexKey{}) // plan reserves IDs in the index
+			return SyncChanges{}, err
 		}
 		ch, err := plan(idx, old, &want[i], st.Objs.LbCounters.MaxEntries())
 		if err != nil {
@@ -145,7 +163,7 @@ func Sync(ctx context.Context, dp *datapath.Datapath, all []Service) (SyncChange
 		}
 	}
 	for fe, in := range idx.byFrontend {
-		if !seen[fe] {
+		if !seen[fe] && in.svc.Owner == owner {
 			chs = append(chs, &change{old: in})
 			out.Removed = append(out.Removed, fe)
 		}
@@ -160,6 +178,15 @@ func Sync(ctx context.Context, dp *datapath.Datapath, all []Service) (SyncChange
 		slices.SortFunc(l, compareFrontends)
 	}
 	return out, nil
+}
+
+// checkOwner fails with ErrExists when the service there is another
+// owner's.
+func checkOwner(there *installed, owner string) error {
+	if there != nil && there.svc.Owner != owner {
+		return fmt.Errorf("service %s is owner %q's, not %q's: %w", there.svc.Frontend, there.svc.Owner, owner, datapath.ErrExists)
+	}
+	return nil
 }
 
 // Get returns the service of a frontend, or ErrNotFound. Its backends are
@@ -260,7 +287,7 @@ func normalize(s Service) Service {
 // equal reports whether two normalized services are the same.
 func equal(a, b *Service) bool {
 	return a.Frontend == b.Frontend && a.Algorithm == b.Algorithm && a.MaglevSize == b.MaglevSize &&
-		a.Affinity == b.Affinity && a.Reach == b.Reach && a.NoBackend == b.NoBackend &&
+		a.Affinity == b.Affinity && a.Reach == b.Reach && a.NoBackend == b.NoBackend && a.Owner == b.Owner &&
 		slices.Equal(a.Backends, b.Backends)
 }
 
@@ -353,12 +380,25 @@ func plan(idx *index, old *installed, svc *Service, counters uint32) (*change, e
 	return &change{old: old, new: in, entries: e, dirty: dirty}, nil
 }
 
-// apply makes the changes, in batches, in this order: ledger records
-// (naming what will be written, so a killed process's half-done work is
-// undone whole), the new backends and tables, the frontends (each flips to
-// its new table at once), then what the old ones had and no longer need,
-// then the records as ready. A failure before the frontends flip takes
-// back what was written.
+// apply makes the changes, in batches, as one transaction (internal/txn)
+// of these phases:
+//
+//   - intent: the shared record with a new generation (every handle's memo
+//     is stale from here), and each service's record, Creating, holding its
+//     old version and naming the entries of both (undo: the records as
+//     they were);
+//   - counters, backends, tables, revnat: the new backends, selection
+//     tables and reverse NAT, beside the old ones (undo: deleted, the old
+//     values written back);
+//   - frontends: each frontend flips to its new table at once, or goes
+//     (undo: the old frontends written back);
+//   - flip: each record holds the new version: the change is made;
+//   - cleanup: what the old versions had and the new ones do not, deleted;
+//   - ready: the records Ready, naming only their own entries.
+//
+// A process killed at any point leaves records that Reconcile, or the
+// next change, makes the maps agree with: the old version before flip,
+// the new one after (repairServices).
 func apply(st *core.State, idx *index, chs []*change) (err error) {
 	// IDs planned for new services were reserved in the index; they
 	// are released if this fails.
@@ -370,52 +410,273 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 	if err := checkRoom(st, idx, chs); err != nil {
 		return err
 	}
-	var (
-		records []*ledger.Record
-		undo    []func()
-	)
-	rollback := func() {
-		for i := len(undo) - 1; i >= 0; i-- {
-			undo[i]()
+	for _, ch := range chs {
+		if ch.new != nil && ch.old != nil {
+			ch.new.rec.Slot = 1 - ch.old.rec.Slot // the old blob stays whole
 		}
 	}
-	// 1. Records, as creating.
+	b := batchesOf(chs)
+	var frontendsWere []bpfobj.TypesLbFrontend
+	err = txn.Run("service",
+		txn.Phase{
+			Name: "intent",
+			Do: func() error {
+				idx.shared.Generation = rand.Uint64() // not a count: see sharedRecord
+				if err := putShared(st, idx.shared); err != nil {
+					return err
+				}
+				return putRecords(st, chs, ledger.Creating, false)
+			},
+			Undo: func() error { return restoreRecords(st, chs) },
+		},
+		txn.Phase{
+			Name: "counters",
+			// A counter index a new backend gets may have been
+			// another's.
+			Do: func() error {
+				if len(b.counters) == 0 {
+					return nil
+				}
+				zero := make([]bpfobj.TypesLbBackendCounters, len(b.counters)*ebpf.MustPossibleCPU())
+				_, err := st.Objs.LbCounters.BatchUpdate(b.counters, zero, nil)
+				return mapError(err, "zero backend counters")
+			},
+		},
+		txn.Phase{
+			Name: "backends",
+			Do: func() error {
+				return mapError(batchUpdate(st.Objs.LbBackends, b.backendKeys, b.backendVals), "write backends")
+			},
+			Undo: func() error {
+				return errors.Join(batchDelete(st.Objs.LbBackends, b.addedBackends), batchUpdate(st.Objs.LbBackends, b.changedBackends, b.changedWere))
+			},
+		},
+		txn.Phase{
+			Name: "tables",
+			Do: func() error {
+				return mapError(batchUpdate(st.Objs.LbSlots, b.slotKeys, b.slotVals), "write selection tables")
+			},
+			Undo: func() error { return batchDelete(st.Objs.LbSlots, b.slotKeys) },
+		},
+		txn.Phase{
+			Name: "revnat",
+			Do: func() error {
+				return mapError(batchUpdate(st.Objs.LbRevnat, b.revnatKeys, b.revnatVals), "write reverse NAT")
+			},
+			Undo: func() error { return batchDelete(st.Objs.LbRevnat, b.revnatKeys) },
+		},
+		txn.Phase{
+			Name: "frontends",
+			Do: func() error {
+				frontendsWere = b.frontendsWere()
+				if err := batchUpdate(st.Objs.LbFrontends, b.frontendKeys, b.frontendVals); err != nil {
+					return mapError(err, "write frontends")
+				}
+				txn.Crash("service/frontends/half")
+				return batchDelete(st.Objs.LbFrontends, b.goneFrontends)
+			},
+			Undo: func() error {
+				return errors.Join(
+					batchDelete(st.Objs.LbFrontends, b.addedFrontends),
+					batchUpdate(st.Objs.LbFrontends, b.changedFrontends, frontendsWere),
+				)
+			},
+		},
+		txn.Phase{
+			Name: "flip",
+			Do:   func() error { return putRecords(st, chs, ledger.Creating, true) },
+		},
+		txn.Phase{
+			Name:  "cleanup",
+			After: true,
+			Do: func() error {
+				return errors.Join(batchDelete(st.Objs.LbSlots, b.oldSlots), batchDelete(st.Objs.LbBackends, b.oldBackends), batchDelete(st.Objs.LbRevnat, b.oldRevnat))
+			},
+		},
+		txn.Phase{
+			Name:  "ready",
+			After: true,
+			Do: func() error {
+				var errs []error
+				for _, ch := range chs {
+					if ch.new == nil {
+						// Gone: its frontend, and now all the rest.
+						errs = append(errs, ledger.DeleteBlob(st.Objs.LedgerBlobs, ledger.KindService, blobID(ch.old.id, 0)),
+							ledger.DeleteBlob(st.Objs.LedgerBlobs, ledger.KindService, blobID(ch.old.id, 1)),
+							ledger.Delete(st.Objs.Ledger, ledger.KindService, uint32(ch.old.id)))
+					} else if ch.old != nil && ch.old.rec.Blobbed {
+						errs = append(errs, ledger.DeleteBlob(st.Objs.LedgerBlobs, ledger.KindService, blobID(ch.old.id, ch.old.rec.Slot)))
+					}
+				}
+				return errors.Join(append(errs, putRecords(st, chs, ledger.Ready, true))...)
+			},
+		},
+	)
+	if err != nil {
+		return fmt.Errorf("services: %w", err)
+	}
 	for _, ch := range chs {
-		in, old := ch.new, ch.old
-		if in == nil {
-			in, old = ch.old, nil
+		if ch.old != nil {
+			idx.remove(ch.old)
 		}
-		r, blob, err := ledgerRecord(in, old, ledger.Creating)
+		if ch.new != nil {
+			idx.add(ch.new)
+		}
+	}
+	st.Memo.Store(indexKey{}, idx)
+	return nil
+}
+
+// mapError turns a full map into ErrMapFull.
+func mapError(err error, what string) error {
+	if err == nil {
+		return nil
+	}
+	return core.MapError(err, datapath.ErrMapFull, what)
+}
+
+// putShared writes the record all services share.
+func putShared(st *core.State, shared sharedRecord) error {
+	shared.Version = recordVersion
+	obj, err := json.Marshal(shared)
+	if err != nil {
+		return err
+	}
+	return mapError(ledger.Put(st.Objs.Ledger, &ledger.Record{Kind: ledger.KindService, ID: 0, State: ledger.Ready, Object: obj}), "services")
+}
+
+// putRecords writes the records of the changes, in state: holding the old
+// versions, or, with flipped, the new ones (a service deleted: gone). A
+// Creating record names the entries of both versions, a Ready one its
+// own.
+func putRecords(st *core.State, chs []*change, state ledger.State, flipped bool) error {
+	records := make([]*ledger.Record, 0, len(chs))
+	for _, ch := range chs {
+		holds, also := ch.old, ch.new
+		if flipped {
+			holds, also = ch.new, ch.old
+		}
+		if state == ledger.Ready {
+			also = nil
+			if holds == nil {
+				continue // deleted with its blobs
+			}
+		}
+		named := holds
+		if named == nil {
+			named = also
+		}
+		r, blob, err := ledgerRecord(named.id, named, also, state, holds == nil)
 		if err != nil {
 			return err
 		}
-		if blob != nil {
-			if err := ledger.PutBlob(st.Objs.LedgerBlobs, ledger.KindService, uint32(in.id), blob, nil); err != nil {
-				return err
+		// The old version's blob is in place already; the new one's is
+		// written at the flip, into the slot the old one does not use.
+		if blob != nil && flipped && state == ledger.Creating {
+			if err := ledger.PutBlob(st.Objs.LedgerBlobs, ledger.KindService, blobID(named.id, named.rec.Slot), blob, nil); err != nil {
+				return mapError(err, fmt.Sprintf("record of service %s", named.svc.Frontend))
 			}
 		}
 		records = append(records, r)
 	}
-	if err := ledger.PutBatch(st.Objs.Ledger, records); err != nil {
-		return err
-	}
-	undo = append(undo, func() { restoreRecords(st, chs) })
+	return mapError(ledger.PutBatch(st.Objs.Ledger, records), "service records")
+}
 
-	// 2. Backends, tables and reverse NAT.
-	var (
-		bKeys    []uint32
-		bVals    []bpfobj.TypesLbBackend
-		bOld     []bpfobj.TypesLbBackend
-		bOldKeys []uint32
-		bNewKeys []uint32
-		sKeys    []bpfobj.TypesLbSlotKey
-		sVals    []bpfobj.TypesLbSlotBlock
-		rKeys    []uint32
-		rVals    []bpfobj.TypesLbFrontendKey
-		fKeys    []bpfobj.TypesLbFrontendKey
-		fVals    []bpfobj.TypesLbFrontend
-	)
+// restoreRecords puts back the records the changes had before: the old
+// version, Ready, or none for a new service.
+func restoreRecords(st *core.State, chs []*change) error {
+	var errs []error
 	for _, ch := range chs {
+		if ch.old == nil {
+			errs = append(errs,
+				ledger.DeleteBlob(st.Objs.LedgerBlobs, ledger.KindService, blobID(ch.new.id, ch.new.rec.Slot)),
+				ledger.Delete(st.Objs.Ledger, ledger.KindService, uint32(ch.new.id)))
+			continue
+		}
+		if ch.new != nil && ch.new.rec.Slot != ch.old.rec.Slot {
+			errs = append(errs, ledger.DeleteBlob(st.Objs.LedgerBlobs, ledger.KindService, blobID(ch.new.id, ch.new.rec.Slot)))
+		}
+		r, _, err := ledgerRecord(ch.old.id, ch.old, nil, ledger.Ready, false)
+		if err == nil {
+			err = ledger.Put(st.Objs.Ledger, r)
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// batches are the map writes of an apply.
+type batches struct {
+	counters               []uint32 // counter indexes to zero
+	backendKeys            []uint32
+	backendVals            []bpfobj.TypesLbBackend
+	addedBackends          []uint32 // of backendKeys, those that are new
+	changedBackends        []uint32 // and those written over
+	changedWere            []bpfobj.TypesLbBackend
+	slotKeys               []bpfobj.TypesLbSlotKey
+	slotVals               []bpfobj.TypesLbSlotBlock
+	revnatKeys             []uint32
+	revnatVals             []bpfobj.TypesLbFrontendKey
+	frontendKeys           []bpfobj.TypesLbFrontendKey
+	frontendVals           []bpfobj.TypesLbFrontend
+	addedFrontends         []bpfobj.TypesLbFrontendKey // of frontendKeys, those that are new
+	changedFrontends       []bpfobj.TypesLbFrontendKey // those written over, and the deleted
+	changedOld             []*installed                // whose old versions these are
+	goneFrontends          []bpfobj.TypesLbFrontendKey
+	oldSlots               []bpfobj.TypesLbSlotKey // what the old versions had and the new do not
+	oldBackends, oldRevnat []uint32
+}
+
+// frontendsWere is the old versions' frontend values, to write back.
+func (b *batches) frontendsWere() []bpfobj.TypesLbFrontend {
+	out := make([]bpfobj.TypesLbFrontend, len(b.changedOld))
+	for i, in := range b.changedOld {
+		out[i] = Compile(&in.svc, in.id, in.rec.Half, in.rec.Numbers, in.rec.Counters).Frontend
+	}
+	return out
+}
+
+// slotBlocks is a service's selection table as lb_slots entries.
+func slotBlocks(e *Entries) ([]bpfobj.TypesLbSlotKey, []bpfobj.TypesLbSlotBlock) {
+	var keys []bpfobj.TypesLbSlotKey
+	var vals []bpfobj.TypesLbSlotBlock
+	for slot, id := range e.Slots {
+		if slot%slotBlock == 0 {
+			keys = append(keys, bpfobj.TypesLbSlotKey{Table: e.Frontend.Table, Block: uint32(slot / slotBlock)})
+			vals = append(vals, bpfobj.TypesLbSlotBlock{})
+		}
+		vals[len(vals)-1].Backend[slot%slotBlock] = id
+	}
+	return keys, vals
+}
+
+// batchesOf computes the map writes of the changes.
+func batchesOf(chs []*change) *batches {
+	b := &batches{}
+	for _, ch := range chs {
+		b.counters = append(b.counters, ch.dirty...)
+		if ch.old != nil {
+			b.changedFrontends = append(b.changedFrontends, frontendKey(ch.old.svc.Frontend))
+			b.changedOld = append(b.changedOld, ch.old)
+			table := 2*uint32(ch.old.id) + ch.old.rec.Half
+			for block := range blocks(int(ch.old.rec.Slots)) {
+				b.oldSlots = append(b.oldSlots, bpfobj.TypesLbSlotKey{Table: table, Block: uint32(block)})
+			}
+			keep := map[uint32]bool{}
+			if ch.new != nil {
+				for _, id := range ch.entries.IDs {
+					keep[id] = true
+				}
+			} else {
+				b.oldRevnat = append(b.oldRevnat, uint32(ch.old.id))
+				b.goneFrontends = append(b.goneFrontends, frontendKey(ch.old.svc.Frontend))
+			}
+			for _, n := range ch.old.rec.Numbers {
+				if id := backendID(ch.old.id, n); !keep[id] {
+					b.oldBackends = append(b.oldBackends, id)
+				}
+			}
+		}
 		if ch.new == nil {
 			continue
 		}
@@ -431,130 +692,26 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 			if ok && o == v {
 				continue
 			}
-			bKeys = append(bKeys, id)
-			bVals = append(bVals, v)
+			b.backendKeys = append(b.backendKeys, id)
+			b.backendVals = append(b.backendVals, v)
 			if ok {
-				bOldKeys = append(bOldKeys, id)
-				bOld = append(bOld, o)
+				b.changedBackends = append(b.changedBackends, id)
+				b.changedWere = append(b.changedWere, o)
 			} else {
-				bNewKeys = append(bNewKeys, id)
+				b.addedBackends = append(b.addedBackends, id)
 			}
 		}
-		for slot, id := range ch.entries.Slots {
-			if slot%slotBlock == 0 {
-				sKeys = append(sKeys, bpfobj.TypesLbSlotKey{Table: ch.entries.Frontend.Table, Block: uint32(slot / slotBlock)})
-				sVals = append(sVals, bpfobj.TypesLbSlotBlock{})
-			}
-			sVals[len(sVals)-1].Backend[slot%slotBlock] = id
-		}
+		keys, vals := slotBlocks(&ch.entries)
+		b.slotKeys, b.slotVals = append(b.slotKeys, keys...), append(b.slotVals, vals...)
 		if ch.old == nil {
-			rKeys = append(rKeys, uint32(ch.new.id))
-			rVals = append(rVals, ch.entries.Key)
+			b.revnatKeys = append(b.revnatKeys, uint32(ch.new.id))
+			b.revnatVals = append(b.revnatVals, ch.entries.Key)
+			b.addedFrontends = append(b.addedFrontends, ch.entries.Key)
 		}
-		fKeys = append(fKeys, ch.entries.Key)
-		fVals = append(fVals, ch.entries.Frontend)
+		b.frontendKeys = append(b.frontendKeys, ch.entries.Key)
+		b.frontendVals = append(b.frontendVals, ch.entries.Frontend)
 	}
-	full := func(err error, what string) error {
-		rollback()
-		return core.MapError(err, datapath.ErrMapFull, what)
-	}
-	// A counter index a new backend gets may have been another's.
-	var fresh []uint32
-	for _, ch := range chs {
-		fresh = append(fresh, ch.dirty...)
-	}
-	if len(fresh) > 0 {
-		zero := make([]bpfobj.TypesLbBackendCounters, len(fresh)*ebpf.MustPossibleCPU())
-		if _, err := st.Objs.LbCounters.BatchUpdate(fresh, zero, nil); err != nil {
-			return full(err, "zero backend counters")
-		}
-	}
-	if err := batchUpdate(st.Objs.LbBackends, bKeys, bVals); err != nil {
-		return full(err, "write backends")
-	}
-	undo = append(undo, func() {
-		batchDelete(st.Objs.LbBackends, bNewKeys)
-		batchUpdate(st.Objs.LbBackends, bOldKeys, bOld)
-	})
-	if err := batchUpdate(st.Objs.LbSlots, sKeys, sVals); err != nil {
-		return full(err, "write selection tables")
-	}
-	undo = append(undo, func() { batchDelete(st.Objs.LbSlots, sKeys) })
-	if err := batchUpdate(st.Objs.LbRevnat, rKeys, rVals); err != nil {
-		return full(err, "write reverse NAT")
-	}
-	undo = append(undo, func() { batchDelete(st.Objs.LbRevnat, rKeys) })
-
-	// 3. The frontends flip, or go.
-	if err := batchUpdate(st.Objs.LbFrontends, fKeys, fVals); err != nil {
-		return full(err, "write frontends")
-	}
-	var dKeys []bpfobj.TypesLbFrontendKey
-	for _, ch := range chs {
-		if ch.new == nil {
-			dKeys = append(dKeys, frontendKey(ch.old.svc.Frontend))
-		}
-	}
-	if err := batchDelete(st.Objs.LbFrontends, dKeys); err != nil {
-		return fmt.Errorf("delete frontends: %w", err)
-	}
-
-	// 4. What the old services held and the new ones do not.
-	var (
-		oldSlots    []bpfobj.TypesLbSlotKey
-		oldBackends []uint32
-		oldRevnat   []uint32
-		ready       []*ledger.Record
-	)
-	for _, ch := range chs {
-		if ch.old != nil {
-			table := 2*uint32(ch.old.id) + ch.old.rec.Half
-			for block := range blocks(int(ch.old.rec.Slots)) {
-				oldSlots = append(oldSlots, bpfobj.TypesLbSlotKey{Table: table, Block: uint32(block)})
-			}
-			keep := map[uint32]bool{}
-			if ch.new != nil {
-				for _, id := range ch.entries.IDs {
-					keep[id] = true
-				}
-			} else {
-				oldRevnat = append(oldRevnat, uint32(ch.old.id))
-			}
-			for _, n := range ch.old.rec.Numbers {
-				if id := backendID(ch.old.id, n); !keep[id] {
-					oldBackends = append(oldBackends, id)
-				}
-			}
-		}
-	}
-	var errs []error
-	errs = append(errs, batchDelete(st.Objs.LbSlots, oldSlots), batchDelete(st.Objs.LbBackends, oldBackends), batchDelete(st.Objs.LbRevnat, oldRevnat))
-
-	// 5. Records: ready, or gone.
-	for i, ch := range chs {
-		if ch.old != nil {
-			idx.remove(ch.old)
-		}
-		if ch.new == nil {
-			errs = append(errs, ledger.DeleteBlob(st.Objs.LedgerBlobs, ledger.KindService, uint32(ch.old.id)),
-				ledger.Delete(st.Objs.Ledger, ledger.KindService, uint32(ch.old.id)))
-			continue
-		}
-		idx.add(ch.new)
-		r := *records[i] // as written in step 1, but ready
-		r.State = ledger.Ready
-		ready = append(ready, &r)
-	}
-	errs = append(errs, ledger.PutBatch(st.Objs.Ledger, ready))
-	idx.shared.Generation = rand.Uint64() // not a count: see sharedRecord
-	idx.shared.Version = recordVersion
-	obj, _ := json.Marshal(idx.shared)
-	errs = append(errs, ledger.Put(st.Objs.Ledger, &ledger.Record{Kind: ledger.KindService, ID: 0, State: ledger.Ready, Object: obj}))
-	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("services: %w", err)
-	}
-	st.Memo.Store(indexKey{}, idx)
-	return nil
+	return b
 }
 
 // slotBlock is how many slots one lb_slots entry holds (LB_SLOT_BLOCK).
@@ -607,23 +764,6 @@ func kept(old, new *installed) int {
 		}
 	}
 	return n
-}
-
-// restoreRecords puts back the records the changes had before.
-func restoreRecords(st *core.State, chs []*change) {
-	for _, ch := range chs {
-		if ch.old == nil {
-			ledger.DeleteBlob(st.Objs.LedgerBlobs, ledger.KindService, uint32(ch.new.id))
-			ledger.Delete(st.Objs.Ledger, ledger.KindService, uint32(ch.new.id))
-			continue
-		}
-		if r, blob, err := ledgerRecord(ch.old, nil, ledger.Ready); err == nil {
-			if blob != nil {
-				ledger.PutBlob(st.Objs.LedgerBlobs, ledger.KindService, uint32(ch.old.id), blob, nil)
-			}
-			ledger.Put(st.Objs.Ledger, r)
-		}
-	}
 }
 
 // backendValue is backend b's lb_backends value, as service id's, counted

@@ -126,7 +126,7 @@ func (r *crResults) sluice(b *testing.B, n int) {
 		Conntrack: 1 << 18, // every connection of the run kept: three entries each
 	}})
 	svcs := crServices(n, nd.a.IPv4)
-	if _, err := service.Sync(context.Background(), nd.dp, svcs); err != nil {
+	if _, err := service.Sync(context.Background(), nd.dp, "", svcs); err != nil {
 		b.Fatal(err)
 	}
 	r.measure(b, testutil.OpenNetNS(b, nd.client.NetNS), testutil.OpenNetNS(b, nd.a.NetNS), nd.a.IPv4, svcs[n-1].Frontend)

@@ -196,12 +196,12 @@ func (r *cpResults) sluiceSync(b *testing.B, svcs []service.Service) {
 	ctx := context.Background()
 	for b.Loop() {
 		b.StopTimer()
-		if _, err := service.Sync(ctx, dp, nil); err != nil {
+		if _, err := service.Sync(ctx, dp, "", nil); err != nil {
 			b.Fatal(err)
 		}
 		cpSettle(b)
 		b.StartTimer()
-		out, err := service.Sync(ctx, dp, svcs)
+		out, err := service.Sync(ctx, dp, "", svcs)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -217,7 +217,7 @@ func (r *cpResults) sluiceSync(b *testing.B, svcs []service.Service) {
 func (r *cpResults) sluiceUpsert(b *testing.B, versions [2][]service.Service) {
 	dp := cpDatapath(b)
 	ctx := context.Background()
-	if _, err := service.Sync(ctx, dp, versions[1]); err != nil {
+	if _, err := service.Sync(ctx, dp, "", versions[1]); err != nil {
 		b.Fatal(err)
 	}
 	for range 10 {
@@ -247,14 +247,14 @@ func (r *cpResults) sluiceResync(b *testing.B, versions [2][]service.Service) {
 	dp := cpDatapath(b)
 	ctx := context.Background()
 	for _, v := range [3][]service.Service{versions[1], versions[0], versions[1]} {
-		if _, err := service.Sync(ctx, dp, v); err != nil {
+		if _, err := service.Sync(ctx, dp, "", v); err != nil {
 			b.Fatal(err)
 		}
 	}
 	cpSettle(b)
 	i := 0
 	for b.Loop() {
-		out, err := service.Sync(ctx, dp, versions[i%2])
+		out, err := service.Sync(ctx, dp, "", versions[i%2])
 		if err != nil {
 			b.Fatal(err)
 		}

@@ -55,7 +55,7 @@ func ExampleSync() {
 			Backends: []service.Backend{{Addr: netip.AddrFrom4([4]byte{198, 18, 1, byte(i)}), Port: 8443, Weight: 1}},
 		})
 	}
-	changes, err := service.Sync(ctx, dp, all)
+	changes, err := service.Sync(ctx, dp, "ingress-controller", all)
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -44,7 +44,7 @@ func churnSync(arg string) int {
 	}
 	fmt.Println("ready")
 	for round := 0; ; round++ {
-		if _, err := service.Sync(context.Background(), dp, syncSet(round)); err != nil {
+		if _, err := service.Sync(context.Background(), dp, "", syncSet(round)); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 2
 		}
@@ -98,7 +98,7 @@ func TestKilledMidSync(t *testing.T) {
 	if undone == 0 {
 		t.Error("no kill left half-made work: the test proves nothing")
 	}
-	if _, err := service.Sync(context.Background(), n.dp, syncSet(0)); err != nil {
+	if _, err := service.Sync(context.Background(), n.dp, "", syncSet(0)); err != nil {
 		t.Fatal(err)
 	}
 	checkConsistent(t, n.dp)

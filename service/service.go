@@ -204,7 +204,16 @@ type Service struct {
 	Affinity  time.Duration
 	Reach     Reach
 	NoBackend NoBackend
+	// Owner names the program or controller that made the service. Sync
+	// with an owner changes only that owner's services, so programs can
+	// share a datapath; an Upsert or Sync of a frontend another owner
+	// holds fails with ErrExists. Empty is an owner too: the one of
+	// services made without one. At most 64 bytes.
+	Owner string
 }
+
+// maxOwner bounds Service.Owner.
+const maxOwner = 64
 
 // MaxBackends is how many backends one service may have.
 const MaxBackends = 4096
@@ -245,6 +254,9 @@ func (s *Service) Validate() error {
 	}
 	if s.Affinity < 0 || s.Affinity > 24*time.Hour || s.Affinity%time.Second != 0 {
 		return bad("affinity %v: want whole seconds up to 24h", s.Affinity)
+	}
+	if len(s.Owner) > maxOwner {
+		return bad("owner of %d bytes: at most %d", len(s.Owner), maxOwner)
 	}
 	if len(s.Backends) > MaxBackends {
 		return bad("%d backends: at most %d", len(s.Backends), MaxBackends)

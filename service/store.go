@@ -18,8 +18,16 @@ import (
 
 // record is a service as the ledger keeps it (KindService, its ID): the
 // service, and what it holds in the maps. A service with many backends
-// does not fit a ledger record: then its service and numbers are the
-// record's blob (blobbed), as JSON of a record with only those.
+// does not fit a ledger record: then its service and numbers are a blob
+// (Blobbed), as JSON of a record with only those, in one of two slots, so
+// that the next version's blob is written whole before the record names
+// it.
+//
+// A record that is Creating holds the version a killed change leaves the
+// service at: the old one until the new one is live in the maps, then
+// the new one. Reconcile makes the maps that version (repairServices).
+// Gone is a service that has no such version (a new one not live yet, a
+// deleted one whose frontend is gone): Reconcile removes it whole.
 type record struct {
 	Version  int      `json:"v"`
 	Service  *Service `json:"service,omitempty"`
@@ -29,6 +37,8 @@ type record struct {
 	Slots    uint32   `json:"slots"`              // how many slots that table has
 	Next     uint16   `json:"next"`               // the last backend number given
 	Blobbed  bool     `json:"blobbed,omitempty"`
+	Slot     uint32   `json:"slot,omitempty"` // the blob's slot, when Blobbed
+	Gone     bool     `json:"gone,omitempty"`
 }
 
 const recordVersion = 1
@@ -41,9 +51,6 @@ type sharedRecord struct {
 	// removed (by Reconcile) and made again cannot repeat a value.
 	Generation uint64 `json:"generation"`
 	Next       uint16 `json:"next"` // the last service ID given
-	// Counters is how many counter indexes were ever given: those from
-	// here on were never counted in, and need no zeroing.
-	Counters uint32 `json:"counters,omitempty"`
 }
 
 // installed is one service as it is in the maps.
@@ -58,11 +65,12 @@ type installed struct {
 type index struct {
 	shared     sharedRecord
 	byFrontend map[Frontend]*installed
-	byID       map[uint16]*installed
-	backends   int             // entries in lb_backends
-	slots      int             // entries in lb_slots
-	counters   map[uint32]bool // counter indexes given to backends
-	next       uint32          // where the search for a free counter index starts
+	byID       map[uint16]*installed // and the IDs of Gone records, with no service
+	backends   int                   // entries in lb_backends
+	slots      int                   // entries in lb_slots
+	counters   map[uint32]bool       // counter indexes given to backends
+	next       uint32                // where the search for a free counter index starts
+	unready    int                   // records a killed change left (not Ready)
 }
 
 type indexKey struct{}
@@ -93,33 +101,56 @@ func loadIndex(st *core.State) (*index, error) {
 		if r.ID == 0 || r.ID > 0xffff {
 			continue
 		}
-		in := &installed{id: uint16(r.ID)}
-		if err := json.Unmarshal(r.Object, &in.rec); err != nil || in.rec.Version != recordVersion {
-			return nil, fmt.Errorf("service %d: %w: unreadable record", r.ID, datapath.ErrIncompatible)
+		in, err := decodeRecord(st, r)
+		if err != nil {
+			return nil, err
 		}
-		if in.rec.Blobbed {
-			var big record
-			doc, err := ledger.GetBlob(st.Objs.LedgerBlobs, ledger.KindService, r.ID)
-			if err == nil {
-				err = json.Unmarshal(doc, &big)
-			}
-			if err == nil && big.Service == nil {
-				err = errors.New("blob without a service")
-			}
-			if err != nil {
-				return nil, fmt.Errorf("service %d: %w: %w", r.ID, datapath.ErrIncompatible, err)
-			}
-			in.rec.Service, in.rec.Numbers, in.rec.Counters = big.Service, big.Numbers, big.Counters
+		if r.State != ledger.Ready {
+			idx.unready++
 		}
-		if in.rec.Service == nil || len(in.rec.Numbers) != len(in.rec.Service.Backends) || len(in.rec.Counters) != len(in.rec.Numbers) {
-			return nil, fmt.Errorf("service %d: %w: a record without its service", r.ID, datapath.ErrIncompatible)
+		if in.rec.Gone {
+			idx.byID[in.id] = in // its ID is taken until Reconcile removes it
+			continue
 		}
-		in.svc = *in.rec.Service
-		in.rec.Service = nil // in.svc is the service
 		idx.add(in)
 	}
 	return idx, nil
 }
+
+// decodeRecord reads the service a record holds, from its blob when it has
+// one; a Gone record holds none.
+func decodeRecord(st *core.State, r *ledger.Record) (*installed, error) {
+	in := &installed{id: uint16(r.ID)}
+	if err := json.Unmarshal(r.Object, &in.rec); err != nil || in.rec.Version != recordVersion {
+		return nil, fmt.Errorf("service %d: %w: unreadable record", r.ID, datapath.ErrIncompatible)
+	}
+	if in.rec.Gone {
+		return in, nil
+	}
+	if in.rec.Blobbed {
+		var big record
+		doc, err := ledger.GetBlob(st.Objs.LedgerBlobs, ledger.KindService, blobID(in.id, in.rec.Slot))
+		if err == nil {
+			err = json.Unmarshal(doc, &big)
+		}
+		if err == nil && big.Service == nil {
+			err = errors.New("blob without a service")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("service %d: %w: %w", r.ID, datapath.ErrIncompatible, err)
+		}
+		in.rec.Service, in.rec.Numbers, in.rec.Counters = big.Service, big.Numbers, big.Counters
+	}
+	if in.rec.Service == nil || len(in.rec.Numbers) != len(in.rec.Service.Backends) || len(in.rec.Counters) != len(in.rec.Numbers) {
+		return nil, fmt.Errorf("service %d: %w: a record without its service", r.ID, datapath.ErrIncompatible)
+	}
+	in.svc = *in.rec.Service
+	in.rec.Service = nil // in.svc is the service
+	return in, nil
+}
+
+// blobID is the blob of a service's record in a slot (0 or 1).
+func blobID(id uint16, slot uint32) uint32 { return uint32(id) | slot<<16 }
 
 func (idx *index) add(in *installed) {
 	idx.byFrontend[in.svc.Frontend] = in
@@ -141,25 +172,19 @@ func (idx *index) remove(in *installed) {
 	}
 }
 
-// newCounter gives a counter index no backend has, below size: one never
-// given while there is one, else a freed one, which must be zeroed (used).
-// It returns false when every one is taken.
-func (idx *index) newCounter(size uint32) (c uint32, used, ok bool) {
+// newCounter gives a counter index no backend holds, below size, or false
+// when every one is taken. The index may have been another backend's,
+// whose counts it still has: it is zeroed before use (change.dirty).
+func (idx *index) newCounter(size uint32) (uint32, bool) {
 	if uint32(len(idx.counters)) >= size {
-		return 0, false, false
-	}
-	if idx.shared.Counters < size {
-		c = idx.shared.Counters
-		idx.shared.Counters++
-		idx.counters[c] = true
-		return c, false, true
+		return 0, false
 	}
 	for {
-		c = idx.next % size
+		c := idx.next % size
 		idx.next = c + 1
 		if !idx.counters[c] {
 			idx.counters[c] = true
-			return c, true, true
+			return c, true
 		}
 	}
 }
@@ -181,7 +206,7 @@ func (idx *index) newID() (uint16, bool) {
 // assign gives the backends of svc their numbers and counter indexes: a
 // backend the service had keeps its own, a new one gets a number after the
 // last given and a free counter index below size (false: none is free);
-// dirty are the indexes given that others used before.
+// dirty are the indexes it gives, to zero.
 func (idx *index) assign(old *installed, svc *Service, size uint32) (nums []uint16, counters, dirty []uint32, next uint16, ok bool) {
 	type kept struct {
 		number  uint16
@@ -211,13 +236,10 @@ func (idx *index) assign(old *installed, svc *Service, size uint32) (nums []uint
 		}
 		used[next] = true
 		nums[i] = next
-		var used bool
-		if counters[i], used, ok = idx.newCounter(size); !ok {
+		if counters[i], ok = idx.newCounter(size); !ok {
 			return nil, nil, nil, 0, false
 		}
-		if used {
-			dirty = append(dirty, counters[i])
-		}
+		dirty = append(dirty, counters[i])
 	}
 	return nums, counters, dirty, next, true
 }
@@ -244,45 +266,53 @@ func bytesOf(v any) []byte {
 // and keeps madeRoom bytes for them; more are named by sweeps.
 const (
 	maxNamed = 14
-	madeRoom = 900
+	madeRoom = 1000
 )
 
-// ledgerRecord is the ledger's record of a service in state, naming the
-// entries it holds, and those of old, what it replaces, so that a change a
-// killed process left half-done is undone whole (see internal/ledger): its
-// frontend, its backends and its selection tables. Affinities are left to
-// age out: one is used only for an active backend of its own service.
-func ledgerRecord(in, old *installed, state ledger.State) (*ledger.Record, []byte, error) {
-	rec := in.rec
-	rec.Version, rec.Blobbed = recordVersion, false
-	svc := in.svc
-	rec.Service = &svc
+// ledgerRecord is the ledger's record of service id in state, holding the
+// version holds (or, with gone, none) and naming the entries of holds and
+// of also, so that Reconcile can make the maps that version, or undo the
+// service whole: its frontend, its backends and its selection tables.
+// Affinities are left to age out: one is used only for an active backend
+// of its own service. A blob, when the version needs one, is returned to
+// be written into slot holds.rec.Slot before the record.
+func ledgerRecord(id uint16, holds, also *installed, state ledger.State, gone bool) (*ledger.Record, []byte, error) {
+	rec := record{Version: recordVersion, Gone: gone}
+	var blob []byte
+	if !gone {
+		rec = holds.rec
+		rec.Version, rec.Blobbed, rec.Gone = recordVersion, false, false
+		svc := holds.svc
+		rec.Service = &svc
+		obj, err := json.Marshal(rec)
+		if err != nil {
+			return nil, nil, err
+		}
+		if len(obj) > len(bpfobj.TypesLedgerRecord{}.Data)-madeRoom {
+			if blob, err = json.Marshal(record{Version: recordVersion, Service: &svc, Numbers: rec.Numbers, Counters: rec.Counters}); err != nil {
+				return nil, nil, err
+			}
+			rec.Service, rec.Numbers, rec.Counters, rec.Blobbed = nil, nil, nil, true
+		}
+	}
 	obj, err := json.Marshal(rec)
 	if err != nil {
 		return nil, nil, err
 	}
-	var blob []byte
-	if len(obj) > len(bpfobj.TypesLedgerRecord{}.Data)-madeRoom {
-		if blob, err = json.Marshal(record{Version: recordVersion, Service: &svc, Numbers: rec.Numbers, Counters: rec.Counters}); err != nil {
-			return nil, nil, err
-		}
-		rec.Service, rec.Numbers, rec.Counters, rec.Blobbed = nil, nil, nil, true
-		if obj, err = json.Marshal(rec); err != nil {
-			return nil, nil, err
-		}
-	}
-	key := frontendKey(in.svc.Frontend)
-	id := uint32(in.id)
+	key := frontendKey(holds.svc.Frontend)
+	id32 := uint32(id)
 	r := &ledger.Record{
 		Kind:   ledger.KindService,
-		ID:     id,
+		ID:     id32,
 		State:  state,
 		Object: obj,
 		Made: ledger.Made{
 			Entries: []ledger.Entry{
 				{Map: bpfobj.EndpointMapLbFrontends, Key: bytesOf(&key)},
-				{Map: bpfobj.EndpointMapLbRevnat, Key: bytesOf(&id)},
+				{Map: bpfobj.EndpointMapLbRevnat, Key: bytesOf(&id32)},
 			},
+			// Both blob slots.
+			Records: []ledger.Ref{{Kind: ledger.KindService, ID: blobID(id, 0)}, {Kind: ledger.KindService, ID: blobID(id, 1)}},
 		},
 	}
 	// Few entries are named one by one: undoing them is a lookup each,
@@ -290,20 +320,22 @@ func ledgerRecord(in, old *installed, state ledger.State) (*ledger.Record, []byt
 	// services a killed Sync left).
 	var ids []uint32
 	var tables []bpfobj.TypesLbSlotKey
-	for _, x := range []*installed{in, old} {
+	for _, x := range []*installed{holds, also} {
 		if x == nil {
 			continue
 		}
 		for _, n := range x.rec.Numbers {
-			if b := backendID(in.id, n); !slices.Contains(ids, b) {
+			if b := backendID(id, n); !slices.Contains(ids, b) {
 				ids = append(ids, b)
 			}
 		}
 		for block := range blocks(int(x.rec.Slots)) {
-			tables = append(tables, bpfobj.TypesLbSlotKey{Table: 2*id + x.rec.Half, Block: uint32(block)})
+			if k := (bpfobj.TypesLbSlotKey{Table: 2*id32 + x.rec.Half, Block: uint32(block)}); !slices.Contains(tables, k) {
+				tables = append(tables, k)
+			}
 		}
 	}
-	if blob == nil && len(ids)+len(tables) <= maxNamed {
+	if len(ids)+len(tables) <= maxNamed {
 		for i := range ids {
 			r.Made.Entries = append(r.Made.Entries, ledger.Entry{Map: bpfobj.EndpointMapLbBackends, Key: bytesOf(&ids[i])})
 		}
@@ -312,13 +344,10 @@ func ledgerRecord(in, old *installed, state ledger.State) (*ledger.Record, []byt
 		}
 	} else {
 		r.Made.Sweeps = []ledger.Sweep{
-			{Map: bpfobj.EndpointMapLbBackends, Offset: serviceOffset, Size: 2, Value: id},
-			{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2 * id},
-			{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2*id + 1},
+			{Map: bpfobj.EndpointMapLbBackends, Offset: serviceOffset, Size: 2, Value: id32},
+			{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2 * id32},
+			{Map: bpfobj.EndpointMapLbSlots, Offset: 0, Size: 4, Value: 2*id32 + 1},
 		}
-	}
-	if blob != nil {
-		r.Made.Records = []ledger.Ref{{Kind: ledger.KindService, ID: id}}
 	}
 	return r, blob, nil
 }

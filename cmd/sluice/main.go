@@ -10,6 +10,9 @@
 //	flows        tracked connections, with the policy rule that allowed each
 //	services     services: frontends, backends with their states and counters
 //	lost         event records the datapath could not send
+//	verify       the maps compared with the ledger, object by object: every
+//	             difference (-repair mends each; it opens the datapath
+//	             read-write, in the namespace -netns names)
 //
 // It opens the datapath read-only (maps only, no program, no lock), so it
 // works beside the program that owns it and where a program would not
@@ -36,6 +39,8 @@ import (
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
+	// Its checks and repairs: verify covers policies too.
+	_ "github.com/sluicedp/sluice/policy"
 	"github.com/sluicedp/sluice/service"
 )
 
@@ -54,23 +59,33 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	bpffs := fs.String("bpffs", datapath.DefaultBPFFS, "BPF filesystem the datapath is pinned in")
 	name := fs.String("name", "", "datapath name (required unless there is exactly one)")
 	traces := fs.Bool("traces", false, "events: report trace points too")
+	repair := fs.Bool("repair", false, "verify: mend every difference")
+	netns := fs.String("netns", "/proc/thread-self/ns/net", "verify -repair: the network namespace the datapath serves (a name under /run/netns, or a path)")
 	fs.Usage = func() {
-		fmt.Fprintln(out, "usage: sluice [-bpffs DIR] [-name NAME] reasons|metrics|events|endpoints|flows|services|lost")
+		fmt.Fprintln(out, "usage: sluice [-bpffs DIR] [-name NAME] reasons|metrics|events|endpoints|flows|services|lost|verify")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if fs.NArg() != 1 {
+	if fs.NArg() < 1 {
 		fs.Usage()
 		return errors.New("want exactly one command")
 	}
+	// Flags may follow the command too: sluice verify -repair.
 	cmd := fs.Arg(0)
+	if err := fs.Parse(fs.Args()[1:]); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		fs.Usage()
+		return errors.New("want exactly one command")
+	}
 	if cmd == "reasons" {
 		return reasons(out)
 	}
 	switch cmd {
-	case "metrics", "events", "endpoints", "flows", "services", "lost":
+	case "metrics", "events", "endpoints", "flows", "services", "lost", "verify":
 	default:
 		fs.Usage()
 		return fmt.Errorf("unknown command %q", cmd)
@@ -88,7 +103,14 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	if cmd == "events" && *traces {
 		open = datapath.Open
 	}
-	dp, err := open(ctx, datapath.Config{Name: *name, BPFFS: *bpffs, MustExist: true})
+	cfg := datapath.Config{Name: *name, BPFFS: *bpffs, MustExist: true}
+	if cmd == "verify" && *repair {
+		// A repair undoes what killed writers left: devices and
+		// attachments, in the datapath's own namespace, which Open
+		// checks.
+		open, cfg.NetNS = datapath.Open, *netns
+	}
+	dp, err := open(ctx, cfg)
 	if err != nil {
 		return err
 	}
@@ -105,6 +127,8 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		return flows(dp, out)
 	case "services":
 		return services(dp, out)
+	case "verify":
+		return verify(ctx, dp, *repair, out)
 	default:
 		lost, err := dp.Lost()
 		if err != nil {
@@ -290,4 +314,25 @@ func services(dp *datapath.Datapath, out io.Writer) error {
 		}
 	}
 	return w.Flush()
+}
+
+// verify prints every difference between the maps and the ledger, and
+// fails when one is left unrepaired.
+func verify(ctx context.Context, dp *datapath.Datapath, repair bool, out io.Writer) error {
+	drift, err := dp.Verify(ctx, repair)
+	left := 0
+	for _, d := range drift {
+		fmt.Fprintln(out, d)
+		if !d.Repaired {
+			left++
+		}
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "%d differences, %d repaired\n", len(drift), len(drift)-left)
+	if left > 0 {
+		return fmt.Errorf("%d differences between the maps and the ledger", left)
+	}
+	return nil
 }

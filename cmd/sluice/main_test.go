@@ -13,7 +13,11 @@ import (
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
+	"github.com/sluicedp/sluice/internal/bpfobj"
+	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ipcache"
 	"github.com/sluicedp/sluice/internal/testutil"
+	"github.com/sluicedp/sluice/policy"
 	"github.com/sluicedp/sluice/service"
 )
 
@@ -146,5 +150,123 @@ func TestPrintEvents(t *testing.T) {
 	}
 	if err := printEvents(feed(drop), io.Discard, io.Discard); err != nil {
 		t.Errorf("a stream that ended: %v", err)
+	}
+}
+
+// `sluice verify` finds each difference between the maps and the ledger,
+// in every kind of object and in entries no object made; `verify -repair`
+// mends them all, and only in the datapath's own namespace.
+func TestVerify(t *testing.T) {
+	testutil.Privileged(t)
+	bpffs := testutil.BPFFS(t)
+	node := testutil.NewNetNS(t)
+	ctx := context.Background()
+	dp, err := datapath.Open(ctx, datapath.Config{
+		Name: "node", NetNS: node.Path, BPFFS: bpffs, Limits: datapath.Limits{Conntrack: 4096},
+		Node: datapath.Node{PodCIDRs: []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24")}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Unload()
+	for id := range uint16(2) {
+		if _, err := endpoint.Create(ctx, dp, endpoint.Spec{ID: id + 1, IPv4: netip.AddrFrom4([4]byte{198, 18, 1, byte(10 + id)}), Identity: datapath.Identity(1000 + id), NetNS: testutil.Name("sluice-t-")}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cidr := netip.MustParsePrefix("198.18.99.0/24")
+	if _, err := policy.Apply(ctx, dp, 1, policy.Policy{Ingress: []policy.Rule{
+		{Peers: []policy.Peer{{Identity: 1001}}, Ports: []policy.Port{{Protocol: policy.TCP, Port: 80}, {Protocol: policy.TCP, Port: 443}}},
+		{Action: policy.Deny, Peers: []policy.Peer{{CIDR: cidr}}},
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	fe := service.Frontend{Addr: netip.MustParseAddr("198.18.200.1"), Port: 80, Protocol: service.TCP}
+	if _, err := service.Upsert(ctx, dp, service.Service{Frontend: fe, Backends: []service.Backend{{Addr: netip.MustParseAddr("198.18.1.11"), Port: 8080, Weight: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	verify := func(args ...string) (string, error) {
+		var out bytes.Buffer
+		err := run(ctx, append([]string{"-bpffs", bpffs}, args...), &out, io.Discard)
+		return out.String(), err
+	}
+	if out, err := verify("verify"); err != nil || !strings.Contains(out, "0 differences") {
+		t.Fatalf("verify of a datapath as its ledger says: %v\n%s", err, out)
+	}
+
+	// Drift: an entry deleted, one changed, one no object made, in each
+	// kind.
+	objs := core.Of(dp).Objs
+	var pk bpfobj.TypesPolicyKey
+	var pv bpfobj.TypesPolicyEntry
+	for it := objs.Policy.Iterate(); it.Next(&pk, &pv); {
+		if pk.Endpoint == 1 {
+			break
+		}
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(objs.Policy.Delete(&pk))
+	pk.Endpoint = 9
+	must(objs.Policy.Put(&pk, &pv))
+	must(objs.Ipcache.Delete(ipcache.KeyBytes(cidr)))
+	var ifindex uint32
+	var info bpfobj.TypesEndpointInfo
+	for it := objs.Endpoints.Iterate(); it.Next(&ifindex, &info); {
+		if info.Id == 2 {
+			break
+		}
+	}
+	info.Identity = 4242
+	must(objs.Endpoints.Put(ifindex, &info))
+	var bid uint32
+	var bv bpfobj.TypesLbBackend
+	for it := objs.LbBackends.Iterate(); it.Next(&bid, &bv); {
+	}
+	bv.Weight = 7
+	must(objs.LbBackends.Put(bid, &bv))
+	var fk bpfobj.TypesLbFrontendKey
+	var fv bpfobj.TypesLbFrontend
+	for it := objs.LbFrontends.Iterate(); it.Next(&fk, &fv); {
+	}
+	fk.Port++
+	must(objs.LbFrontends.Put(&fk, &fv))
+
+	out, err := verify("verify")
+	if err == nil {
+		t.Errorf("verify found no difference:\n%s", out)
+	}
+	for _, want := range []string{
+		"policy of endpoint 1: the maps lack or differ in 1 of its entries",
+		"policy: 1 entries of endpoint 9, which has no policy",
+		"CIDR identity of 198.18.99.0/24: not in the ipcache",
+		"endpoint 2: its endpoint map entry is missing or differs",
+		"service 198.18.200.1:80/tcp: missing or not as its record says: [backend 198.18.1.11:8080]",
+		"a frontend no service has",
+		"6 differences, 0 repaired",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("verify: want %q in\n%s", want, out)
+		}
+	}
+	if out2, _ := verify("verify"); out2 != out {
+		t.Errorf("verify without -repair changed something: first\n%s\nthen\n%s", out, out2)
+	}
+
+	// A repair only in the datapath's namespace: this process's is not.
+	if _, err := verify("verify", "-repair"); !errors.Is(err, datapath.ErrInvalid) {
+		t.Errorf("verify -repair from another namespace: %v, want ErrInvalid", err)
+	}
+	// Opening it read-write repairs what Reconcile repairs (the endpoint
+	// map entry and the CIDR identity); verify -repair the rest.
+	if out, err := verify("-netns", node.Path, "verify", "-repair"); err != nil || !strings.Contains(out, "4 differences, 4 repaired") {
+		t.Errorf("verify -repair: %v\n%s", err, out)
+	}
+	if out, err := verify("verify"); err != nil || !strings.Contains(out, "0 differences") {
+		t.Errorf("verify after the repair: %v\n%s", err, out)
 	}
 }

@@ -44,6 +44,10 @@ type State struct {
 	PodCIDRs []netip.Prefix
 	LayoutID ebpf.MapID // of the pinned layout map this State opened
 	ReadOnly bool       // opened for inspection: no changes
+	// CIDRIdentities is how many CIDR identities the datapath holds
+	// (Limits); 0 for a datapath made before they had a limit of their
+	// own: as many as the ledger has room for.
+	CIDRIdentities int
 
 	mu     sync.RWMutex
 	rw     sync.RWMutex
@@ -402,7 +406,11 @@ func (s *State) Undo(r *ledger.Record) error {
 }
 
 // Sweep deletes every entry of a map whose key (or value) matches.
-func (s *State) Sweep(sw ledger.Sweep) error {
+func (s *State) Sweep(sw ledger.Sweep) error { return s.SweepExcept(sw, nil) }
+
+// SweepExcept is Sweep, keeping the entries whose raw key keep (when not
+// nil) reports true for.
+func (s *State) SweepExcept(sw ledger.Sweep, keep func(key []byte) bool) error {
 	m := s.Map(sw.Map)
 	if m == nil {
 		return fmt.Errorf("sweep: no map %s", sw.Map)
@@ -437,6 +445,9 @@ func (s *State) Sweep(sw ledger.Sweep) error {
 		}
 	}
 	for _, k := range keys {
+		if keep != nil && keep(k) {
+			continue
+		}
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("sweep %s: %w", sw.Map, err)
 		}
@@ -469,4 +480,69 @@ func MapError(err, full error, what string) error {
 		return fmt.Errorf("%s: %w: %w", what, full, err)
 	}
 	return fmt.Errorf("%s: %w", what, err)
+}
+
+// A Repair makes the records of one kind whole again after a process was
+// killed half-way through changing them (see internal/txn): it finishes or
+// takes back each change, and returns how many it found. Call it with the
+// lock held.
+type Repair func(*State) (int, error)
+
+var repairs = map[ledger.Kind]Repair{}
+
+// RegisterRepair sets the repair of a kind; the object package of the
+// kind registers it when it is imported.
+func RegisterRepair(kind ledger.Kind, r Repair) { repairs[kind] = r }
+
+// RepairOf returns the repair of a kind, or nil when the package of the
+// kind is not in this program.
+func RepairOf(kind ledger.Kind) Repair { return repairs[kind] }
+
+// Drift is a difference between the maps and what the ledger says they
+// hold, found by a Check.
+type Drift struct {
+	Object   string // the object it concerns, or the map of an entry no object made
+	What     string // the difference
+	Repaired bool
+}
+
+// A Check compares the maps with the records of one kind, and reports
+// each difference; with repair, it mends each one too. A repair writes
+// what the record says, and removes entries no record names. Call it with
+// the lock held (a read hold suffices without repair).
+type Check func(s *State, repair bool) ([]Drift, error)
+
+var checks = map[ledger.Kind]Check{}
+
+// RegisterCheck sets the check of a kind; the object package of the kind
+// registers it when it is imported.
+func RegisterCheck(kind ledger.Kind, c Check) { checks[kind] = c }
+
+// CheckOf returns the check of a kind, or nil when the package of the kind
+// is not in this program.
+func CheckOf(kind ledger.Kind) Check { return checks[kind] }
+
+// CheckIpcache reports each ipcache entry of a source whose prefix owned
+// does not hold (an entry no object of that kind made), and with repair
+// deletes it.
+func (s *State) CheckIpcache(src ipcache.Source, owned map[netip.Prefix]bool, repair bool) ([]Drift, error) {
+	entries, err := ipcache.List(s.Objs.Ipcache)
+	if err != nil {
+		return nil, err
+	}
+	var drift []Drift
+	for p, e := range entries {
+		if ipcache.Source(e.Source) != src || owned[p] {
+			continue
+		}
+		d := Drift{Object: "ipcache", What: fmt.Sprintf("%s, an entry of a %s, which none has", p, src)}
+		if repair {
+			if err := ipcache.DeleteKey(s.Objs.Ipcache, ipcache.KeyBytes(p), src); err != nil {
+				return drift, err
+			}
+			d.Repaired = true
+		}
+		drift = append(drift, d)
+	}
+	return drift, nil
 }

@@ -143,3 +143,29 @@ func DeleteKey(m *ebpf.Map, key []byte, src Source) error {
 	}
 	return nil
 }
+
+// List returns every entry, by prefix.
+func List(m *ebpf.Map) (map[netip.Prefix]Entry, error) {
+	out := map[netip.Prefix]Entry{}
+	var k bpfobj.TypesIpcacheKey
+	var e Entry
+	it := m.Iterate()
+	for it.Next(&k, &e) {
+		bits := int(k.Prefixlen) - 32
+		var a netip.Addr
+		if k.Family == 4 {
+			a = netip.AddrFrom4([4]byte(k.Addr[:4]))
+		} else {
+			a = netip.AddrFrom16(k.Addr)
+		}
+		p, err := a.Prefix(bits)
+		if err != nil {
+			return nil, fmt.Errorf("ipcache key %+v: %w", k, err)
+		}
+		out[p] = e
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read the ipcache: %w", err)
+	}
+	return out, nil
+}

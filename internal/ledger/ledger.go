@@ -126,10 +126,12 @@ type Device struct {
 	Owned   bool   `json:"owned"`
 }
 
-// Link is a tc attachment by its key, on the device's ingress or egress.
+// Link is a tc attachment by its key, on the device's ingress or egress,
+// of the program of that name (an upgrade attaches the new build's).
 type Link struct {
-	Key    string `json:"key"`
-	Egress bool   `json:"egress,omitempty"`
+	Key     string `json:"key"`
+	Egress  bool   `json:"egress,omitempty"`
+	Program string `json:"program,omitempty"`
 }
 
 // Entry is a key of one of the datapath's maps, by map name. Source, when

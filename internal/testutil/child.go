@@ -1,10 +1,14 @@
 package testutil
 
 import (
+	"errors"
 	"os"
 	"os/exec"
 	"strings"
+	"syscall"
 	"testing"
+
+	"github.com/sluicedp/sluice/internal/txn"
 )
 
 // A test binary can start itself again as a child process that runs one
@@ -32,4 +36,30 @@ func Child(role, arg string) (*exec.Cmd, error) {
 	cmd := exec.Command(exe, "-test.run=^$")
 	cmd.Env = append(os.Environ(), childEnv+"="+role+"="+arg)
 	return cmd, nil
+}
+
+// CrashAt makes this process kill itself (SIGKILL, as a kill from outside
+// would) when a change reaches the named crash point (internal/txn).
+func CrashAt(point string) {
+	txn.CrashHook = func(p string) {
+		if p == point {
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		}
+	}
+}
+
+// RunKilled runs a child in the given role and fails the test unless it
+// was killed by SIGKILL (CrashAt): one that exits never reached its crash
+// point.
+func RunKilled(t testing.TB, role, arg string) {
+	t.Helper()
+	cmd, err := Child(role, arg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.CombinedOutput()
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+		t.Fatalf("child %s %s was not killed at its crash point: %v: %s", role, arg, err, out)
+	}
 }
