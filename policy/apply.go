@@ -187,6 +187,7 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (Changes, e
 		changes    Changes
 		next       = target{Delete: c == nil}
 		gen        = newGeneration()
+		restored   = true // the maps are as they were, after an undo
 	)
 	if old != nil {
 		held = old.Prefixes
@@ -248,7 +249,7 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (Changes, e
 				if ready && len(steps) == 0 && bytes.Equal(live, doc) {
 					return txn.ErrUnchanged
 				}
-				return checkRoom(st, endpoint, have, want)
+				return checkRoom(st, endpoint, have, steps)
 			},
 		},
 		txn.Phase{
@@ -273,8 +274,12 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (Changes, e
 				if old == nil {
 					errs = append(errs, ledger.Delete(st.Objs.Ledger, ledger.KindPolicy, uint32(endpoint)))
 				} else {
+					// The record as it was, generation and all, when the
+					// maps are as they were: a memo of them still holds.
 					was := *old
-					was.Generation = gen // the maps were written: no memo holds
+					if !restored {
+						was.Generation = gen
+					}
 					errs = append(errs, putRecord(st, endpoint, r.State, &was))
 				}
 				return errors.Join(errs...)
@@ -284,22 +289,13 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (Changes, e
 			Name: "maps",
 			Do: func() (err error) {
 				changes, err = write(st, endpoint, steps, have)
-				// A direction's summary is an entry too.
-				add, remove := Diff(have, want)
-				for k := range add.Meta {
-					if _, had := have.Meta[k]; had {
-						changes.Changed++
-					} else {
-						changes.Added++
-					}
-				}
-				changes.Removed += len(remove.Meta)
 				return err
 			},
 			// The new entries' plan backwards: no packet meets a
 			// policy that is neither.
 			Undo: func() error {
 				_, err := write(st, endpoint, Plan(want, have), want)
+				restored = err == nil
 				return err
 			},
 		},
@@ -363,61 +359,51 @@ func apply(st *core.State, endpoint uint16, c *Compiled, doc []byte) (Changes, e
 	return changes, nil
 }
 
-// checkRoom fails with ErrMapFull when the policy map cannot hold every
+// checkRoom fails with ErrMapFull when the policy map cannot hold the
 // endpoint's entries at the peak of the change, when the new entries are
-// written and the old not yet deleted.
-func checkRoom(st *core.State, endpoint uint16, have, want *MapEntries) error {
-	add, _ := Diff(have, want)
-	grow := 0
-	for k := range add.Entries {
-		if _, ok := have.Entries[k]; !ok {
-			grow++
+// written and the old not yet deleted, even with no other endpoint's in
+// it. Beside the others' entries the map itself refuses (E2BIG, counted
+// against the whole map), and the change is taken back: counting the map
+// first would walk all its buckets for every change.
+func checkRoom(st *core.State, endpoint uint16, have *MapEntries, steps []Step) error {
+	peak := len(have.Entries)
+	for _, step := range steps {
+		for k := range step.Entries {
+			if _, ok := have.Entries[k]; !ok && !step.Delete {
+				peak++
+			}
 		}
 	}
-	if grow == 0 {
-		return nil
-	}
-	size := int(st.Objs.Policy.MaxEntries())
-	total, err := count(st.Objs.Policy)
-	if err != nil {
-		return err
-	}
-	if total+grow > size {
-		return fmt.Errorf("policy of endpoint %d needs %d more entries, the policy map holds %d and has %d: %w",
-			endpoint, grow, size, total, datapath.ErrMapFull)
+	if size := int(st.Objs.Policy.MaxEntries()); peak > size {
+		return fmt.Errorf("policy of endpoint %d needs %d entries, the policy map holds %d: %w", endpoint, peak, size, datapath.ErrMapFull)
 	}
 	return nil
 }
 
-// count returns how many entries the policy map has, in batches.
-func count(m *ebpf.Map) (int, error) {
-	const batch = 4096
-	keys := make([]bpfobj.TypesPolicyKey, batch)
-	vals := make([]bpfobj.TypesPolicyEntry, batch)
-	var cursor ebpf.MapBatchCursor
-	total := 0
-	for {
-		n, err := m.BatchLookup(&cursor, keys, vals, nil)
-		total += n
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return total, nil
-		}
-		if err != nil {
-			return 0, fmt.Errorf("count policy entries: %w", err)
-		}
-	}
-}
-
-// write takes the steps of a plan (Plan) from the endpoint's entries have.
-// A kill half-way is a crash point of its own: the maps hold a mix.
+// write takes the steps of a plan (Plan) from the endpoint's entries have,
+// and counts what changed: a direction's summary is an entry too, counted
+// once though a plan may write it twice (covering, then final). A kill
+// half-way is a crash point of its own: the maps hold a mix.
 func write(st *core.State, endpoint uint16, steps []Step, have *MapEntries) (changes Changes, err error) {
 	total := 0
 	for _, step := range steps {
 		total += len(step.Entries)
 	}
 	done := 0
+	counted := map[bpfobj.TypesPolicyMetaKey]bool{}
 	for _, step := range steps {
 		for k, v := range step.Meta {
+			was, had := have.Meta[k]
+			switch {
+			case step.Delete:
+				changes.Removed++
+			case counted[k] || (had && was == v):
+			case had:
+				changes.Changed++
+			default:
+				changes.Added++
+			}
+			counted[k] = true
 			if step.Delete {
 				err = deleteKey(st.Objs.PolicyMeta, &k)
 			} else {
