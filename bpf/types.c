@@ -13,6 +13,7 @@
 #include "lib/policy.h"
 #include "lib/ct.h"
 #include "lib/service.h"
+#include "lib/sock_destroy.h"
 
 struct event *_event __attribute__((unused));
 enum drop_reason *_drop_reason __attribute__((unused));

@@ -43,9 +43,13 @@ type SyncChanges struct {
 // what it was: its backend set afterwards is svc.Backends. The new backends
 // and selection table are written before the frontend points at them and
 // the old ones go after, so no packet sees a half-written service and a
-// flow keeps its backend unless that backend was removed. Writing the same
-// service again changes nothing. Bad input is ErrInvalid, and more than
-// the maps hold ErrMapFull; either way the service is as it was.
+// flow keeps its backend unless that backend was removed. A UDP socket
+// the socket programs connected to a removed backend is closed, on Linux
+// 6.5 and later (its next receive fails with ECONNABORTED, and it connects
+// again); on older kernels it keeps sending to the address it has.
+// Writing the same service again changes nothing. Bad input is
+// ErrInvalid, another owner's frontend ErrExists, and more than the maps
+// hold ErrMapFull; in each case the service is as it was.
 func Upsert(ctx context.Context, dp *datapath.Datapath, svc Service) (Changes, error) {
 	if err := svc.Validate(); err != nil {
 		return Changes{}, err
@@ -80,8 +84,8 @@ func Upsert(ctx context.Context, dp *datapath.Datapath, svc Service) (Changes, e
 
 // Delete removes the service of a frontend: its frontend first, so that no
 // new flow reaches it, then its backends and table. A flow it had gets no
-// reverse translation after. Deleting a service that is not there is
-// ErrNotFound.
+// reverse translation after. It names the service, so it removes it
+// whatever its owner. Deleting a service that is not there is ErrNotFound.
 func Delete(ctx context.Context, dp *datapath.Datapath, fe Frontend) error {
 	st, unlock, err := core.Change(ctx, dp)
 	if err != nil {
@@ -524,6 +528,23 @@ func apply(st *core.State, idx *index, chs []*change) (err error) {
 		}
 	}
 	st.Memo.Store(indexKey{}, idx)
+	// Connected UDP sockets that the socket programs sent to a backend
+	// that left would keep sending to it: close them. The change is made
+	// whatever comes of it; before Linux 6.5 (ErrNotSupported) the sockets
+	// stay, and fail once the backend is gone.
+	var leaving []core.SocketTarget
+	for _, ch := range chs {
+		if ch.old != nil {
+			var now *Service
+			if ch.new != nil {
+				now = &ch.new.svc
+			}
+			leaving = append(leaving, socketTargets(&ch.old.svc, now)...)
+		}
+	}
+	if len(leaving) > 0 {
+		st.DestroySockets(leaving)
+	}
 	return nil
 }
 

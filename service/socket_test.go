@@ -18,7 +18,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	testutil.Main(m, map[string]func(string) int{"ask": askMain, "churnsync": churnSync, "synccrash": syncCrash})
+	testutil.Main(m, map[string]func(string) int{"ask": askMain, "churnsync": churnSync, "synccrash": syncCrash, "udpsockets": udpSocketsMain})
 }
 
 // question is what a child asks: from the namespace NetNS, a TCP or UDP

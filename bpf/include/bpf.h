@@ -141,6 +141,11 @@ enum {
 #define __uint(name, val) int (*name)[val]
 #define __type(name, val) typeof(val) *name
 
+/* A kernel function (kfunc) a program calls by name: the loader finds it
+ * in the running kernel's BTF, and refuses the program where it is not
+ * (cilium/ebpf: ErrNotSupported). */
+#define __ksym __attribute__((section(".ksyms")))
+
 /* Helpers: the kernel calls them by number. */
 static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)1;
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)2;
@@ -188,3 +193,16 @@ struct bpf_sock_addr {
 #define SYS_PROCEED 1
 
 static __u64 (*bpf_get_netns_cookie)(void *ctx) = (void *)122;
+
+/* The iterator programs (SEC("iter/...")) write their output, which user
+ * space reads from the iterator's file, to a seq_file: the context's
+ * meta->seq. Only a pointer to it is ever held. */
+struct seq_file;
+
+struct bpf_iter_meta {
+	struct seq_file *seq;
+	__u64 session_id;
+	__u64 seq_num;
+};
+
+static long (*bpf_seq_write)(struct seq_file *m, const void *data, __u32 len) = (void *)127;

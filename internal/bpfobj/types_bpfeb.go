@@ -414,6 +414,15 @@ const (
 	TypesPolicyVerdictPOLICY_AUDITED TypesPolicyVerdict = 3
 )
 
+type TypesSockDestroyKey struct {
+	_        structs.HostLayout
+	Frontend TypesLbFrontendKey
+	Addr     [16]uint8
+	Port     uint16
+	Family   uint8
+	Pad      uint8
+}
+
 type TypesTracePoint uint32
 
 const (
@@ -430,47 +439,48 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	TypesMapConntrack       = "conntrack"
-	TypesMapEndpoints       = "endpoints"
-	TypesMapEpCounters      = "ep_counters"
-	TypesMapEventConfig     = "event_config"
-	TypesMapEventLimiter    = "event_limiter"
-	TypesMapEventLost       = "event_lost"
-	TypesMapEvents          = "events"
-	TypesMapIpcache         = "ipcache"
-	TypesMapLayout          = "layout"
-	TypesMapLbAffinity      = "lb_affinity"
-	TypesMapLbBackends      = "lb_backends"
-	TypesMapLbCounters      = "lb_counters"
-	TypesMapLbFrontends     = "lb_frontends"
-	TypesMapLbRevnat        = "lb_revnat"
-	TypesMapLbSlots         = "lb_slots"
-	TypesMapLbSockRevnat    = "lb_sock_revnat"
-	TypesMapLedger          = "ledger"
-	TypesMapLedgerBlobs     = "ledger_blobs"
-	TypesMapMetrics         = "metrics"
-	TypesMapPolicy          = "policy"
-	TypesMapPolicyCounters  = "policy_counters"
-	TypesMapPolicyMeta      = "policy_meta"
-	TypesVarCtDir           = "_ct_dir"
-	TypesVarCtFlag          = "_ct_flag"
-	TypesVarDirection       = "_direction"
-	TypesVarDropReason      = "_drop_reason"
-	TypesVarEndpointFlag    = "_endpoint_flag"
-	TypesVarEvent           = "_event"
-	TypesVarEventFlag       = "_event_flag"
-	TypesVarEventLostCause  = "_event_lost_cause"
-	TypesVarEventType       = "_event_type"
-	TypesVarEventVersion    = "_event_version"
-	TypesVarIpcacheSource   = "_ipcache_source"
-	TypesVarLayoutVersion   = "_layout_version"
-	TypesVarLbBackendState  = "_lb_backend_state"
-	TypesVarLbFlag          = "_lb_flag"
-	TypesVarPolicyEntryFlag = "_policy_entry_flag"
-	TypesVarPolicyMetaFlag  = "_policy_meta_flag"
-	TypesVarPolicyShape     = "_policy_shape"
-	TypesVarPolicyVerdict   = "_policy_verdict"
-	TypesVarTracePoint      = "_trace_point"
+	TypesMapConntrack          = "conntrack"
+	TypesMapEndpoints          = "endpoints"
+	TypesMapEpCounters         = "ep_counters"
+	TypesMapEventConfig        = "event_config"
+	TypesMapEventLimiter       = "event_limiter"
+	TypesMapEventLost          = "event_lost"
+	TypesMapEvents             = "events"
+	TypesMapIpcache            = "ipcache"
+	TypesMapLayout             = "layout"
+	TypesMapLbAffinity         = "lb_affinity"
+	TypesMapLbBackends         = "lb_backends"
+	TypesMapLbCounters         = "lb_counters"
+	TypesMapLbFrontends        = "lb_frontends"
+	TypesMapLbRevnat           = "lb_revnat"
+	TypesMapLbSlots            = "lb_slots"
+	TypesMapLbSockRevnat       = "lb_sock_revnat"
+	TypesMapLedger             = "ledger"
+	TypesMapLedgerBlobs        = "ledger_blobs"
+	TypesMapMetrics            = "metrics"
+	TypesMapPolicy             = "policy"
+	TypesMapPolicyCounters     = "policy_counters"
+	TypesMapPolicyMeta         = "policy_meta"
+	TypesMapSockDestroyTargets = "sock_destroy_targets"
+	TypesVarCtDir              = "_ct_dir"
+	TypesVarCtFlag             = "_ct_flag"
+	TypesVarDirection          = "_direction"
+	TypesVarDropReason         = "_drop_reason"
+	TypesVarEndpointFlag       = "_endpoint_flag"
+	TypesVarEvent              = "_event"
+	TypesVarEventFlag          = "_event_flag"
+	TypesVarEventLostCause     = "_event_lost_cause"
+	TypesVarEventType          = "_event_type"
+	TypesVarEventVersion       = "_event_version"
+	TypesVarIpcacheSource      = "_ipcache_source"
+	TypesVarLayoutVersion      = "_layout_version"
+	TypesVarLbBackendState     = "_lb_backend_state"
+	TypesVarLbFlag             = "_lb_flag"
+	TypesVarPolicyEntryFlag    = "_policy_entry_flag"
+	TypesVarPolicyMetaFlag     = "_policy_meta_flag"
+	TypesVarPolicyShape        = "_policy_shape"
+	TypesVarPolicyVerdict      = "_policy_verdict"
+	TypesVarTracePoint         = "_trace_point"
 )
 
 // LoadTypes returns the embedded CollectionSpec for Types.
@@ -521,28 +531,29 @@ type TypesProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type TypesMapSpecs struct {
-	Conntrack      *ebpf.MapSpec `ebpf:"conntrack"`
-	Endpoints      *ebpf.MapSpec `ebpf:"endpoints"`
-	EpCounters     *ebpf.MapSpec `ebpf:"ep_counters"`
-	EventConfig    *ebpf.MapSpec `ebpf:"event_config"`
-	EventLimiter   *ebpf.MapSpec `ebpf:"event_limiter"`
-	EventLost      *ebpf.MapSpec `ebpf:"event_lost"`
-	Events         *ebpf.MapSpec `ebpf:"events"`
-	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
-	Layout         *ebpf.MapSpec `ebpf:"layout"`
-	LbAffinity     *ebpf.MapSpec `ebpf:"lb_affinity"`
-	LbBackends     *ebpf.MapSpec `ebpf:"lb_backends"`
-	LbCounters     *ebpf.MapSpec `ebpf:"lb_counters"`
-	LbFrontends    *ebpf.MapSpec `ebpf:"lb_frontends"`
-	LbRevnat       *ebpf.MapSpec `ebpf:"lb_revnat"`
-	LbSlots        *ebpf.MapSpec `ebpf:"lb_slots"`
-	LbSockRevnat   *ebpf.MapSpec `ebpf:"lb_sock_revnat"`
-	Ledger         *ebpf.MapSpec `ebpf:"ledger"`
-	LedgerBlobs    *ebpf.MapSpec `ebpf:"ledger_blobs"`
-	Metrics        *ebpf.MapSpec `ebpf:"metrics"`
-	Policy         *ebpf.MapSpec `ebpf:"policy"`
-	PolicyCounters *ebpf.MapSpec `ebpf:"policy_counters"`
-	PolicyMeta     *ebpf.MapSpec `ebpf:"policy_meta"`
+	Conntrack          *ebpf.MapSpec `ebpf:"conntrack"`
+	Endpoints          *ebpf.MapSpec `ebpf:"endpoints"`
+	EpCounters         *ebpf.MapSpec `ebpf:"ep_counters"`
+	EventConfig        *ebpf.MapSpec `ebpf:"event_config"`
+	EventLimiter       *ebpf.MapSpec `ebpf:"event_limiter"`
+	EventLost          *ebpf.MapSpec `ebpf:"event_lost"`
+	Events             *ebpf.MapSpec `ebpf:"events"`
+	Ipcache            *ebpf.MapSpec `ebpf:"ipcache"`
+	Layout             *ebpf.MapSpec `ebpf:"layout"`
+	LbAffinity         *ebpf.MapSpec `ebpf:"lb_affinity"`
+	LbBackends         *ebpf.MapSpec `ebpf:"lb_backends"`
+	LbCounters         *ebpf.MapSpec `ebpf:"lb_counters"`
+	LbFrontends        *ebpf.MapSpec `ebpf:"lb_frontends"`
+	LbRevnat           *ebpf.MapSpec `ebpf:"lb_revnat"`
+	LbSlots            *ebpf.MapSpec `ebpf:"lb_slots"`
+	LbSockRevnat       *ebpf.MapSpec `ebpf:"lb_sock_revnat"`
+	Ledger             *ebpf.MapSpec `ebpf:"ledger"`
+	LedgerBlobs        *ebpf.MapSpec `ebpf:"ledger_blobs"`
+	Metrics            *ebpf.MapSpec `ebpf:"metrics"`
+	Policy             *ebpf.MapSpec `ebpf:"policy"`
+	PolicyCounters     *ebpf.MapSpec `ebpf:"policy_counters"`
+	PolicyMeta         *ebpf.MapSpec `ebpf:"policy_meta"`
+	SockDestroyTargets *ebpf.MapSpec `ebpf:"sock_destroy_targets"`
 }
 
 // TypesVariableSpecs contains global variables before they are loaded into the kernel.
@@ -590,28 +601,29 @@ func (o *TypesObjects) Close() error {
 //
 // It can be passed to LoadTypesObjects or ebpf.CollectionSpec.LoadAndAssign.
 type TypesMaps struct {
-	Conntrack      *ebpf.Map `ebpf:"conntrack"`
-	Endpoints      *ebpf.Map `ebpf:"endpoints"`
-	EpCounters     *ebpf.Map `ebpf:"ep_counters"`
-	EventConfig    *ebpf.Map `ebpf:"event_config"`
-	EventLimiter   *ebpf.Map `ebpf:"event_limiter"`
-	EventLost      *ebpf.Map `ebpf:"event_lost"`
-	Events         *ebpf.Map `ebpf:"events"`
-	Ipcache        *ebpf.Map `ebpf:"ipcache"`
-	Layout         *ebpf.Map `ebpf:"layout"`
-	LbAffinity     *ebpf.Map `ebpf:"lb_affinity"`
-	LbBackends     *ebpf.Map `ebpf:"lb_backends"`
-	LbCounters     *ebpf.Map `ebpf:"lb_counters"`
-	LbFrontends    *ebpf.Map `ebpf:"lb_frontends"`
-	LbRevnat       *ebpf.Map `ebpf:"lb_revnat"`
-	LbSlots        *ebpf.Map `ebpf:"lb_slots"`
-	LbSockRevnat   *ebpf.Map `ebpf:"lb_sock_revnat"`
-	Ledger         *ebpf.Map `ebpf:"ledger"`
-	LedgerBlobs    *ebpf.Map `ebpf:"ledger_blobs"`
-	Metrics        *ebpf.Map `ebpf:"metrics"`
-	Policy         *ebpf.Map `ebpf:"policy"`
-	PolicyCounters *ebpf.Map `ebpf:"policy_counters"`
-	PolicyMeta     *ebpf.Map `ebpf:"policy_meta"`
+	Conntrack          *ebpf.Map `ebpf:"conntrack"`
+	Endpoints          *ebpf.Map `ebpf:"endpoints"`
+	EpCounters         *ebpf.Map `ebpf:"ep_counters"`
+	EventConfig        *ebpf.Map `ebpf:"event_config"`
+	EventLimiter       *ebpf.Map `ebpf:"event_limiter"`
+	EventLost          *ebpf.Map `ebpf:"event_lost"`
+	Events             *ebpf.Map `ebpf:"events"`
+	Ipcache            *ebpf.Map `ebpf:"ipcache"`
+	Layout             *ebpf.Map `ebpf:"layout"`
+	LbAffinity         *ebpf.Map `ebpf:"lb_affinity"`
+	LbBackends         *ebpf.Map `ebpf:"lb_backends"`
+	LbCounters         *ebpf.Map `ebpf:"lb_counters"`
+	LbFrontends        *ebpf.Map `ebpf:"lb_frontends"`
+	LbRevnat           *ebpf.Map `ebpf:"lb_revnat"`
+	LbSlots            *ebpf.Map `ebpf:"lb_slots"`
+	LbSockRevnat       *ebpf.Map `ebpf:"lb_sock_revnat"`
+	Ledger             *ebpf.Map `ebpf:"ledger"`
+	LedgerBlobs        *ebpf.Map `ebpf:"ledger_blobs"`
+	Metrics            *ebpf.Map `ebpf:"metrics"`
+	Policy             *ebpf.Map `ebpf:"policy"`
+	PolicyCounters     *ebpf.Map `ebpf:"policy_counters"`
+	PolicyMeta         *ebpf.Map `ebpf:"policy_meta"`
+	SockDestroyTargets *ebpf.Map `ebpf:"sock_destroy_targets"`
 }
 
 func (m *TypesMaps) Close() error {
@@ -638,6 +650,7 @@ func (m *TypesMaps) Close() error {
 		m.Policy,
 		m.PolicyCounters,
 		m.PolicyMeta,
+		m.SockDestroyTargets,
 	)
 }
 

@@ -1,6 +1,7 @@
 package core
 
 import (
+	"errors"
 	"fmt"
 
 	"github.com/cilium/ebpf"
@@ -55,15 +56,21 @@ func (s *State) SockPrograms() (*bpfobj.SockPrograms, error) {
 	return progs, nil
 }
 
-// CloseSockPrograms closes the socket programs if SockPrograms loaded them;
-// the next SockPrograms loads them again. Attached programs keep running:
-// their pinned links hold them. Close must call it.
+// CloseSockPrograms closes the socket programs if SockPrograms loaded them,
+// and the socket iterator if DestroySockets did; the next call that needs
+// them loads them again. Attached programs keep running: their pinned
+// links hold them. Close must call it.
 func (s *State) CloseSockPrograms() error {
 	s.progMu.Lock()
 	defer s.progMu.Unlock()
-	p, ok := s.Memo.LoadAndDelete(sockProgramsKey{})
-	if !ok {
-		return nil
+	var errs []error
+	if p, ok := s.Memo.LoadAndDelete(sockProgramsKey{}); ok {
+		errs = append(errs, p.(*bpfobj.SockPrograms).Close())
 	}
-	return p.(*bpfobj.SockPrograms).Close()
+	if d, ok := s.Memo.LoadAndDelete(sockDestroyKey{}); ok {
+		if d, ok := d.(*sockDestroyer); ok {
+			errs = append(errs, d.close())
+		}
+	}
+	return errors.Join(errs...)
 }
