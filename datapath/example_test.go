@@ -63,3 +63,31 @@ func ExampleDatapath_CollectFlowsEvery() {
 	})
 	// ... the program's own work
 }
+
+// Compare the maps with what the ledger says they hold, and mend what
+// differs: after a writer was killed, or a map was edited by hand. The
+// packages whose objects Verify checks must be in the program.
+func ExampleDatapath_Verify() {
+	dp, err := datapath.Open(context.Background(), datapath.Config{Name: "node-a", NetNS: "node-a"})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer dp.Close()
+
+	drift, err := dp.Verify(context.Background(), true)
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, d := range drift {
+		fmt.Println(d) // "policy of endpoint 3: ... (repaired)"
+	}
+}
+
+// Remove a datapath that Open refuses (an unreadable ledger record, a pin
+// that is not what it should be), with no handle.
+func ExampleUnloadPinned() {
+	err := datapath.UnloadPinned(context.Background(), datapath.Config{Name: "node-a", NetNS: "node-a"})
+	if err != nil {
+		log.Fatal(err)
+	}
+}

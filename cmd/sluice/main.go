@@ -13,6 +13,9 @@
 //	verify       the maps compared with the ledger, object by object: every
 //	             difference (-repair mends each; it opens the datapath
 //	             read-write, in the namespace -netns names)
+//	unload       remove the datapath, in the namespace -netns names: what
+//	             its objects made, its programs and its pins; also one
+//	             that Open refuses
 //
 // It opens the datapath read-only (maps only, no program, no lock), so it
 // works beside the program that owns it and where a program would not
@@ -60,9 +63,9 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	name := fs.String("name", "", "datapath name (required unless there is exactly one)")
 	traces := fs.Bool("traces", false, "events: report trace points too")
 	repair := fs.Bool("repair", false, "verify: mend every difference")
-	netns := fs.String("netns", "/proc/thread-self/ns/net", "verify -repair: the network namespace the datapath serves (a name under /run/netns, or a path)")
+	netns := fs.String("netns", "/proc/thread-self/ns/net", "verify -repair, unload: the network namespace the datapath serves (a name under /run/netns, or a path)")
 	fs.Usage = func() {
-		fmt.Fprintln(out, "usage: sluice [-bpffs DIR] [-name NAME] reasons|metrics|events|endpoints|flows|services|lost|verify")
+		fmt.Fprintln(out, "usage: sluice [-bpffs DIR] [-name NAME] reasons|metrics|events|endpoints|flows|services|lost|verify|unload")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -85,7 +88,7 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		return reasons(out)
 	}
 	switch cmd {
-	case "metrics", "events", "endpoints", "flows", "services", "lost", "verify":
+	case "metrics", "events", "endpoints", "flows", "services", "lost", "verify", "unload":
 	default:
 		fs.Usage()
 		return fmt.Errorf("unknown command %q", cmd)
@@ -102,6 +105,9 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	open := datapath.OpenReadOnly
 	if cmd == "events" && *traces {
 		open = datapath.Open
+	}
+	if cmd == "unload" {
+		return datapath.UnloadPinned(ctx, datapath.Config{Name: *name, BPFFS: *bpffs, NetNS: *netns})
 	}
 	cfg := datapath.Config{Name: *name, BPFFS: *bpffs, MustExist: true}
 	if cmd == "verify" && *repair {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -268,5 +269,19 @@ func TestVerify(t *testing.T) {
 	}
 	if out, err := verify("verify"); err != nil || !strings.Contains(out, "0 differences") {
 		t.Errorf("verify after the repair: %v\n%s", err, out)
+	}
+
+	// unload, in its namespace only, with no handle.
+	if _, err := verify("unload"); !errors.Is(err, datapath.ErrInvalid) {
+		t.Errorf("unload from another namespace: %v, want ErrInvalid", err)
+	}
+	if _, err := verify("-netns", node.Path, "unload"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dp.PinDir()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the pins are left after unload: %v", err)
+	}
+	if links, err := node.Exec("ip", "-o", "link", "show", "type", "veth"); err != nil || links != "" {
+		t.Errorf("veths left after unload (%v): %s", err, links)
 	}
 }
