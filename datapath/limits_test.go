@@ -123,6 +123,11 @@ func TestDefaultMapMemory(t *testing.T) {
 	}
 	t.Logf("%d CPUs: %.1f MiB charged (%.1f MiB of it per-CPU maps), %.1f MiB when every map is full",
 		cpus(), float64(charged)/(1<<20), float64(perCPU)/(1<<20), float64(full)/(1<<20))
+	// Before Linux 6.4 a map's memlock in fdinfo is what it takes full,
+	// not what it was charged (map_mem_usage came with 6.4).
+	if !testutil.KernelAtLeast(6, 4) {
+		t.Skip("this kernel reports no map's charged memory")
+	}
 	if charged-perCPU > 80<<20 {
 		t.Errorf("a datapath of the default limits is charged %.1f MiB besides per-CPU maps, want at most 80", float64(charged-perCPU)/(1<<20))
 	}
