@@ -273,8 +273,8 @@ const (
 // version holds (or, with gone, none) and naming the entries of holds and
 // of also, so that Reconcile can make the maps that version, or undo the
 // service whole: its frontend, its backends and its selection tables.
-// Affinities are left to age out: one is used only for an active backend
-// of its own service. A blob, when the version needs one, is returned to
+// Affinities are left to age out: one is used only for a backend of its
+// own service that takes new flows. A blob, when the version needs one, is returned to
 // be written into slot holds.rec.Slot before the record.
 func ledgerRecord(id uint16, holds, also *installed, state ledger.State, gone bool) (*ledger.Record, []byte, error) {
 	rec := record{Version: recordVersion, Gone: gone}

@@ -417,14 +417,23 @@ func (s *State) SweepExcept(sw ledger.Sweep, keep func(key []byte) bool) error {
 	}
 	var keys [][]byte
 	if sw.InValue {
-		var k, v []byte
-		it := m.Iterate()
-		for it.Next(&k, &v) {
-			if sw.Matches(v) {
-				keys = append(keys, slices.Clone(k))
+		// A map the datapath writes (conntrack) can lose the entry an
+		// iteration stands on, which aborts it: start over, a few times.
+		var err error
+		for range 8 {
+			keys = keys[:0]
+			var k, v []byte
+			it := m.Iterate()
+			for it.Next(&k, &v) {
+				if sw.Matches(v) {
+					keys = append(keys, slices.Clone(k))
+				}
+			}
+			if err = it.Err(); !errors.Is(err, ebpf.ErrIterationAborted) {
+				break
 			}
 		}
-		if err := it.Err(); err != nil {
+		if err != nil {
 			return fmt.Errorf("sweep %s: %w", sw.Map, err)
 		}
 	} else {
