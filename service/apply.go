@@ -791,9 +791,9 @@ func kept(old, new *installed) int {
 // at counter.
 func backendValue(b Backend, id uint16, counter uint32) bpfobj.TypesLbBackend {
 	return bpfobj.TypesLbBackend{
-		Addr:    addr16(b.Addr),
-		Port:    htons(b.Port),
-		Family:  family(b.Addr),
+		Addr:    bpfobj.Addr16(b.Addr),
+		Port:    bpfobj.NetworkOrder(b.Port),
+		Family:  bpfobj.Family(b.Addr),
 		State:   uint8(b.State),
 		Weight:  b.Weight,
 		Service: uint32(id),

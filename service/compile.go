@@ -124,31 +124,7 @@ func gcd(a, b uint) uint {
 }
 
 func frontendKey(f Frontend) bpfobj.TypesLbFrontendKey {
-	return bpfobj.TypesLbFrontendKey{Addr: addr16(f.Addr), Port: htons(f.Port), Proto: uint8(f.Protocol), Family: family(f.Addr)}
-}
-
-func addr16(a netip.Addr) [16]byte {
-	var out [16]byte
-	if a.Is4() {
-		b := a.As4()
-		copy(out[:], b[:])
-		return out
-	}
-	return a.As16()
-}
-
-func family(a netip.Addr) uint8 {
-	if a.Is4() {
-		return 4
-	}
-	return 6
-}
-
-// htons puts a port in network byte order, as the programs keep it.
-func htons(p uint16) uint16 {
-	var b [2]byte
-	binary.BigEndian.PutUint16(b[:], p)
-	return binary.NativeEndian.Uint16(b[:])
+	return bpfobj.TypesLbFrontendKey{Addr: bpfobj.Addr16(f.Addr), Port: bpfobj.NetworkOrder(f.Port), Proto: uint8(f.Protocol), Family: bpfobj.Family(f.Addr)}
 }
 
 // FlowHash is the hash the programs pick a Maglev slot by (lb_hash in
@@ -156,7 +132,7 @@ func htons(p uint16) uint16 {
 // in the first 4), port and protocol. A flow goes to slot
 // FlowHash(...) % table size.
 func FlowHash(client netip.Addr, port uint16, proto Protocol) uint32 {
-	a := addr16(client)
+	a := bpfobj.Addr16(client)
 	h := uint32(0)
 	for i := 0; i < 16; i += 4 {
 		h = mix(h, binary.NativeEndian.Uint32(a[i:]))

@@ -33,20 +33,9 @@ func (s *State) SockPrograms() (*bpfobj.SockPrograms, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Every pinned map of the object is one of the datapath's: the
-	// programs must never get a map of their own.
-	have := s.maps()
-	maps := map[string]*ebpf.Map{}
-	for name, ms := range spec.Maps {
-		if ms.Pinning != ebpf.PinByName {
-			continue
-		}
-		m := have[name]
-		if m == nil {
-			return nil, fmt.Errorf("load the socket programs: the datapath has no map %s", name)
-		}
-		ms.MaxEntries = m.MaxEntries() // sized at the first Open
-		maps[name] = m
+	maps, err := s.datapathMaps(spec)
+	if err != nil {
+		return nil, fmt.Errorf("load the socket programs: %w", err)
 	}
 	progs := new(bpfobj.SockPrograms)
 	if err := spec.LoadAndAssign(progs, &ebpf.CollectionOptions{MapReplacements: maps}); err != nil {
@@ -73,4 +62,24 @@ func (s *State) CloseSockPrograms() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// datapathMaps returns, for each pinned map of spec, the datapath's map of
+// that name, and sizes spec's as it is (at the first Open): an object
+// loaded beside the datapath's must never get a map of its own.
+func (s *State) datapathMaps(spec *ebpf.CollectionSpec) (map[string]*ebpf.Map, error) {
+	have := s.maps()
+	maps := map[string]*ebpf.Map{}
+	for name, ms := range spec.Maps {
+		if ms.Pinning != ebpf.PinByName {
+			continue
+		}
+		m := have[name]
+		if m == nil {
+			return nil, fmt.Errorf("the datapath has no map %s", name)
+		}
+		ms.MaxEntries = m.MaxEntries()
+		maps[name] = m
+	}
+	return maps, nil
 }

@@ -1,7 +1,6 @@
 package core
 
 import (
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -142,14 +141,14 @@ func sockDestroyKeys(targets []SocketTarget) ([]bpfobj.TypesSockDestroyKey, erro
 		}
 		k := bpfobj.TypesSockDestroyKey{
 			Frontend: bpfobj.TypesLbFrontendKey{
-				Addr:   addr16(fe),
-				Port:   networkOrder(t.Frontend.Port()),
+				Addr:   bpfobj.Addr16(fe),
+				Port:   bpfobj.NetworkOrder(t.Frontend.Port()),
 				Proto:  unix.IPPROTO_UDP, // the iterator walks UDP sockets only
-				Family: addrFamily(fe),
+				Family: bpfobj.Family(fe),
 			},
-			Addr:   addr16(be),
-			Port:   networkOrder(t.Backend.Port()),
-			Family: addrFamily(be),
+			Addr:   bpfobj.Addr16(be),
+			Port:   bpfobj.NetworkOrder(t.Backend.Port()),
+			Family: bpfobj.Family(be),
 		}
 		if !seen[k] {
 			seen[k] = true
@@ -190,19 +189,9 @@ func (s *State) loadSockDestroy() (*sockDestroyer, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Every pinned map of the object is one of the datapath's.
-	have := s.maps()
-	maps := map[string]*ebpf.Map{}
-	for name, ms := range spec.Maps {
-		if ms.Pinning != ebpf.PinByName {
-			continue
-		}
-		m := have[name]
-		if m == nil {
-			return nil, fmt.Errorf("load the socket iterator: the datapath has no map %s", name)
-		}
-		ms.MaxEntries = m.MaxEntries() // sized at the first Open
-		maps[name] = m
+	maps, err := s.datapathMaps(spec)
+	if err != nil {
+		return nil, fmt.Errorf("load the socket iterator: %w", err)
 	}
 	var objs struct {
 		Prog    *ebpf.Program `ebpf:"destroy_udp"`
@@ -348,30 +337,4 @@ func endpointNetNS(rec *ledger.Record) string {
 		return ""
 	}
 	return r.NetNS
-}
-
-// addr16 is an address as the maps keep it: 16 bytes, IPv4 in the first 4.
-func addr16(a netip.Addr) [16]byte {
-	if a.Is4() {
-		var out [16]byte
-		b := a.As4()
-		copy(out[:], b[:])
-		return out
-	}
-	return a.As16()
-}
-
-func addrFamily(a netip.Addr) uint8 {
-	if a.Is4() {
-		return 4
-	}
-	return 6
-}
-
-// networkOrder is a port as the maps keep it: network byte order in a
-// native uint16.
-func networkOrder(port uint16) uint16 {
-	var b [2]byte
-	binary.BigEndian.PutUint16(b[:], port)
-	return binary.NativeEndian.Uint16(b[:])
 }
