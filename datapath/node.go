@@ -10,6 +10,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/ledger"
 )
 
@@ -54,10 +55,10 @@ func (dp *Datapath) checkNode(cfg Config) error {
 	if err := json.Unmarshal(r.Object, &pinned); err != nil || pinned.Version != nodeRecordVersion {
 		return fmt.Errorf("%w: node record version %d (%v)", ErrIncompatible, pinned.Version, err)
 	}
-	inspecting := cfg.MustExist && cfg.NetNS == ""
-	if !inspecting && (pinned.NetNSDev != mine.NetNSDev || pinned.NetNSIno != mine.NetNSIno) {
-		return fmt.Errorf("datapath %s serves the network namespace with inode %d, not %q (inode %d): %w",
-			st.Name, pinned.NetNSIno, cfg.NetNS, mine.NetNSIno, ErrInvalid)
+	if inspecting := cfg.MustExist && cfg.NetNS == ""; !inspecting {
+		if err := checkServes(st, pinned, cfg.NetNS); err != nil {
+			return err
+		}
 	}
 	if len(cfg.Node.PodCIDRs) == 0 {
 		st.PodCIDRs = pinned.PodCIDRs
@@ -80,4 +81,18 @@ func samePrefixes(a, b []netip.Prefix) bool {
 	slices.SortFunc(a, cmp)
 	slices.SortFunc(b, cmp)
 	return slices.Equal(a, b)
+}
+
+// checkServes fails with ErrInvalid when st's namespace is not the one
+// node says the datapath serves (spec names st's, for the error).
+func checkServes(st *core.State, node nodeRecord, spec string) error {
+	var fi unix.Stat_t
+	if err := unix.Fstat(int(st.NS), &fi); err != nil {
+		return fmt.Errorf("identify network namespace: %w", err)
+	}
+	if node.NetNSDev != fi.Dev || node.NetNSIno != fi.Ino {
+		return fmt.Errorf("datapath %s serves the network namespace with inode %d, not %q (inode %d): %w",
+			st.Name, node.NetNSIno, spec, fi.Ino, ErrInvalid)
+	}
+	return nil
 }

@@ -1,15 +1,12 @@
 package datapath
 
 import (
-	"bytes"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -220,8 +217,8 @@ func eventsSet(dir string, have map[string]bool) (bool, error) {
 
 // readLedger returns the records of the ledger of the kinds want accepts
 // (every kind when want is nil) that can be read, and an error matching
-// ErrIncompatible that names each that cannot be, if any. It reads the
-// ledger in batches as it is when called; call it with the lock held.
+// ErrIncompatible that names each that cannot be, if any. Call it with the
+// lock held.
 func readLedger(m *ebpf.Map, want func(ledger.Kind) bool) ([]*ledger.Record, error) {
 	var out []*ledger.Record
 	err := scanLedger(m, want, func(r *ledger.Record) { out = append(out, r) })
@@ -231,55 +228,12 @@ func readLedger(m *ebpf.Map, want func(ledger.Kind) bool) ([]*ledger.Record, err
 	return out, err
 }
 
-// scanLedger is readLedger handing each record to visit.
+// scanLedger is ledger.Scan, with records that cannot be read reported as
+// ErrIncompatible.
 func scanLedger(m *ebpf.Map, want func(ledger.Kind) bool, visit func(*ledger.Record)) error {
-	var (
-		bad    []string
-		cursor ebpf.MapBatchCursor
-		keys   = make([]bpfobj.TypesLedgerKey, 128)
-		vals   = make([]bpfobj.TypesLedgerRecord, len(keys))
-	)
-	for {
-		n, err := m.BatchLookup(&cursor, keys, vals, nil)
-		for i, k := range keys[:n] {
-			kind := ledger.Kind(k.Kind)
-			if want != nil && !want(kind) {
-				continue
-			}
-			// What ledger.Get does with the value, without reading it
-			// again; ledger.Get has the last word on a record this
-			// refuses.
-			var r ledger.Record
-			if json.Unmarshal(bytes.TrimRight(vals[i].Data[:], "\x00"), &r) == nil && r.Version == ledger.Version {
-				visit(&r)
-				continue
-			}
-			got, err := ledger.Get(m, kind, k.Id)
-			switch {
-			case err == nil:
-				visit(got)
-			case errors.Is(err, ebpf.ErrKeyNotExist):
-				// Deleted since.
-			case errors.Is(err, ledger.ErrCorrupt):
-				bad = append(bad, fmt.Sprintf("%v %d (%v)", kind, k.Id, err))
-			default:
-				return err
-			}
-		}
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("read ledger: %w", err)
-		}
+	err := ledger.Scan(m, want, visit)
+	if errors.Is(err, ledger.ErrCorrupt) {
+		return fmt.Errorf("%w: %w", ErrIncompatible, err)
 	}
-	if len(bad) == 0 {
-		return nil
-	}
-	const shown = 4
-	list := strings.Join(bad[:min(len(bad), shown)], ", ")
-	if len(bad) > shown {
-		list += fmt.Sprintf(" and %d more", len(bad)-shown)
-	}
-	return fmt.Errorf("%w: cannot read the ledger record of %s", ErrIncompatible, list)
+	return err
 }

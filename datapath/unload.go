@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
-	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/internal/attach"
 	"github.com/sluicedp/sluice/internal/bpfobj"
@@ -138,15 +137,7 @@ func checkNetNS(st *core.State, spec string) error {
 	if json.Unmarshal(r.Object, &node) != nil || node.Version != nodeRecordVersion {
 		return nil
 	}
-	var fi unix.Stat_t
-	if err := unix.Fstat(int(st.NS), &fi); err != nil {
-		return fmt.Errorf("identify network namespace: %w", err)
-	}
-	if node.NetNSDev != fi.Dev || node.NetNSIno != fi.Ino {
-		return fmt.Errorf("datapath %s serves the network namespace with inode %d, not %q (inode %d): %w",
-			st.Name, node.NetNSIno, spec, fi.Ino, ErrInvalid)
-	}
-	return nil
+	return checkServes(st, node, spec)
 }
 
 // mayMakeOutside reports whether records of a kind may name what lives

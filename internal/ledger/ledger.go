@@ -17,6 +17,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/cilium/ebpf"
 
@@ -226,28 +227,57 @@ func Get(m *ebpf.Map, kind Kind, id uint32) (*Record, error) {
 	return decode(&v)
 }
 
-// List returns every record of a kind, in no order.
+// List returns every record of a kind, in no order. A record that cannot
+// be read fails it with ErrCorrupt.
 func List(m *ebpf.Map, kind Kind) ([]*Record, error) {
-	var (
-		out []*Record
-		k   bpfobj.TypesLedgerKey
-		v   bpfobj.TypesLedgerRecord
-	)
-	it := m.Iterate()
-	for it.Next(&k, &v) {
-		if Kind(k.Kind) != kind {
-			continue
-		}
-		r, err := decode(&v)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, r)
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list ledger: %w", err)
+	var out []*Record
+	err := Scan(m, func(k Kind) bool { return k == kind }, func(r *Record) { out = append(out, r) })
+	if err != nil {
+		return nil, err
 	}
 	return out, nil
+}
+
+// Scan calls visit with every record of the kinds want accepts (every
+// kind when want is nil), reading the ledger in batches. A record that
+// cannot be read is skipped, and named in the error it returns after the
+// others, which matches ErrCorrupt.
+func Scan(m *ebpf.Map, want func(Kind) bool, visit func(*Record)) error {
+	var (
+		bad    []string
+		cursor ebpf.MapBatchCursor
+		keys   = make([]bpfobj.TypesLedgerKey, 128)
+		vals   = make([]bpfobj.TypesLedgerRecord, len(keys))
+	)
+	for {
+		n, err := m.BatchLookup(&cursor, keys, vals, nil)
+		for i, k := range keys[:n] {
+			if want != nil && !want(Kind(k.Kind)) {
+				continue
+			}
+			r, err := decode(&vals[i])
+			if err != nil {
+				bad = append(bad, fmt.Sprintf("%v %d (%v)", Kind(k.Kind), k.Id, err))
+				continue
+			}
+			visit(r)
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break
+		}
+		if err != nil {
+			return fmt.Errorf("read ledger: %w", err)
+		}
+	}
+	if len(bad) == 0 {
+		return nil
+	}
+	const shown = 4
+	list := strings.Join(bad[:min(len(bad), shown)], ", ")
+	if len(bad) > shown {
+		list += fmt.Sprintf(" and %d more", len(bad)-shown)
+	}
+	return fmt.Errorf("%w: cannot read the ledger record of %s", ErrCorrupt, list)
 }
 
 // Delete removes a record; a missing one is not an error.
