@@ -16,8 +16,7 @@ import (
 
 // record is an endpoint as the ledger keeps it. It is its own versioned
 // type, apart from the public Endpoint, so that renaming a field of the
-// API never makes pinned endpoints unreadable. internal/core reads its
-// "netns" too (DestroySockets: where the workload's sockets are).
+// API never makes pinned endpoints unreadable.
 type record struct {
 	Version     int               `json:"version"`
 	ID          uint16            `json:"id"`

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 
 	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netns"
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/internal/bpfobj"
@@ -17,6 +18,34 @@ import (
 func init() {
 	core.RegisterRepair(ledger.KindEndpoint, repairEndpoints)
 	core.RegisterCheck(ledger.KindEndpoint, checkEndpoints)
+	core.RegisterWorkloadNamespaces(namespaces)
+}
+
+// namespaces opens the network namespace of each endpoint that names one
+// (an adopted endpoint may not), for the socket iterator
+// (core.State.DestroySockets). A namespace that is gone has no sockets
+// and is skipped.
+func namespaces(st *core.State) ([]netns.NsHandle, error) {
+	recs, err := ledger.List(st.Objs.Ledger, ledger.KindEndpoint)
+	if err != nil {
+		return nil, err
+	}
+	var out []netns.NsHandle
+	for _, r := range recs {
+		ep, err := decode(r)
+		if err != nil || ep.NetNS == "" {
+			continue
+		}
+		ns, err := openNetNS(ep.NetNS, false)
+		if errors.Is(err, datapath.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return out, fmt.Errorf("endpoint %d: %w", ep.ID, err)
+		}
+		out = append(out, ns)
+	}
+	return out, nil
 }
 
 // repairEndpoints undoes every endpoint a killed Create or Delete left

@@ -1,14 +1,11 @@
 package core
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net/netip"
 	"os"
-	"path/filepath"
-	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -17,7 +14,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/internal/bpfobj"
-	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
@@ -253,10 +249,8 @@ func runIter(it *link.Iter) (int, error) {
 }
 
 // socketNamespaces opens the network namespaces where the datapath's
-// cgroup may have sockets: the datapath's own and each endpoint's, each
-// once. An endpoint's namespace that is gone (a path of a process that
-// ended, a named one deleted) has no sockets and is skipped. The caller
-// closes them.
+// cgroup may have sockets: the datapath's own and each endpoint's
+// (RegisterWorkloadNamespaces), each once. The caller closes them.
 func (s *State) socketNamespaces() (out []netns.NsHandle, err error) {
 	defer func() {
 		if err != nil {
@@ -289,26 +283,17 @@ func (s *State) socketNamespaces() (out []netns.NsHandle, err error) {
 	}
 	add(own)
 
-	recs, err := ledger.List(s.Objs.Ledger, ledger.KindEndpoint)
+	if workloadNamespaces == nil {
+		return out, nil // no endpoint package: no endpoint namespace
+	}
+	spaces, err := workloadNamespaces(s)
 	if err != nil {
+		for _, ns := range spaces {
+			ns.Close()
+		}
 		return nil, fmt.Errorf("destroy sockets: %w", err)
 	}
-	for _, rec := range recs {
-		spec := endpointNetNS(rec)
-		if spec == "" {
-			continue // adopted: its workload's namespace is not known
-		}
-		path := spec
-		if !strings.ContainsRune(spec, '/') {
-			path = filepath.Join("/run/netns", spec)
-		}
-		ns, err := netns.GetFromPath(path)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("destroy sockets: network namespace %s of endpoint %d: %w", spec, rec.ID, err)
-		}
+	for _, ns := range spaces {
 		if !isNetNS(ns) {
 			ns.Close() // a name a killed process never bound
 			continue
@@ -318,23 +303,16 @@ func (s *State) socketNamespaces() (out []netns.NsHandle, err error) {
 	return out, nil
 }
 
+var workloadNamespaces func(*State) ([]netns.NsHandle, error)
+
+// RegisterWorkloadNamespaces sets what lists the network namespaces of
+// the datapath's workloads (open handles, closed by the caller): package
+// endpoint, which knows its endpoints' namespaces, registers it.
+func RegisterWorkloadNamespaces(f func(*State) ([]netns.NsHandle, error)) { workloadNamespaces = f }
+
 // isNetNS reports whether ns is a namespace at all, not the empty file
 // under /run/netns that a process killed while it created one leaves.
 func isNetNS(ns netns.NsHandle) bool {
 	var fs unix.Statfs_t
 	return unix.Fstatfs(int(ns), &fs) == nil && fs.Type == unix.NSFS_MAGIC
-}
-
-// endpointNetNS returns the network namespace an endpoint's ledger record
-// names (a name under /run/netns, or a path), or "" when it names none.
-// The record is package endpoint's (endpoint/record.go), which core
-// cannot import; only its "netns" field is read.
-func endpointNetNS(rec *ledger.Record) string {
-	var r struct {
-		NetNS string `json:"netns"`
-	}
-	if json.Unmarshal(rec.Object, &r) != nil {
-		return ""
-	}
-	return r.NetNS
 }
