@@ -407,15 +407,15 @@ func (dp *Datapath) Reconcile(ctx context.Context) (int, error) {
 	return reconcile(dp.st)
 }
 
-// reconcileOrder is the order kinds are repaired in: an endpoint undone
-// takes its policy with it, a policy finished gives and takes CIDR
+// kindOrder is the order kinds are repaired and checked in: an endpoint
+// undone takes its policy with it, a policy finished gives and takes CIDR
 // identities.
-var reconcileOrder = []ledger.Kind{ledger.KindEndpoint, ledger.KindPolicy, ledger.KindCIDR, ledger.KindService}
+var kindOrder = []ledger.Kind{ledger.KindEndpoint, ledger.KindPolicy, ledger.KindCIDR, ledger.KindService}
 
 // reconcile repairs every kind; call it with the lock.
 func reconcile(st *core.State) (int, error) {
 	n := 0
-	for _, kind := range reconcileOrder {
+	for _, kind := range kindOrder {
 		var k int
 		var err error
 		if repair := core.RepairOf(kind); repair != nil {
@@ -477,9 +477,6 @@ func (d Drift) String() string {
 	return s
 }
 
-// verifyOrder is the order kinds are checked and repaired in.
-var verifyOrder = []ledger.Kind{ledger.KindEndpoint, ledger.KindPolicy, ledger.KindCIDR, ledger.KindService}
-
 // Verify reads the maps back and compares them with the ledger, for every
 // object kind whose package this program has: each endpoint's entries,
 // each policy's entries as it resolves now, each CIDR identity, each
@@ -513,7 +510,7 @@ func (dp *Datapath) Verify(ctx context.Context, repair bool) ([]Drift, error) {
 			return out, err
 		}
 	}
-	for _, kind := range verifyOrder {
+	for _, kind := range kindOrder {
 		check := core.CheckOf(kind)
 		if check == nil {
 			continue
