@@ -14,6 +14,7 @@
 #include "lib/ct.h"
 #include "lib/service.h"
 #include "lib/sock_destroy.h"
+#include "lib/node.h"
 
 struct event *_event __attribute__((unused));
 enum drop_reason *_drop_reason __attribute__((unused));
@@ -34,5 +35,7 @@ enum ct_dir *_ct_dir __attribute__((unused));
 enum ct_flag *_ct_flag __attribute__((unused));
 enum lb_flag *_lb_flag __attribute__((unused));
 enum lb_backend_state *_lb_backend_state __attribute__((unused));
+enum routing_mode *_routing_mode __attribute__((unused));
+enum node_flag *_node_flag __attribute__((unused));
 
 char __license[] SEC("license") = "GPL";

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"regexp"
+	"slices"
 
 	"github.com/sluicedp/sluice/internal/attach"
 	"github.com/sluicedp/sluice/internal/bpfobj"
@@ -112,6 +113,10 @@ type Limits struct {
 	// fewer with room to change them. 1024 to 1<<26, DefaultServiceSlots
 	// when 0.
 	ServiceSlots int
+	// Nodes is how many remote nodes the datapath knows (package node):
+	// 1 to 65535, DefaultNodes when 0. Each may have two addresses and
+	// four pod CIDRs on average (node.MaxPodCIDRs at most).
+	Nodes int
 }
 
 // Default capacities.
@@ -125,6 +130,8 @@ const (
 	DefaultServices     = 16384
 	DefaultBackends     = 131072
 	DefaultServiceSlots = 1 << 24 // 1,024 Maglev tables of 16,381 slots
+
+	DefaultNodes = 4096
 )
 
 // DefaultLimits returns the limits a datapath gets when Config.Limits is
@@ -178,6 +185,9 @@ func (l Limits) withDefaults() Limits {
 	if l.ServiceSlots == 0 {
 		l.ServiceSlots = DefaultServiceSlots
 	}
+	if l.Nodes == 0 {
+		l.Nodes = DefaultNodes
+	}
 	return l
 }
 
@@ -206,15 +216,23 @@ func (l Limits) validate() error {
 	if l.ServiceSlots != 0 && (l.ServiceSlots < 1024 || l.ServiceSlots > 1<<26) {
 		return fmt.Errorf("limit of %d service slots: want 1024 to %d: %w", l.ServiceSlots, 1<<26, ErrInvalid)
 	}
+	if l.Nodes < 0 || l.Nodes > 65535 {
+		return fmt.Errorf("limit of %d nodes: want 1 to 65535: %w", l.Nodes, ErrInvalid)
+	}
 	return nil
 }
 
 // ledgerRoom is how many records the ledger holds for limits (with their
 // defaults) but the CIDR identities: an endpoint's and its policy's, a
-// service's and the one all services share, and the spare.
+// service's and the one all services share, a node's, and the spare
+// (which holds the node devices' too).
 func (l Limits) ledgerRoom() int {
-	return 2*l.Endpoints + l.Services + 1 + ledgerSpare
+	return 2*l.Endpoints + l.Services + 1 + l.Nodes + ledgerSpare
 }
+
+// Room in the node maps beyond what Nodes asks: the local node's pod
+// CIDRs and the cluster's.
+const nodeCIDRSpare = 256
 
 // mapSizes returns the size of each map that limits (with their defaults)
 // size; the event ring is sized elsewhere (ringBytes), and the maps not
@@ -242,6 +260,8 @@ func (l Limits) mapSizes() map[string]uint32 {
 		bpfobj.EndpointMapLbSlots:        uint32(l.ServiceSlots / slotBlock),
 		bpfobj.EndpointMapLbAffinity:     uint32(max(l.Conntrack/4, 1024)),
 		bpfobj.EndpointMapLbSockRevnat:   uint32(max(l.Conntrack/4, 1024)),
+		bpfobj.EndpointMapNodeAddrs:      uint32(2*l.Nodes + core.NodeAddrSpare),
+		bpfobj.EndpointMapNodeCidrs:      uint32(4*l.Nodes + nodeCIDRSpare),
 	}
 }
 
@@ -257,6 +277,7 @@ func limitsOf(st *core.State) Limits {
 		Services:      int(o.LbFrontends.MaxEntries()),
 		Backends:      int(o.LbBackends.MaxEntries()),
 		ServiceSlots:  int(o.LbSlots.MaxEntries()) * slotBlock,
+		Nodes:         st.NodeLimit(),
 	}
 	// A datapath made before CIDR identities had a limit has no room of
 	// its own for them.
@@ -308,14 +329,90 @@ func (c *Config) validate() error {
 	return nil
 }
 
-// Node describes the local node.
+// Node describes the local node: its pods, and, in a cluster, how it
+// reaches the other nodes (package node adds them).
 type Node struct {
+	// Name is the node's name, as the other nodes know it; required with
+	// a Routing other than RoutingLocal.
+	Name string
 	// PodCIDRs are the ranges local endpoints take their addresses from,
 	// IPv4 and IPv6 alike. The first address of each range is the gateway
 	// of the endpoints in it: it routes their traffic and no endpoint may
 	// have it. An IPv4 range is at most a /30, an IPv6 range at most a /126.
 	PodCIDRs []netip.Prefix
+	// Routing says how traffic to other nodes' pods leaves: RoutingLocal
+	// (the default: no other nodes), RoutingVXLAN or RoutingNative.
+	Routing Routing
+	// Addresses are the node's underlay addresses, IPv4 and/or IPv6: what
+	// other nodes send to. Here they have the host's identity. Required
+	// with a Routing other than RoutingLocal.
+	Addresses []netip.Addr
+	// Devices are the node's devices towards the underlay, by name; the
+	// node-device program runs on each: it delivers what other nodes (and
+	// the world) send to local endpoints, through their ingress policy,
+	// and drops packets from outside that claim a local pod's address.
+	// Required with a Routing other than RoutingLocal.
+	Devices []string
+	// ClusterCIDRs are the pod ranges of the whole cluster, each local pod
+	// CIDR inside one (more specific): an address in them that no node's pod CIDR covers
+	// is unreachable (ReasonNodeUnreachable), and a source in them is a
+	// pod's, which only the overlay (or, routing natively, its node) may
+	// bring. Required with a Routing other than RoutingLocal.
+	ClusterCIDRs []netip.Prefix
+	// TunnelPort is the UDP port of VXLAN; DefaultTunnelPort when 0.
+	TunnelPort uint16
+	// MTU is the endpoints' MTU (endpoint.Spec.MTU's default): 1280 to
+	// 65535, or 0 to derive it from the smallest MTU of Devices less what
+	// VXLAN adds (50 bytes over IPv4, 70 over IPv6). 1500 with
+	// RoutingLocal.
+	MTU int
 }
+
+// Routing says how a node's endpoints reach the pods of other nodes.
+type Routing int
+
+const (
+	// RoutingLocal has no other nodes: a single-node datapath.
+	RoutingLocal Routing = iota
+	// RoutingVXLAN encapsulates traffic to another node's pods in VXLAN,
+	// through a device the datapath makes (named TunnelDevice), with the
+	// sender's identity in the VNI: the receiving node enforces its
+	// policy on the true source, even for an address it was never told
+	// about.
+	RoutingVXLAN
+	// RoutingNative routes traffic to another node's pods as it is, out of
+	// the node device the kernel's route names: package node installs a
+	// route to each pod CIDR via its node's address, and the datapath
+	// turns IP forwarding on in its namespace. A receiving node knows a
+	// remote pod's identity only from the ipcache (policy.AssignIdentity).
+	RoutingNative
+)
+
+func (r Routing) String() string {
+	switch r {
+	case RoutingLocal:
+		return "local"
+	case RoutingVXLAN:
+		return "vxlan"
+	case RoutingNative:
+		return "native"
+	}
+	return fmt.Sprintf("routing(%d)", int(r))
+}
+
+// DefaultTunnelPort is VXLAN's UDP port unless Node.TunnelPort says
+// otherwise: Linux's and Cilium's.
+const DefaultTunnelPort = 8472
+
+// TunnelDevice is the name of the VXLAN device the datapath makes in its
+// namespace with RoutingVXLAN.
+const TunnelDevice = "sluice_vxlan"
+
+// VXLAN's overhead: outer IP, UDP, VXLAN and inner Ethernet headers.
+const (
+	vxlanOverhead4 = 20 + 8 + 8 + 14
+	vxlanOverhead6 = 40 + 8 + 8 + 14
+)
 
 func (n *Node) validate() error {
 	for i, p := range n.PodCIDRs {
@@ -331,6 +428,81 @@ func (n *Node) validate() error {
 				return fmt.Errorf("pod CIDRs %s and %s overlap: %w", q, p, ErrInvalid)
 			}
 		}
+	}
+	if n.Routing < RoutingLocal || n.Routing > RoutingNative {
+		return fmt.Errorf("routing mode %d: want RoutingLocal, RoutingVXLAN or RoutingNative: %w", int(n.Routing), ErrInvalid)
+	}
+	if n.MTU != 0 && (n.MTU < 1280 || n.MTU > 65535) {
+		return fmt.Errorf("endpoint MTU %d: want 1280 (the IPv6 minimum) to 65535: %w", n.MTU, ErrInvalid)
+	}
+	if n.Routing == RoutingLocal {
+		if n.Name != "" || len(n.Addresses) > 0 || len(n.Devices) > 0 || len(n.ClusterCIDRs) > 0 || n.TunnelPort != 0 {
+			return fmt.Errorf("node %q: name, addresses, devices, cluster CIDRs and tunnel port need a routing mode: %w", n.Name, ErrInvalid)
+		}
+		return nil
+	}
+	if !validNodeName.MatchString(n.Name) {
+		return fmt.Errorf("node name %q: want 1 to 63 of [a-z0-9.-], starting and ending with a letter or digit: %w", n.Name, ErrInvalid)
+	}
+	if len(n.Addresses) == 0 {
+		return fmt.Errorf("node %s: no address: %w", n.Name, ErrInvalid)
+	}
+	if err := CheckNodeAddresses(n.Addresses); err != nil {
+		return fmt.Errorf("node %s: %w", n.Name, err)
+	}
+	if len(n.Devices) == 0 {
+		return fmt.Errorf("node %s: no device: %w", n.Name, ErrInvalid)
+	}
+	for i, d := range n.Devices {
+		if d == "" || len(d) > 15 || slices.Contains(n.Devices[:i], d) || d == TunnelDevice {
+			return fmt.Errorf("node %s: device %q: want distinct interface names of 1 to 15 bytes, not %s: %w", n.Name, d, TunnelDevice, ErrInvalid)
+		}
+	}
+	if len(n.ClusterCIDRs) == 0 {
+		return fmt.Errorf("node %s: no cluster CIDRs: %w", n.Name, ErrInvalid)
+	}
+	for i, p := range n.ClusterCIDRs {
+		if !p.IsValid() || p.Addr().Is4In6() || p != p.Masked() {
+			return fmt.Errorf("cluster CIDR %s: want a network address: %w", p, ErrInvalid)
+		}
+		for _, q := range n.ClusterCIDRs[:i] {
+			if p.Overlaps(q) {
+				return fmt.Errorf("cluster CIDRs %s and %s overlap: %w", q, p, ErrInvalid)
+			}
+		}
+	}
+	for _, p := range n.PodCIDRs {
+		if !slices.ContainsFunc(n.ClusterCIDRs, func(c netip.Prefix) bool { return c.Bits() < p.Bits() && c.Contains(p.Addr()) }) {
+			return fmt.Errorf("pod CIDR %s is not inside one of the cluster CIDRs %v (nor one of them): %w", p, n.ClusterCIDRs, ErrInvalid)
+		}
+	}
+	return nil
+}
+
+var validNodeName = regexp.MustCompile(`^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$`)
+
+// ValidNodeName reports whether name is fit for a node: 1 to 63 of
+// [a-z0-9.-], starting and ending with a letter or digit.
+func ValidNodeName(name string) bool { return validNodeName.MatchString(name) }
+
+// CheckNodeAddresses checks a node's underlay addresses: at most one
+// IPv4 and one IPv6, each a unicast address (not unspecified, loopback,
+// multicast or link-local). It returns an error matching ErrInvalid.
+func CheckNodeAddresses(addrs []netip.Addr) error {
+	var v4, v6 int
+	for _, a := range addrs {
+		if !a.IsValid() || a.Is4In6() || a.IsUnspecified() || a.IsLoopback() || a.IsMulticast() ||
+			a.IsLinkLocalUnicast() || a.Zone() != "" || a == netip.AddrFrom4([4]byte{255, 255, 255, 255}) {
+			return fmt.Errorf("address %s: want a unicast address: %w", a, ErrInvalid)
+		}
+		if a.Is4() {
+			v4++
+		} else {
+			v6++
+		}
+	}
+	if v4 > 1 || v6 > 1 {
+		return fmt.Errorf("addresses %v: want at most one IPv4 and one IPv6: %w", addrs, ErrInvalid)
 	}
 	return nil
 }

@@ -15,7 +15,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
 
@@ -154,7 +153,7 @@ func OpenReadOnly(ctx context.Context, cfg Config) (*Datapath, error) {
 	if r, err := ledger.Get(st.Objs.Ledger, ledger.KindDatapath, 0); err == nil {
 		var node nodeRecord
 		if json.Unmarshal(r.Object, &node) == nil {
-			st.PodCIDRs = node.PodCIDRs
+			(&Datapath{st: st}).useNode(node.Node)
 		}
 	}
 	return &Datapath{st: st}, nil
@@ -258,13 +257,13 @@ func removeNew(dir string, before map[string]bool, madeDir bool) error {
 
 // loadPinned loads the objects with their maps pinned in dir, as inspect
 // found them, and stamps the layout version.
-func loadPinned(cfg Config, ns netns.NsHandle, dir string, f *found) (*Datapath, error) {
+func loadPinned(cfg Config, ns netns.NsHandle, dir string, f *found) (_ *Datapath, err error) {
 	spec, events := f.spec, f.events
-	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: attach.Mode(cfg.TCAttach), PodCIDRs: slices.Clone(cfg.Node.PodCIDRs)}
+	st := &core.State{Name: cfg.Name, Dir: dir, NS: ns, Mode: attach.Mode(cfg.TCAttach)}
 	// Maps only: each hook family's programs are loaded when first needed
 	// (core.State.Programs), so a program this kernel refuses fails only
 	// the calls that need it.
-	err := spec.LoadAndAssign(&st.Objs.EndpointMaps, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
+	err = spec.LoadAndAssign(&st.Objs.EndpointMaps, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: dir}})
 	if errors.Is(err, ebpf.ErrMapIncompatible) || errors.Is(err, unix.EINVAL) {
 		// EINVAL: a pin of the right name that is not a map. (inspect
 		// refuses both first, unless a pin changed since.)
@@ -281,36 +280,44 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, f *found) (*Datapath,
 	}
 	st.CIDRIdentities = limitsOf(st).CIDRIdentities
 	dp := &Datapath{st: st}
-	if err := dp.checkNode(cfg); err != nil {
-		st.Objs.Close()
+	// From here on, a failure closes the maps, and takes back what
+	// setupNode made (the VXLAN device with it).
+	undoNode := func() error { return nil }
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, undoNode())
+			st.Objs.Close()
+		}
+	}()
+	node, err := dp.checkNode(cfg)
+	if err != nil {
 		return nil, err
 	}
 	// A tool that only inspects (MustExist, no NetNS: the CLI) may be in
 	// another namespace: it repairs nothing and attaches nothing there.
 	if inspecting := cfg.MustExist && cfg.NetNS == ""; !inspecting {
 		if _, err := reconcile(st); err != nil {
-			st.Objs.Close()
 			return nil, err
 		}
+		if undoNode, err = setupNode(st, node); err != nil {
+			undoNode = func() error { return nil } // setupNode took its own back
+			return nil, fmt.Errorf("set up node: %w", err)
+		}
 		if err := upgrade(st); err != nil {
-			st.Objs.Close()
 			return nil, err
 		}
 	}
 	stamp := bpfobj.TypesLayoutStamp{Version: LayoutVersion}
 	if err := st.Objs.Layout.Put(uint32(0), &stamp); err != nil {
-		st.Objs.Close()
 		return nil, fmt.Errorf("stamp layout version: %w", err)
 	}
 	if events != nil {
 		if err := dp.setEventConfig(*events); err != nil {
-			st.Objs.Close()
 			return nil, err
 		}
 	}
 	if cfg.Cgroup != "" {
 		if err := attachSocketPrograms(st, cfg.Cgroup); err != nil {
-			st.Objs.Close()
 			return nil, err
 		}
 	}
@@ -410,7 +417,7 @@ func (dp *Datapath) Reconcile(ctx context.Context) (int, error) {
 // kindOrder is the order kinds are repaired and checked in: an endpoint
 // undone takes its policy with it, a policy finished gives and takes CIDR
 // identities.
-var kindOrder = []ledger.Kind{ledger.KindEndpoint, ledger.KindPolicy, ledger.KindCIDR, ledger.KindService}
+var kindOrder = []ledger.Kind{ledger.KindEndpoint, ledger.KindPolicy, ledger.KindCIDR, ledger.KindService, ledger.KindDevice, ledger.KindNode}
 
 // reconcile repairs every kind; call it with the lock.
 func reconcile(st *core.State) (int, error) {
@@ -420,7 +427,7 @@ func reconcile(st *core.State) (int, error) {
 		var err error
 		if repair := core.RepairOf(kind); repair != nil {
 			k, err = repair(st)
-		} else if kind == ledger.KindEndpoint || kind == ledger.KindService {
+		} else if kind == ledger.KindEndpoint || kind == ledger.KindService || kind == ledger.KindDevice {
 			k, err = undoUnready(st, kind)
 		}
 		n += k

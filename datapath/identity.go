@@ -17,6 +17,9 @@ const (
 	IdentityWorld Identity = 2
 	// IdentityUnmanaged is a local workload sluice does not manage.
 	IdentityUnmanaged Identity = 3
+	// IdentityRemoteNode is another node of the cluster (package node):
+	// its underlay addresses, and what it sends itself over VXLAN.
+	IdentityRemoteNode Identity = 6
 	// MinIdentity is the first identity an endpoint may have.
 	MinIdentity Identity = 256
 )
@@ -31,6 +34,8 @@ func (id Identity) String() string {
 		return "world"
 	case IdentityUnmanaged:
 		return "unmanaged"
+	case IdentityRemoteNode:
+		return "remote-node"
 	}
 	if id < MinIdentity {
 		return fmt.Sprintf("reserved:%d", uint32(id))

@@ -10,6 +10,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/sluicedp/sluice/internal/bpfobj"
+	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/testutil"
 )
 
@@ -21,6 +22,7 @@ var fixedSize = []string{
 	bpfobj.EndpointMapEventLimiter, // one per CPU
 	bpfobj.EndpointMapEventLost,    // one per cause
 	bpfobj.EndpointMapMetrics,      // one per direction and reason
+	bpfobj.EndpointMapNodeConfig,   // the local node's settings
 }
 
 // Every map that holds objects is sized from Limits, and Limits reads the
@@ -28,7 +30,7 @@ var fixedSize = []string{
 func TestMapsSizedFromLimits(t *testing.T) {
 	limits := Limits{
 		Endpoints: 3, IPCache: 64, Conntrack: 2048, PolicyEntries: 100, CIDRIdentities: 5,
-		Services: 4, Backends: 9, ServiceSlots: 2048,
+		Services: 4, Backends: 9, ServiceSlots: 2048, Nodes: 7,
 	}
 	dp := open(t, Config{Limits: limits})
 	if got := dp.Limits(); got != limits {
@@ -39,10 +41,11 @@ func TestMapsSizedFromLimits(t *testing.T) {
 		"fragments": 1024, "lb_affinity": 1024, "lb_sock_revnat": 1024,
 		"policy": 100, "policy_counters": 100, "policy_meta": 6,
 		// endpoint and policy records, CIDR identities, services and
-		// their shared record, the spare
-		"ledger":       2*3 + 5 + 4 + 1 + ledgerSpare,
+		// their shared record, nodes, the spare
+		"ledger":       2*3 + 5 + 4 + 1 + 7 + ledgerSpare,
 		"ledger_blobs": uint32(3 + 2 + 4 + 1 + blobSpare),
 		"lb_frontends": 4, "lb_revnat": 4, "lb_backends": 9, "lb_counters": 9, "lb_slots": 128,
+		"node_addrs": 2*7 + core.NodeAddrSpare, "node_cidrs": 4*7 + nodeCIDRSpare,
 	}
 	spec, err := bpfobj.LoadEndpoint()
 	if err != nil {
@@ -66,7 +69,7 @@ func TestMapsSizedFromLimits(t *testing.T) {
 	if got := DefaultLimits(); got.ServiceSlots/16384 < 1000 || got.CIDRIdentities == 0 || got.PolicyEntries < 16*got.Endpoints {
 		t.Errorf("default limits %+v: want room for 1,000 Maglev services and 16 policy entries per endpoint", got)
 	}
-	for _, bad := range []Limits{{PolicyEntries: -1}, {PolicyEntries: 1<<24 + 1}, {CIDRIdentities: -1}, {CIDRIdentities: 1<<20 + 1}} {
+	for _, bad := range []Limits{{PolicyEntries: -1}, {PolicyEntries: 1<<24 + 1}, {CIDRIdentities: -1}, {CIDRIdentities: 1<<20 + 1}, {Nodes: -1}, {Nodes: 65536}} {
 		if err := (&Config{Name: "x", Limits: bad}).validate(); !errors.Is(err, ErrInvalid) {
 			t.Errorf("limits %+v: %v, want ErrInvalid", bad, err)
 		}

@@ -27,6 +27,14 @@ const (
 	ReasonEndpointNotReady = Reason(bpfobj.TypesDropReasonREASON_ENDPOINT_NOT_READY)
 	ReasonNoConnection     = Reason(bpfobj.TypesDropReasonREASON_NO_CONNECTION)
 	ReasonFragNoFirst      = Reason(bpfobj.TypesDropReasonREASON_FRAG_NO_FIRST)
+
+	ReasonNodeUnreachable   = Reason(bpfobj.TypesDropReasonREASON_NODE_UNREACHABLE)
+	ReasonUnknownNode       = Reason(bpfobj.TypesDropReasonREASON_UNKNOWN_NODE)
+	ReasonTunnelIdentity    = Reason(bpfobj.TypesDropReasonREASON_TUNNEL_IDENTITY)
+	ReasonSpoofedNodeSource = Reason(bpfobj.TypesDropReasonREASON_SPOOFED_NODE_SOURCE)
+	ReasonIdentityTooLarge  = Reason(bpfobj.TypesDropReasonREASON_IDENTITY_TOO_LARGE)
+	ReasonNoLocalEndpoint   = Reason(bpfobj.TypesDropReasonREASON_NO_LOCAL_ENDPOINT)
+	ReasonNoRoute           = Reason(bpfobj.TypesDropReasonREASON_NO_ROUTE)
 )
 
 // reasonNames holds every reason's name and what it means; a test checks it
@@ -47,6 +55,14 @@ var reasonNames = map[Reason]struct{ name, doc string }{
 	ReasonEndpointNotReady: {"ENDPOINT_NOT_READY", "the destination endpoint is being created or deleted"},
 	ReasonFragNoFirst:      {"FRAG_NO_FIRST", "a later fragment whose first fragment was not seen (out of order, or never sent): it has no ports to be decided by"},
 	ReasonNoConnection:     {"NO_CONNECTION", "a TCP segment other than a SYN, of no connection conntrack knows (never opened, revoked by a policy, expired or reset)"},
+
+	ReasonNodeUnreachable:   {"NODE_UNREACHABLE", "the destination is in the cluster's pod ranges but on no node the datapath knows (a node deleted, or never added)"},
+	ReasonUnknownNode:       {"UNKNOWN_NODE", "an overlay packet from an underlay address that is no node's"},
+	ReasonTunnelIdentity:    {"TUNNEL_IDENTITY", "an overlay packet whose VNI holds a reserved identity, a node-local one (a CIDR's), or none"},
+	ReasonSpoofedNodeSource: {"SPOOFED_NODE_SOURCE", "a packet from another node whose source is outside that node's pod CIDRs, or one from outside that claims a local pod's address"},
+	ReasonIdentityTooLarge:  {"IDENTITY_TOO_LARGE", "the sender's identity does not fit the 24 bits of the VXLAN network identifier"},
+	ReasonNoLocalEndpoint:   {"NO_LOCAL_ENDPOINT", "an overlay packet for an address no local endpoint has"},
+	ReasonNoRoute:           {"NO_ROUTE", "the kernel has no route, or no neighbour, towards the node of the destination"},
 }
 
 // String returns the reason's stable name, such as "POLICY_DENIED".

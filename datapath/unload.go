@@ -14,6 +14,7 @@ import (
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/ledger"
+	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
@@ -164,7 +165,7 @@ func teardown(st *core.State) error {
 			errs = append(errs, fmt.Errorf("%w; what it made outside the pins may be left", err))
 		}
 		for _, r := range recs {
-			if r.Made.NetNS == "" && r.Made.Device == nil && len(r.Made.Links) == 0 {
+			if r.Made.NetNS == "" && r.Made.Device == nil && len(r.Made.Links) == 0 && len(r.Made.Routes) == 0 {
 				continue // map entries only: they go with the maps
 			}
 			// The maps go with the pins: only what lives outside them
@@ -174,11 +175,31 @@ func teardown(st *core.State) error {
 		}
 	}
 	errs = append(errs,
+		removeRoutes(st),
 		attach.DetachAll(st.LinksDir()),
 		nsrun.Do(st.NS, func() error { return attach.RemoveLegacy(st.LegacyPrefix()) }),
 	)
 	if err := os.RemoveAll(st.Dir); err != nil {
 		errs = append(errs, fmt.Errorf("remove pins: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// removeRoutes removes the routes of sluice's protocol in the datapath's
+// namespace: package node's, to other nodes' pod CIDRs. Their records
+// name no routes (a node's record stays small), and the namespace has one
+// datapath.
+func removeRoutes(st *core.State) error {
+	if !st.NS.IsOpen() {
+		return nil
+	}
+	routes, err := netdev.Routes(st.NS)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for p, via := range routes {
+		errs = append(errs, netdev.DeleteRoute(st.NS, p, via))
 	}
 	return errors.Join(errs...)
 }

@@ -16,10 +16,11 @@ import (
 )
 
 // upgrade makes this build's programs the ones that run, when the datapath
-// records another build's: every endpoint's tc attachments and every
-// socket program's link get the new program in place (link.Update for a
-// link, a filter replaced at its own handle for a legacy one: atomic, no
-// packet goes unhandled), and the record then names this build. The pinned
+// records another build's: every endpoint's and node device's tc
+// attachments and every socket program's link get the new program in
+// place (link.Update for a link, a filter replaced at its own handle for
+// a legacy one: atomic, no packet goes unhandled), and the record then
+// names this build. The pinned
 // maps are shared, so flows, policies and services carry over; a layout
 // that changed is refused before this (checkLayout). A re-open by the same
 // build loads no program. Open calls it holding the directory lock, after
@@ -58,6 +59,24 @@ func upgrade(st *core.State) error {
 			}
 			if err := st.AttachTC(rec.Made.Device.Ifindex, hook, prog, l.Key); err != nil {
 				return fmt.Errorf("upgrade endpoint %d: %w", rec.ID, err)
+			}
+		}
+	}
+	devices, err := ledger.List(st.Objs.Ledger, ledger.KindDevice)
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrIncompatible, err)
+	}
+	for _, rec := range devices {
+		if rec.State != ledger.Ready || rec.Made.Device == nil {
+			continue
+		}
+		for _, l := range rec.Made.Links {
+			prog, err := st.NodeProgram(l.Program)
+			if err != nil {
+				return fmt.Errorf("%w: node device %s: %w", ErrIncompatible, rec.Made.Device.Name, err)
+			}
+			if err := st.AttachTC(rec.Made.Device.Ifindex, attach.Ingress, prog, l.Key); err != nil {
+				return fmt.Errorf("upgrade node device %s: %w", rec.Made.Device.Name, err)
 			}
 		}
 	}

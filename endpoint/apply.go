@@ -45,7 +45,7 @@ func (c Change) String() string {
 // endpoint is as before, or, for a failed replacement, gone.
 func Apply(ctx context.Context, dp *datapath.Datapath, spec Spec) (*Endpoint, Change, error) {
 	st := core.Of(dp)
-	want, err := normalize(spec, st.Name, st.PodCIDRs)
+	want, err := normalize(spec, st.Name, st.PodCIDRs, st.Node.EndpointMTU)
 	if err != nil {
 		return nil, Unchanged, err
 	}

@@ -62,7 +62,8 @@ type Spec struct {
 	IfName string
 	// HostIfName names the host end; "sl-ep<ID>" when empty.
 	HostIfName string
-	// MTU of both ends; 1500 when 0.
+	// MTU of both ends; when 0, the node's (datapath.Node.MTU, derived
+	// from its devices in a cluster), or 1500.
 	MTU int
 
 	// Interface adopts an existing host-side veth instead of creating one

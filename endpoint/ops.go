@@ -52,7 +52,7 @@ import (
 // behind: what Create made before failing, it removes.
 func Create(ctx context.Context, dp *datapath.Datapath, spec Spec) (*Endpoint, error) {
 	st := core.Of(dp)
-	ep, err := normalize(spec, st.Name, st.PodCIDRs)
+	ep, err := normalize(spec, st.Name, st.PodCIDRs, st.Node.EndpointMTU)
 	if err != nil {
 		return nil, err
 	}

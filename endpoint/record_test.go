@@ -16,7 +16,7 @@ import (
 // the record's field names are its own.
 func TestRecordVersioned(t *testing.T) {
 	ep, err := normalize(Spec{ID: 3, IPv4: netip.MustParseAddr("198.18.1.3"), Identity: 1000, NetNS: "x"},
-		"node", []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24")})
+		"node", []netip.Prefix{netip.MustParsePrefix("198.18.1.0/24")}, 0)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,6 +1,7 @@
 package endpoint
 
 import (
+	"cmp"
 	"crypto/sha256"
 	"fmt"
 	"net"
@@ -18,8 +19,8 @@ const (
 
 // normalize fills in defaults and checks everything that can be checked
 // without the kernel. It returns the endpoint to create: gateways are
-// derived from podCIDRs.
-func normalize(spec Spec, dpName string, podCIDRs []netip.Prefix) (*Endpoint, error) {
+// derived from podCIDRs, the MTU is the node's (Node.MTU) unless given.
+func normalize(spec Spec, dpName string, podCIDRs []netip.Prefix, nodeMTU int) (*Endpoint, error) {
 	invalid := func(format string, args ...any) error {
 		return fmt.Errorf("endpoint %d: %s: %w", spec.ID, fmt.Sprintf(format, args...), datapath.ErrInvalid)
 	}
@@ -54,7 +55,7 @@ func normalize(spec Spec, dpName string, podCIDRs []netip.Prefix) (*Endpoint, er
 		}
 	}
 	if ep.MTU == 0 {
-		ep.MTU = defaultMTU
+		ep.MTU = cmp.Or(nodeMTU, defaultMTU)
 	}
 	if ep.MTU < 68 || ep.MTU > 65535 {
 		return nil, invalid("MTU %d: want 68 to 65535", ep.MTU)

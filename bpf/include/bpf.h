@@ -134,6 +134,36 @@ enum {
 	BPF_FIB_LKUP_RET_SUCCESS = 0,
 	BPF_FIB_LKUP_RET_NOT_FWDED = 4,   /* a local, broadcast or multicast route */
 	BPF_FIB_LKUP_RET_FWD_DISABLED = 5, /* forwarding is off on the device */
+	BPF_FIB_LKUP_RET_NO_NEIGH = 7,     /* a route, but no neighbour entry for its next hop */
+};
+
+/* bpf_skb_set_tunnel_key's and bpf_skb_get_tunnel_key's key (struct
+ * bpf_tunnel_key, 44 bytes since Linux 5.19). */
+struct bpf_tunnel_key {
+	__u32 tunnel_id;
+	union {
+		__u32 remote_ipv4; /* host order */
+		__u32 remote_ipv6[4]; /* network order */
+	};
+	__u8 tunnel_tos;
+	__u8 tunnel_ttl;
+	__u16 tunnel_ext;
+	__u32 tunnel_label;
+	union {
+		__u32 local_ipv4;
+		__u32 local_ipv6[4];
+	};
+};
+
+#define BPF_F_TUNINFO_IPV6 (1ULL << 0)
+
+/* bpf_redirect_neigh's next hop (struct bpf_redir_neigh). */
+struct bpf_redir_neigh {
+	__u32 nh_family;
+	union {
+		__be32 ipv4_nh;
+		__u32 ipv6_nh[4];
+	};
 };
 
 /* Map and section declarations, read by the loader (libbpf's convention). */
@@ -163,6 +193,10 @@ static long (*bpf_skb_pull_data)(struct __sk_buff *skb, __u32 len) = (void *)39;
 static __u64 (*bpf_get_socket_cookie)(void *ctx) = (void *)46;
 static void *(*bpf_ringbuf_reserve)(void *ringbuf, __u64 size, __u64 flags) = (void *)131;
 static void (*bpf_ringbuf_submit)(void *data, __u64 flags) = (void *)132;
+static long (*bpf_skb_get_tunnel_key)(struct __sk_buff *skb, struct bpf_tunnel_key *key, __u32 size, __u64 flags) = (void *)20;
+static long (*bpf_skb_set_tunnel_key)(struct __sk_buff *skb, struct bpf_tunnel_key *key, __u32 size, __u64 flags) = (void *)21;
+static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)23;
+static long (*bpf_redirect_neigh)(__u32 ifindex, struct bpf_redir_neigh *params, int plen, __u64 flags) = (void *)152;
 static long (*bpf_fib_lookup)(void *ctx, struct bpf_fib_lookup *params, int plen, __u32 flags) = (void *)69;
 static long (*bpf_redirect_peer)(__u32 ifindex, __u64 flags) = (void *)155;
 static long (*bpf_check_mtu)(void *ctx, __u32 ifindex, __u32 *mtu_len, __s32 len_diff, __u64 flags) = (void *)163;

@@ -1,5 +1,5 @@
-/* The ipcache: which security identity an address belongs to and where it
- * lives (a local endpoint's host-side interface, or a remote node). */
+/* The ipcache: which security identity an address belongs to, and which
+ * local endpoint has it. */
 #pragma once
 
 #include "common.h"
@@ -21,21 +21,22 @@ struct ipcache_key {
  * in internal/ipcache). */
 enum ipcache_source {
 	IPCACHE_SOURCE_ENDPOINT = 1, /* a local endpoint's address */
-	IPCACHE_SOURCE_NODE = 2,     /* a remote node's pod CIDRs */
+	IPCACHE_SOURCE_NODE = 2,     /* a node's address: the local node's (host), a remote one's (remote-node) */
 	IPCACHE_SOURCE_IDENTITY = 3, /* an identity given to a prefix */
 	IPCACHE_SOURCE_CIDR = 4,     /* a CIDR peer of policies */
 };
 
+/* Where a remote address lives is not the ipcache's question: node_cidrs
+ * (node.h) answers it, so that an identity given to a remote pod's address
+ * never hides which node has it. */
 struct ipcache_value {
 	__u32 identity;
 	__u32 ifindex;   /* host-side interface of a local endpoint, else 0 */
-	__u8 tunnel[16]; /* underlay address of a remote node, zero when local */
-	__u8 tunnel_family;
 	__u8 source;     /* enum ipcache_source */
 	/* Bits of the entry's own prefix. A lookup returns the longest match;
 	 * this tells user space an exact entry from a covering one. */
 	__u8 prefix_len;
-	__u8 pad;
+	__u8 pad[2];
 };
 
 struct {

@@ -185,6 +185,8 @@ static __always_inline int policy_probe_identity(struct policy_key *key, __u32 i
  * so a rule for the reserved identity world matches them too. */
 #define IDENTITY_HOST 1
 #define IDENTITY_WORLD 2
+#define IDENTITY_REMOTE_NODE 6 /* another node's own addresses */
+#define IDENTITY_MIN_WORKLOAD 256
 #define CIDR_IDENTITY_FIRST (1U << 24)
 #define CIDR_IDENTITY_LAST ((2U << 24) - 1)
 

@@ -21,6 +21,13 @@ enum drop_reason {
 	REASON_ENDPOINT_NOT_READY = 12, /* the destination endpoint is being created or deleted */
 	REASON_NO_CONNECTION = 13,   /* a TCP segment other than a SYN, of no connection conntrack knows */
 	REASON_FRAG_NO_FIRST = 14,   /* a later fragment whose first fragment was not seen */
+	REASON_NODE_UNREACHABLE = 15, /* a destination in the cluster's pod ranges, on no node the datapath knows */
+	REASON_UNKNOWN_NODE = 16,    /* an overlay packet from an underlay address of no node */
+	REASON_TUNNEL_IDENTITY = 17, /* an overlay packet whose VNI holds no identity a workload of another node may have */
+	REASON_SPOOFED_NODE_SOURCE = 18, /* from another node, a source that node does not own; from outside, a local pod's */
+	REASON_IDENTITY_TOO_LARGE = 19, /* a source identity the VNI's 24 bits cannot carry */
+	REASON_NO_LOCAL_ENDPOINT = 20, /* an overlay packet for an address no local endpoint has */
+	REASON_NO_ROUTE = 21,        /* no route, or no neighbour, towards the node of the destination */
 	REASON_MAX = 255,
 };
 

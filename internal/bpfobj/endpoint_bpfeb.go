@@ -36,6 +36,9 @@ const (
 	EndpointMapLedger         = "ledger"
 	EndpointMapLedgerBlobs    = "ledger_blobs"
 	EndpointMapMetrics        = "metrics"
+	EndpointMapNodeAddrs      = "node_addrs"
+	EndpointMapNodeCidrs      = "node_cidrs"
+	EndpointMapNodeConfig     = "node_config"
 	EndpointMapPolicy         = "policy"
 	EndpointMapPolicyCounters = "policy_counters"
 	EndpointMapPolicyMeta     = "policy_meta"
@@ -113,6 +116,9 @@ type EndpointMapSpecs struct {
 	Ledger         *ebpf.MapSpec `ebpf:"ledger"`
 	LedgerBlobs    *ebpf.MapSpec `ebpf:"ledger_blobs"`
 	Metrics        *ebpf.MapSpec `ebpf:"metrics"`
+	NodeAddrs      *ebpf.MapSpec `ebpf:"node_addrs"`
+	NodeCidrs      *ebpf.MapSpec `ebpf:"node_cidrs"`
+	NodeConfig     *ebpf.MapSpec `ebpf:"node_config"`
 	Policy         *ebpf.MapSpec `ebpf:"policy"`
 	PolicyCounters *ebpf.MapSpec `ebpf:"policy_counters"`
 	PolicyMeta     *ebpf.MapSpec `ebpf:"policy_meta"`
@@ -164,6 +170,9 @@ type EndpointMaps struct {
 	Ledger         *ebpf.Map `ebpf:"ledger"`
 	LedgerBlobs    *ebpf.Map `ebpf:"ledger_blobs"`
 	Metrics        *ebpf.Map `ebpf:"metrics"`
+	NodeAddrs      *ebpf.Map `ebpf:"node_addrs"`
+	NodeCidrs      *ebpf.Map `ebpf:"node_cidrs"`
+	NodeConfig     *ebpf.Map `ebpf:"node_config"`
 	Policy         *ebpf.Map `ebpf:"policy"`
 	PolicyCounters *ebpf.Map `ebpf:"policy_counters"`
 	PolicyMeta     *ebpf.Map `ebpf:"policy_meta"`
@@ -191,6 +200,9 @@ func (m *EndpointMaps) Close() error {
 		m.Ledger,
 		m.LedgerBlobs,
 		m.Metrics,
+		m.NodeAddrs,
+		m.NodeCidrs,
+		m.NodeConfig,
 		m.Policy,
 		m.PolicyCounters,
 		m.PolicyMeta,

@@ -76,22 +76,29 @@ const (
 type TypesDropReason uint32
 
 const (
-	TypesDropReasonREASON_FORWARDED          TypesDropReason = 0
-	TypesDropReasonREASON_MALFORMED          TypesDropReason = 1
-	TypesDropReasonREASON_UNSUPPORTED_L3     TypesDropReason = 2
-	TypesDropReasonREASON_SPOOFED_SOURCE_IP  TypesDropReason = 3
-	TypesDropReasonREASON_SPOOFED_SOURCE_MAC TypesDropReason = 4
-	TypesDropReasonREASON_UNKNOWN_ENDPOINT   TypesDropReason = 5
-	TypesDropReasonREASON_POLICY_DENIED      TypesDropReason = 6
-	TypesDropReasonREASON_NO_BACKEND         TypesDropReason = 7
-	TypesDropReasonREASON_PREFILTER_DENIED   TypesDropReason = 8
-	TypesDropReasonREASON_REDIRECT_FAILED    TypesDropReason = 9
-	TypesDropReasonREASON_VLAN_TAGGED        TypesDropReason = 10
-	TypesDropReasonREASON_TUNNELED           TypesDropReason = 11
-	TypesDropReasonREASON_ENDPOINT_NOT_READY TypesDropReason = 12
-	TypesDropReasonREASON_NO_CONNECTION      TypesDropReason = 13
-	TypesDropReasonREASON_FRAG_NO_FIRST      TypesDropReason = 14
-	TypesDropReasonREASON_MAX                TypesDropReason = 255
+	TypesDropReasonREASON_FORWARDED           TypesDropReason = 0
+	TypesDropReasonREASON_MALFORMED           TypesDropReason = 1
+	TypesDropReasonREASON_UNSUPPORTED_L3      TypesDropReason = 2
+	TypesDropReasonREASON_SPOOFED_SOURCE_IP   TypesDropReason = 3
+	TypesDropReasonREASON_SPOOFED_SOURCE_MAC  TypesDropReason = 4
+	TypesDropReasonREASON_UNKNOWN_ENDPOINT    TypesDropReason = 5
+	TypesDropReasonREASON_POLICY_DENIED       TypesDropReason = 6
+	TypesDropReasonREASON_NO_BACKEND          TypesDropReason = 7
+	TypesDropReasonREASON_PREFILTER_DENIED    TypesDropReason = 8
+	TypesDropReasonREASON_REDIRECT_FAILED     TypesDropReason = 9
+	TypesDropReasonREASON_VLAN_TAGGED         TypesDropReason = 10
+	TypesDropReasonREASON_TUNNELED            TypesDropReason = 11
+	TypesDropReasonREASON_ENDPOINT_NOT_READY  TypesDropReason = 12
+	TypesDropReasonREASON_NO_CONNECTION       TypesDropReason = 13
+	TypesDropReasonREASON_FRAG_NO_FIRST       TypesDropReason = 14
+	TypesDropReasonREASON_NODE_UNREACHABLE    TypesDropReason = 15
+	TypesDropReasonREASON_UNKNOWN_NODE        TypesDropReason = 16
+	TypesDropReasonREASON_TUNNEL_IDENTITY     TypesDropReason = 17
+	TypesDropReasonREASON_SPOOFED_NODE_SOURCE TypesDropReason = 18
+	TypesDropReasonREASON_IDENTITY_TOO_LARGE  TypesDropReason = 19
+	TypesDropReasonREASON_NO_LOCAL_ENDPOINT   TypesDropReason = 20
+	TypesDropReasonREASON_NO_ROUTE            TypesDropReason = 21
+	TypesDropReasonREASON_MAX                 TypesDropReason = 255
 )
 
 type TypesEndpointCounters struct {
@@ -197,14 +204,12 @@ const (
 )
 
 type TypesIpcacheValue struct {
-	_            structs.HostLayout
-	Identity     uint32
-	Ifindex      uint32
-	Tunnel       [16]uint8
-	TunnelFamily uint8
-	Source       uint8
-	PrefixLen    uint8
-	Pad          uint8
+	_         structs.HostLayout
+	Identity  uint32
+	Ifindex   uint32
+	Source    uint8
+	PrefixLen uint8
+	Pad       [2]uint8
 }
 
 type TypesLayoutStamp struct {
@@ -216,7 +221,7 @@ type TypesLayoutStamp struct {
 type TypesLayoutVersion uint32
 
 const (
-	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 5
+	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 6
 )
 
 type TypesLbAffinityEntry struct {
@@ -338,6 +343,36 @@ type TypesMetricsValue struct {
 	Bytes   uint64
 }
 
+type TypesNodeAddrKey struct {
+	_      structs.HostLayout
+	Family uint8
+	Pad    [3]uint8
+	Addr   [16]uint8
+}
+
+type TypesNodeFlag uint32
+
+const (
+	TypesNodeFlagNODE_F_IPV4 TypesNodeFlag = 1
+	TypesNodeFlagNODE_F_IPV6 TypesNodeFlag = 2
+)
+
+type TypesNodeRoute struct {
+	_     structs.HostLayout
+	Node  uint32
+	Flags uint32
+	Ipv4  uint32
+	Ipv6  [16]uint8
+}
+
+type TypesNodeSettings struct {
+	_             structs.HostLayout
+	Routing       uint32
+	TunnelIfindex uint32
+	EndpointMtu   uint32
+	Reserved      uint32
+}
+
 type TypesPolicyCounter struct {
 	_     structs.HostLayout
 	Flows uint64
@@ -414,6 +449,14 @@ const (
 	TypesPolicyVerdictPOLICY_AUDITED TypesPolicyVerdict = 3
 )
 
+type TypesRoutingMode uint32
+
+const (
+	TypesRoutingModeROUTING_LOCAL  TypesRoutingMode = 0
+	TypesRoutingModeROUTING_VXLAN  TypesRoutingMode = 1
+	TypesRoutingModeROUTING_NATIVE TypesRoutingMode = 2
+)
+
 type TypesSockDestroyKey struct {
 	_        structs.HostLayout
 	Frontend TypesLbFrontendKey
@@ -458,6 +501,9 @@ const (
 	TypesMapLedger             = "ledger"
 	TypesMapLedgerBlobs        = "ledger_blobs"
 	TypesMapMetrics            = "metrics"
+	TypesMapNodeAddrs          = "node_addrs"
+	TypesMapNodeCidrs          = "node_cidrs"
+	TypesMapNodeConfig         = "node_config"
 	TypesMapPolicy             = "policy"
 	TypesMapPolicyCounters     = "policy_counters"
 	TypesMapPolicyMeta         = "policy_meta"
@@ -476,10 +522,12 @@ const (
 	TypesVarLayoutVersion      = "_layout_version"
 	TypesVarLbBackendState     = "_lb_backend_state"
 	TypesVarLbFlag             = "_lb_flag"
+	TypesVarNodeFlag           = "_node_flag"
 	TypesVarPolicyEntryFlag    = "_policy_entry_flag"
 	TypesVarPolicyMetaFlag     = "_policy_meta_flag"
 	TypesVarPolicyShape        = "_policy_shape"
 	TypesVarPolicyVerdict      = "_policy_verdict"
+	TypesVarRoutingMode        = "_routing_mode"
 	TypesVarTracePoint         = "_trace_point"
 )
 
@@ -550,6 +598,9 @@ type TypesMapSpecs struct {
 	Ledger             *ebpf.MapSpec `ebpf:"ledger"`
 	LedgerBlobs        *ebpf.MapSpec `ebpf:"ledger_blobs"`
 	Metrics            *ebpf.MapSpec `ebpf:"metrics"`
+	NodeAddrs          *ebpf.MapSpec `ebpf:"node_addrs"`
+	NodeCidrs          *ebpf.MapSpec `ebpf:"node_cidrs"`
+	NodeConfig         *ebpf.MapSpec `ebpf:"node_config"`
 	Policy             *ebpf.MapSpec `ebpf:"policy"`
 	PolicyCounters     *ebpf.MapSpec `ebpf:"policy_counters"`
 	PolicyMeta         *ebpf.MapSpec `ebpf:"policy_meta"`
@@ -574,10 +625,12 @@ type TypesVariableSpecs struct {
 	LayoutVersion   *ebpf.VariableSpec `ebpf:"_layout_version"`
 	LbBackendState  *ebpf.VariableSpec `ebpf:"_lb_backend_state"`
 	LbFlag          *ebpf.VariableSpec `ebpf:"_lb_flag"`
+	NodeFlag        *ebpf.VariableSpec `ebpf:"_node_flag"`
 	PolicyEntryFlag *ebpf.VariableSpec `ebpf:"_policy_entry_flag"`
 	PolicyMetaFlag  *ebpf.VariableSpec `ebpf:"_policy_meta_flag"`
 	PolicyShape     *ebpf.VariableSpec `ebpf:"_policy_shape"`
 	PolicyVerdict   *ebpf.VariableSpec `ebpf:"_policy_verdict"`
+	RoutingMode     *ebpf.VariableSpec `ebpf:"_routing_mode"`
 	TracePoint      *ebpf.VariableSpec `ebpf:"_trace_point"`
 }
 
@@ -620,6 +673,9 @@ type TypesMaps struct {
 	Ledger             *ebpf.Map `ebpf:"ledger"`
 	LedgerBlobs        *ebpf.Map `ebpf:"ledger_blobs"`
 	Metrics            *ebpf.Map `ebpf:"metrics"`
+	NodeAddrs          *ebpf.Map `ebpf:"node_addrs"`
+	NodeCidrs          *ebpf.Map `ebpf:"node_cidrs"`
+	NodeConfig         *ebpf.Map `ebpf:"node_config"`
 	Policy             *ebpf.Map `ebpf:"policy"`
 	PolicyCounters     *ebpf.Map `ebpf:"policy_counters"`
 	PolicyMeta         *ebpf.Map `ebpf:"policy_meta"`
@@ -647,6 +703,9 @@ func (m *TypesMaps) Close() error {
 		m.Ledger,
 		m.LedgerBlobs,
 		m.Metrics,
+		m.NodeAddrs,
+		m.NodeCidrs,
+		m.NodeConfig,
 		m.Policy,
 		m.PolicyCounters,
 		m.PolicyMeta,
@@ -672,10 +731,12 @@ type TypesVariables struct {
 	LayoutVersion   *ebpf.Variable `ebpf:"_layout_version"`
 	LbBackendState  *ebpf.Variable `ebpf:"_lb_backend_state"`
 	LbFlag          *ebpf.Variable `ebpf:"_lb_flag"`
+	NodeFlag        *ebpf.Variable `ebpf:"_node_flag"`
 	PolicyEntryFlag *ebpf.Variable `ebpf:"_policy_entry_flag"`
 	PolicyMetaFlag  *ebpf.Variable `ebpf:"_policy_meta_flag"`
 	PolicyShape     *ebpf.Variable `ebpf:"_policy_shape"`
 	PolicyVerdict   *ebpf.Variable `ebpf:"_policy_verdict"`
+	RoutingMode     *ebpf.Variable `ebpf:"_routing_mode"`
 	TracePoint      *ebpf.Variable `ebpf:"_trace_point"`
 }
 

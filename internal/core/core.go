@@ -42,6 +42,7 @@ type State struct {
 	Mode     attach.Mode
 	Objs     bpfobj.EndpointObjects
 	PodCIDRs []netip.Prefix
+	Node     LocalNode  // the local node, as Open was given it or found it recorded
 	LayoutID ebpf.MapID // of the pinned layout map this State opened
 	ReadOnly bool       // opened for inspection: no changes
 	// CIDRIdentities is how many CIDR identities the datapath holds
@@ -60,6 +61,23 @@ type State struct {
 	// its memo against the ledger before trusting it.
 	Memo sync.Map
 }
+
+// LocalNode is what object packages need of the local node's
+// configuration (datapath.Node).
+type LocalNode struct {
+	Name         string
+	Routing      int // datapath.Routing
+	Addresses    []netip.Addr
+	ClusterCIDRs []netip.Prefix
+	EndpointMTU  int // endpoint.Spec.MTU's default
+}
+
+// Routing modes, as datapath.Routing numbers them.
+const (
+	RoutingLocal = iota
+	RoutingVXLAN
+	RoutingNative
+)
 
 var of func(any) *State
 
@@ -216,6 +234,7 @@ func (s *State) closeLocked() error {
 		return nil
 	}
 	s.closed = true
+	s.CloseNodePrograms()
 	errs := []error{s.Objs.Close(), s.CloseSockPrograms()}
 	if s.NS.IsOpen() {
 		errs = append(errs, s.NS.Close())
@@ -374,24 +393,17 @@ func (s *State) Undo(r *ledger.Record) error {
 			errs = append(errs, s.DetachTC(d.Ifindex, hook, l.Key))
 		}
 	}
-	for _, e := range r.Made.Entries {
-		m := s.Map(e.Map)
-		switch {
-		case m == nil:
-			errs = append(errs, fmt.Errorf("undo %v %d: no map %s", r.Kind, r.ID, e.Map))
-		case e.Source != 0:
-			errs = append(errs, ipcache.DeleteKey(m, e.Key, ipcache.Source(e.Source)))
-		default:
-			if err := m.Delete(e.Key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-				errs = append(errs, fmt.Errorf("undo %v %d: delete from %s: %w", r.Kind, r.ID, e.Map, err))
-			}
-		}
+	if err := s.DeleteEntries(r.Made.Entries); err != nil {
+		errs = append(errs, fmt.Errorf("undo %v %d: %w", r.Kind, r.ID, err))
 	}
 	for _, sw := range r.Made.Sweeps {
 		errs = append(errs, s.Sweep(sw))
 	}
 	for _, ref := range r.Made.Records {
 		errs = append(errs, ledger.DeleteBlob(s.Objs.LedgerBlobs, ref.Kind, ref.ID), ledger.Delete(s.Objs.Ledger, ref.Kind, ref.ID))
+	}
+	for _, rt := range r.Made.Routes {
+		errs = append(errs, netdev.DeleteRoute(s.NS, rt.Prefix, rt.Via))
 	}
 	if d := r.Made.Device; d != nil && d.Owned {
 		errs = append(errs, deleteDevice(s.NS, d))
@@ -403,6 +415,27 @@ func (s *State) Undo(r *ledger.Record) error {
 		return fmt.Errorf("undo %v %d: %w", r.Kind, r.ID, err)
 	}
 	return ledger.Delete(s.Objs.Ledger, r.Kind, r.ID)
+}
+
+// DeleteEntries deletes map entries a record names; one that is gone is
+// skipped, and an ipcache entry is deleted only while its source still
+// holds it.
+func (s *State) DeleteEntries(entries []ledger.Entry) error {
+	var errs []error
+	for _, e := range entries {
+		m := s.Map(e.Map)
+		switch {
+		case m == nil:
+			errs = append(errs, fmt.Errorf("no map %s", e.Map))
+		case e.Source != 0:
+			errs = append(errs, ipcache.DeleteKey(m, e.Key, ipcache.Source(e.Source)))
+		default:
+			if err := m.Delete(e.Key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, fmt.Errorf("delete from %s: %w", e.Map, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Sweep deletes every entry of a map whose key (or value) matches.
@@ -475,7 +508,7 @@ func deleteDevice(ns netns.NsHandle, d *ledger.Device) error {
 	if err != nil {
 		return err
 	}
-	if (d.Ifindex != 0 && l.Index != d.Ifindex) || (d.Ifindex == 0 && l.Type != "veth") {
+	if (d.Ifindex != 0 && l.Index != d.Ifindex) || (d.Ifindex == 0 && l.Type != "veth" && l.Type != "vxlan") {
 		return nil // another device took the name since
 	}
 	return netdev.Delete(ns, l.Index)

@@ -1,12 +1,12 @@
 // Package ipcache owns the ipcache: the LPM map from an address prefix to
-// its security identity and where it lives (a local endpoint's interface,
-// a remote node). Several objects write it, so every write goes through
+// its security identity and, for a local endpoint's address, its
+// interface. Several objects write it, so every write goes through
 // here, under these rules:
 //
 //   - each entry has one writer, its Source: a local endpoint writes the
-//     host prefixes of its addresses; a remote node (later) its pod CIDRs;
-//     an identity assignment the prefixes it names; policies their CIDR
-//     peers, with identities of their own;
+//     host prefixes of its addresses; a node (local or remote) its
+//     underlay addresses; an identity assignment the prefixes it names;
+//     policies their CIDR peers, with identities of their own;
 //   - Put adds a prefix, or replaces one of its own source; a prefix of
 //     another source is ErrOwned, so nobody overwrites, and later deletes,
 //     what another object wrote;

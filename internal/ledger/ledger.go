@@ -17,6 +17,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"strings"
 
 	"github.com/cilium/ebpf"
@@ -45,6 +46,12 @@ const (
 	// KindService records a service by its ID (package service); ID 0
 	// holds what all services share (the generation of the set).
 	KindService Kind = 5
+	// KindDevice records a device the node-facing programs are attached
+	// to (the datapath's Open): a node device by its ifindex, the VXLAN
+	// device the datapath made as ID 0.
+	KindDevice Kind = 6
+	// KindNode records a remote node by its ID, from 1 (package node).
+	KindNode Kind = 7
 )
 
 // State is where an object is in its life.
@@ -86,6 +93,15 @@ type Made struct {
 	// Records are other records that go with this one (an endpoint's
 	// policy), removed with it, their blobs included.
 	Records []Ref `json:"records,omitempty"`
+	// Routes are routes in the datapath's namespace (a remote node's pod
+	// CIDRs via its address).
+	Routes []Route `json:"routes,omitempty"`
+}
+
+// Route is a route to Prefix via the next hop Via.
+type Route struct {
+	Prefix netip.Prefix `json:"prefix"`
+	Via    netip.Addr   `json:"via"`
 }
 
 // Sweep names the entries of a map whose key (or, with InValue, value)
@@ -312,6 +328,10 @@ func (k Kind) String() string {
 		return "CIDR identity"
 	case KindService:
 		return "service"
+	case KindDevice:
+		return "node device"
+	case KindNode:
+		return "node"
 	}
 	return fmt.Sprintf("kind %d", uint32(k))
 }

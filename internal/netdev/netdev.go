@@ -8,11 +8,14 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/sluicedp/sluice/internal/nsrun"
 )
 
 // handle returns a netlink handle bound to ns (the caller's when ns is closed).
@@ -78,6 +81,7 @@ type Link struct {
 	MAC     net.HardwareAddr
 	Up      bool // administratively up
 	Running bool // operationally up: it carries packets
+	MTU     int
 }
 
 // Get returns the device named name in ns, or an error matching
@@ -97,7 +101,7 @@ func Get(ns netns.NsHandle, name string) (Link, error) {
 		return Link{}, fmt.Errorf("device %s: %w", name, err)
 	}
 	a := l.Attrs()
-	return Link{Index: a.Index, Type: l.Type(), MAC: a.HardwareAddr, Up: a.Flags&net.FlagUp != 0, Running: a.OperState == netlink.OperUp}, nil
+	return Link{Index: a.Index, Type: l.Type(), MAC: a.HardwareAddr, Up: a.Flags&net.FlagUp != 0, Running: a.OperState == netlink.OperUp, MTU: a.MTU}, nil
 }
 
 // Delete removes the device with index ifindex from ns; a device that is
@@ -244,4 +248,118 @@ func onDevice(ns netns.NsHandle, dev string, fn func(*netlink.Handle, netlink.Li
 		return fmt.Errorf("device %s: %w", dev, err)
 	}
 	return fn(h, l)
+}
+
+// VXLAN makes a VXLAN device in collect-metadata mode (the tunnel's far
+// end and VNI come with each packet, from BPF) on UDP port port, up, and
+// returns its index; a device of that name that is such a device already
+// is taken as it is. Learning is off: BPF decides every packet.
+// Equivalent to:
+// `ip -n NS link add NAME mtu MTU type vxlan external dstport PORT nolearning`.
+func VXLAN(ns netns.NsHandle, name string, port uint16, mtu int) (ifindex int, err error) {
+	h, err := handle(ns)
+	if err != nil {
+		return 0, err
+	}
+	defer h.Close()
+	if l, err := h.LinkByName(name); err == nil {
+		v, ok := l.(*netlink.Vxlan)
+		if !ok || !v.FlowBased || v.Port != int(port) {
+			return 0, fmt.Errorf("device %s exists and is not a VXLAN device with external metadata on port %d: %w", name, port, unix.EEXIST)
+		}
+		if err := h.LinkSetMTU(l, mtu); err != nil {
+			return 0, fmt.Errorf("set the MTU of %s: %w", name, err)
+		}
+		return index(h, name, true)
+	}
+	v := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu}, FlowBased: true, Port: int(port), Learning: false}
+	if err := h.LinkAdd(v); err != nil {
+		return 0, fmt.Errorf("add VXLAN device %s: %w", name, err)
+	}
+	ifindex, err = index(h, name, true)
+	if err != nil {
+		h.LinkDel(v)
+		return 0, err
+	}
+	return ifindex, nil
+}
+
+// RouteProtocol marks the routes sluice installs (as `proto sluice` would,
+// were it named in /etc/iproute2/rt_protos), so that they are told from
+// everyone else's.
+const RouteProtocol = 0xc5
+
+// ReplaceRoute routes prefix via the next hop via in ns (the kernel finds
+// the device from its own routes to via). Equivalent to:
+// `ip -n NS route replace PREFIX via VIA proto 197`.
+func ReplaceRoute(ns netns.NsHandle, prefix netip.Prefix, via netip.Addr) error {
+	h, err := handle(ns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	if err := h.RouteReplace(route(prefix, via)); err != nil {
+		return fmt.Errorf("route %s via %s: %w", prefix, via, err)
+	}
+	return nil
+}
+
+// DeleteRoute removes the route ReplaceRoute made; one that is gone (or
+// goes elsewhere now) is not an error.
+func DeleteRoute(ns netns.NsHandle, prefix netip.Prefix, via netip.Addr) error {
+	h, err := handle(ns)
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	err = h.RouteDel(route(prefix, via))
+	if err != nil && !errors.Is(err, unix.ESRCH) && !errors.Is(err, unix.ENOENT) {
+		return fmt.Errorf("delete route %s via %s: %w", prefix, via, err)
+	}
+	return nil
+}
+
+// Routes returns the routes of RouteProtocol in ns: prefix to next hop.
+func Routes(ns netns.NsHandle) (map[netip.Prefix]netip.Addr, error) {
+	h, err := handle(ns)
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	out := map[netip.Prefix]netip.Addr{}
+	for _, family := range []int{netlink.FAMILY_V4, netlink.FAMILY_V6} {
+		rs, err := h.RouteListFiltered(family, &netlink.Route{Protocol: RouteProtocol}, netlink.RT_FILTER_PROTOCOL)
+		if err != nil {
+			return nil, fmt.Errorf("list routes: %w", err)
+		}
+		for _, r := range rs {
+			if r.Dst == nil {
+				continue
+			}
+			a, _ := netip.AddrFromSlice(r.Dst.IP)
+			bits, _ := r.Dst.Mask.Size()
+			gw, _ := netip.AddrFromSlice(r.Gw)
+			out[netip.PrefixFrom(a.Unmap(), bits)] = gw.Unmap()
+		}
+	}
+	return out, nil
+}
+
+func route(prefix netip.Prefix, via netip.Addr) *netlink.Route {
+	dst := &net.IPNet{IP: prefix.Addr().AsSlice(), Mask: net.CIDRMask(prefix.Bits(), prefix.Addr().BitLen())}
+	return &netlink.Route{Dst: dst, Gw: via.AsSlice(), Protocol: RouteProtocol}
+}
+
+// Forward turns IP forwarding on in ns, IPv4 and IPv6, on every device:
+// a router's setting. Equivalent to `sysctl net.ipv4.conf.all.forwarding=1
+// net.ipv6.conf.all.forwarding=1` inside ns.
+func Forward(ns netns.NsHandle) error {
+	return nsrun.Do(ns, func() error {
+		for _, f := range []string{"/proc/sys/net/ipv4/conf/all/forwarding", "/proc/sys/net/ipv6/conf/all/forwarding"} {
+			if err := os.WriteFile(f, []byte("1"), 0); err != nil {
+				return fmt.Errorf("turn forwarding on: %w", err)
+			}
+		}
+		return nil
+	})
 }

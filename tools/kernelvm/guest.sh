@@ -60,7 +60,7 @@ mount --bind -o ro "$modules" /lib/modules
 # veth, vxlan: devices the tests make; sch_ingress: clsact; cls_bpf: the
 # legacy attach path (6.1 has no tcx); xfrm_user: netlink.NewHandleAt with no
 # families asks for XFRM and fails without it.
-modprobe -a veth vxlan sch_ingress cls_bpf xfrm_user
+modprobe -a veth vxlan bridge sch_ingress cls_bpf xfrm_user
 
 read -r uptime _ </proc/uptime
 echo "kernelvm: kernel $(uname -r), up ${uptime}s, uid $(id -u), CI=$CI, $(nproc) CPUs"

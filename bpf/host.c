@@ -1,0 +1,58 @@
+//go:build ignore
+
+/* The node-device programs: from-netdev runs on tcx ingress of each of
+ * the node's devices (Config.Node.Devices), on every packet from the
+ * underlay. A packet for a local endpoint meets its ingress policy there
+ * and crosses straight into the workload's namespace; everything else
+ * (the node's own traffic, the overlay's UDP) goes on to the stack. */
+#include "lib/common.h"
+#include "lib/reasons.h"
+#include "lib/events.h"
+#include "lib/deliver.h"
+#include "lib/node.h"
+
+/* source_allowed reports whether a packet from the underlay may have the
+ * flow's source: never a local pod's address, nor, unless the nodes route
+ * natively, any address of the cluster's pod ranges (over VXLAN, pods of
+ * other nodes come through the overlay). */
+static __always_inline int source_allowed(struct node_settings *cfg, struct flow *f)
+{
+	struct node_route *r = node_route_of(f->key.family, f->key.saddr);
+
+	if (!r)
+		return 1;
+	if (r->node == NODE_LOCAL || r->node == NODE_NONE)
+		return 0;
+	return cfg->routing == ROUTING_NATIVE;
+}
+
+SEC("tc")
+int from_netdev(struct __sk_buff *skb)
+{
+	struct node_settings *cfg = node_config_get();
+	struct ipcache_value *remote;
+	struct endpoint_info *dst;
+	struct flow f = {};
+	int ret;
+
+	if (!cfg)
+		return TC_ACT_OK;
+	ret = parse_inbound(skb, &f);
+	if (ret == INBOUND_PASS || ret == INBOUND_MALFORMED)
+		return TC_ACT_OK; /* not for an endpoint, or the stack's to drop */
+	if (!source_allowed(cfg, &f))
+		return drop(skb, REASON_SPOOFED_NODE_SOURCE, DIR_INGRESS, 0);
+	remote = f.key.family == 4 ? ipcache_lookup4(*(__be32 *)f.key.daddr) : ipcache_lookup6(f.key.daddr);
+	dst = local_endpoint(remote);
+	if (!dst)
+		return TC_ACT_OK;
+	trace(skb, TRACE_FROM_NETDEV, DIR_INGRESS, dst->id);
+	if (ret != INBOUND_IP)
+		return inbound_drop(skb, ret, dst->id);
+	if (!ttl_decrement(skb, f.key.family))
+		return TC_ACT_OK; /* the stack answers it */
+	remote = f.key.family == 4 ? ipcache_lookup4(*(__be32 *)f.key.saddr) : ipcache_lookup6(f.key.saddr);
+	return to_endpoint(skb, dst, &f, identity_of(remote), 0);
+}
+
+char __license[] SEC("license") = "GPL";

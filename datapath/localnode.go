@@ -1,0 +1,183 @@
+package datapath
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/sluicedp/sluice/internal/attach"
+	"github.com/sluicedp/sluice/internal/bpfobj"
+	"github.com/sluicedp/sluice/internal/core"
+	"github.com/sluicedp/sluice/internal/ipcache"
+	"github.com/sluicedp/sluice/internal/ledger"
+	"github.com/sluicedp/sluice/internal/netdev"
+)
+
+// Node IDs in node_cidrs (bpf/lib/node.h).
+const (
+	nodeLocal = 0
+	nodeNone  = 0xffffffff
+)
+
+// setupNode makes the datapath the local node n: its pod CIDRs and the
+// cluster's in node_cidrs, its addresses in the ipcache as the host's,
+// the VXLAN device (RoutingVXLAN) and IP forwarding, and the node-facing
+// programs on its devices, each recorded in the ledger (KindDevice)
+// before it is made. What is there already is kept: a re-open changes
+// nothing that runs. The settings the programs read go last. On error,
+// and when the returned undo is called (Open failed after), what this
+// call attached is detached and the VXLAN device it made deleted.
+func setupNode(st *core.State, n Node) (undo func() error, err error) {
+	var made []*ledger.Record
+	takeBack := func() error {
+		var errs []error
+		for i := len(made) - 1; i >= 0; i-- {
+			errs = append(errs, st.Undo(made[i]))
+		}
+		st.CloseNodePrograms()
+		return errors.Join(errs...)
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, takeBack())
+		}
+	}()
+	mtu, err := endpointMTU(st, n)
+	if err != nil {
+		return nil, err
+	}
+	st.Node.EndpointMTU = mtu
+	settings := bpfobj.TypesNodeSettings{Routing: uint32(n.Routing), EndpointMtu: uint32(mtu)}
+	if n.Routing == RoutingLocal {
+		return takeBack, st.Objs.NodeConfig.Put(uint32(0), &settings)
+	}
+	for _, p := range n.PodCIDRs {
+		if err := putNodeCIDR(st, p, nodeLocal); err != nil {
+			return nil, err
+		}
+	}
+	for _, p := range n.ClusterCIDRs {
+		if err := putNodeCIDR(st, p, nodeNone); err != nil {
+			return nil, err
+		}
+	}
+	for _, a := range n.Addresses {
+		err := ipcache.Put(st.Objs.Ipcache, netip.PrefixFrom(a, a.BitLen()), ipcache.Entry{Identity: uint32(IdentityHost)}, ipcache.Node)
+		if err != nil {
+			return nil, fmt.Errorf("node address %s: %w", a, err)
+		}
+	}
+	// Pods' traffic to the world goes through the stack, and natively
+	// routed traffic is looked up (bpf_fib_lookup) as forwarded.
+	if err := netdev.Forward(st.NS); err != nil {
+		return nil, err
+	}
+	if n.Routing == RoutingVXLAN {
+		port := cmp.Or(n.TunnelPort, DefaultTunnelPort)
+		_, statErr := netdev.Get(st.NS, TunnelDevice)
+		ifindex, err := netdev.VXLAN(st.NS, TunnelDevice, port, mtu)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+		}
+		dev := &ledger.Device{Name: TunnelDevice, Ifindex: ifindex, Owned: statErr != nil}
+		r, err := attachNodeProgram(st, 0, dev, bpfobj.OverlayProgFromOverlay)
+		if r != nil {
+			made = append(made, r)
+		}
+		if err != nil {
+			if statErr != nil && r == nil {
+				err = errors.Join(err, netdev.Delete(st.NS, ifindex))
+			}
+			return nil, err
+		}
+		settings.TunnelIfindex = uint32(ifindex)
+	}
+	for _, name := range n.Devices {
+		l, err := netdev.Get(st.NS, name)
+		if err != nil {
+			return nil, fmt.Errorf("node device %s: %w", name, err)
+		}
+		r, err := attachNodeProgram(st, uint32(l.Index), &ledger.Device{Name: name, Ifindex: l.Index}, bpfobj.HostProgFromNetdev)
+		if r != nil {
+			made = append(made, r)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return takeBack, st.Objs.NodeConfig.Put(uint32(0), &settings)
+}
+
+// endpointMTU is n.MTU, or, when 0, what fits the smallest node device
+// once VXLAN has added its headers.
+func endpointMTU(st *core.State, n Node) (int, error) {
+	if n.MTU != 0 || n.Routing == RoutingLocal {
+		return n.MTU, nil
+	}
+	mtu := 0
+	for _, name := range n.Devices {
+		l, err := netdev.Get(st.NS, name)
+		if err != nil {
+			return 0, fmt.Errorf("node device %s: %w", name, err)
+		}
+		if mtu == 0 || l.MTU < mtu {
+			mtu = l.MTU
+		}
+	}
+	if n.Routing == RoutingVXLAN {
+		overhead := vxlanOverhead6
+		if slices.ContainsFunc(n.Addresses, netip.Addr.Is4) {
+			overhead = vxlanOverhead4
+		}
+		mtu -= overhead
+	}
+	if mtu < 1280 {
+		return 0, fmt.Errorf("node devices %v leave endpoints an MTU of %d, below IPv6's 1280: %w", n.Devices, mtu, ErrInvalid)
+	}
+	return mtu, nil
+}
+
+// putNodeCIDR points prefix at a node in node_cidrs.
+func putNodeCIDR(st *core.State, p netip.Prefix, node uint32) error {
+	k := ipcache.Key(p)
+	v := bpfobj.TypesNodeRoute{Node: node}
+	if err := st.Objs.NodeCidrs.Put(&k, &v); err != nil {
+		return core.MapError(err, ErrMapFull, "node CIDR "+p.String())
+	}
+	return nil
+}
+
+// attachNodeProgram attaches a node-facing program to tc ingress of dev,
+// recorded as KindDevice id: first the record (Creating), then the
+// attachment, then the record Ready, which it returns. A device recorded
+// Ready with the same index is attached already: it returns no record.
+// On error the attachment is undone, and the record with it.
+func attachNodeProgram(st *core.State, id uint32, dev *ledger.Device, prog string) (*ledger.Record, error) {
+	r, err := ledger.Get(st.Objs.Ledger, ledger.KindDevice, id)
+	if err == nil && r.State == ledger.Ready && r.Made.Device != nil && r.Made.Device.Ifindex == dev.Ifindex {
+		return nil, nil
+	}
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
+	}
+	p, err := st.NodeProgram(prog)
+	if err != nil {
+		return nil, err
+	}
+	key := fmt.Sprintf("dev%d-in", dev.Ifindex)
+	r = &ledger.Record{Kind: ledger.KindDevice, ID: id, State: ledger.Creating, Made: ledger.Made{
+		Device: dev, Links: []ledger.Link{{Key: key, Program: prog}},
+	}}
+	if err := ledger.Put(st.Objs.Ledger, r); err != nil {
+		return nil, err
+	}
+	if err := st.AttachTC(dev.Ifindex, attach.Ingress, p, key); err != nil {
+		return nil, errors.Join(fmt.Errorf("attach %s to %s: %w", prog, dev.Name, err), st.Undo(r))
+	}
+	r.State = ledger.Ready
+	return r, ledger.Put(st.Objs.Ledger, r)
+}
