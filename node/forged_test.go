@@ -1,0 +1,83 @@
+package node_test
+
+import (
+	"encoding/binary"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/internal/clustertest"
+	"github.com/sluicedp/sluice/internal/netdev"
+	"github.com/sluicedp/sluice/internal/packet"
+	"github.com/sluicedp/sluice/internal/testutil"
+)
+
+// vxlan is a VXLAN frame to node n's tunnel port from the underlay address
+// src (as the Internet namespace can forge it: the underlay is one
+// link), carrying inner with the VNI vni.
+func vxlan(from net.HardwareAddr, n *clustertest.Node, src netip.Addr, vni uint32, inner []byte) []byte {
+	h := make([]byte, 8)
+	h[0] = 0x08 // a valid VNI follows
+	binary.BigEndian.PutUint32(h[4:], vni<<8)
+	return packet.Build(&packet.Ethernet{Src: from, Dst: n.MAC}, &packet.IPv4{Src: src, Dst: n.IPv4},
+		&packet.UDP{SrcPort: 40000, DstPort: datapath.DefaultTunnelPort}, packet.Payload(append(h, inner...)))
+}
+
+// udp4 is an IPv4 UDP datagram to port 9 in an Ethernet frame.
+func udp4(src, dst netip.Addr) []byte {
+	mac := net.HardwareAddr{0x02, 0, 0, 0, 0, 1}
+	return packet.Build(&packet.Ethernet{Src: mac, Dst: mac}, &packet.IPv4{Src: src, Dst: dst},
+		&packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged"))
+}
+
+// Frames forged on the underlay are each dropped with a reason of their
+// own, and counted; the one genuine frame among them, sent the same way,
+// is delivered (so the others were dropped for what they forged).
+func TestForgedFrames(t *testing.T) {
+	c := clustertest.New(t, clustertest.Options{})
+	n0, n1 := c.Nodes[0], c.Nodes[1]
+	dst := c.Endpoint(0, 0)
+	rx := clustertest.NetNS(t, dst).ListenUDP(t, netip.AddrPortFrom(dst.IPv4, 9))
+	l, err := netdev.Get(c.Internet.Handle, "eth0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	internetMAC := l.MAC
+	pod1 := c.Endpoint(1, 0).IPv4 // node-1's pod
+	pod2 := c.Endpoint(2, 0).IPv4 // node-2's pod
+	id1 := uint32(clustertest.Identity(1, 0))
+
+	for _, tc := range []struct {
+		name   string
+		frame  []byte
+		reason datapath.Reason // ReasonForwarded: delivered
+	}{
+		{"VXLAN from an address that is no node's", vxlan(internetMAC, n0, c.InternetIPv4, id1, udp4(pod1, dst.IPv4)), datapath.ReasonUnknownNode},
+		{"VNI with the world's identity", vxlan(internetMAC, n0, n1.IPv4, uint32(datapath.IdentityWorld), udp4(pod1, dst.IPv4)), datapath.ReasonTunnelIdentity},
+		{"VNI with no identity", vxlan(internetMAC, n0, n1.IPv4, 0, udp4(pod1, dst.IPv4)), datapath.ReasonTunnelIdentity},
+		{"VNI with a reserved identity", vxlan(internetMAC, n0, n1.IPv4, 255, udp4(pod1, dst.IPv4)), datapath.ReasonTunnelIdentity},
+		{"inner source of another node's pod", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod2, dst.IPv4)), datapath.ReasonSpoofedNodeSource},
+		{"inner source of a local pod", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(c.Endpoint(0, 1).IPv4, dst.IPv4)), datapath.ReasonSpoofedNodeSource},
+		{"inner source outside the cluster", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(c.InternetIPv4, dst.IPv4)), datapath.ReasonSpoofedNodeSource},
+		{"VXLAN to an address no endpoint has", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, netip.MustParseAddr("198.19.0.99"))), datapath.ReasonNoLocalEndpoint},
+		{"a local pod's address on the node device", packet.Build(&packet.Ethernet{Src: internetMAC, Dst: n0.MAC},
+			&packet.IPv4{Src: c.Endpoint(0, 1).IPv4, Dst: dst.IPv4}, &packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged")), datapath.ReasonSpoofedNodeSource},
+		{"another node's pod on the node device, over VXLAN", packet.Build(&packet.Ethernet{Src: internetMAC, Dst: n0.MAC},
+			&packet.IPv4{Src: pod1, Dst: dst.IPv4}, &packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged")), datapath.ReasonSpoofedNodeSource},
+		{"genuine: node-1's pod over VXLAN from node-1", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4)), datapath.ReasonForwarded},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := metric(t, n0.DP, tc.reason, datapath.Ingress)
+			c.Internet.SendFrames(t, "eth0", tc.frame)
+			got := testutil.Receive(rx, 1, map[bool]time.Duration{true: 2 * time.Second, false: 200 * time.Millisecond}[tc.reason == datapath.ReasonForwarded])
+			if delivered := len(got) > 0; delivered != (tc.reason == datapath.ReasonForwarded) {
+				t.Errorf("delivered: %t", delivered)
+			}
+			if after := metric(t, n0.DP, tc.reason, datapath.Ingress); after <= before {
+				t.Errorf("%s stayed at %d", tc.reason, after)
+			}
+		})
+	}
+}
