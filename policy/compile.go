@@ -108,6 +108,8 @@ func (p Peer) identity() uint32 {
 		return uint32(datapath.IdentityHost)
 	case All:
 		return 0
+	case RemoteNode:
+		return uint32(datapath.IdentityRemoteNode)
 	}
 	return uint32(p.Identity)
 }

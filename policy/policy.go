@@ -59,7 +59,7 @@ type Peer struct {
 	// Except are prefixes inside CIDR, more specific and canonical, whose
 	// addresses the peer leaves out.
 	Except []netip.Prefix
-	// Reserved is World, Host or All.
+	// Reserved is World, Host, All or RemoteNode.
 	Reserved Reserved
 }
 
@@ -74,6 +74,10 @@ const (
 	Host
 	// All is every peer, whatever its identity.
 	All
+	// RemoteNode is every other node of the cluster
+	// (datapath.IdentityRemoteNode): their addresses, and what they send
+	// themselves over VXLAN.
+	RemoteNode
 )
 
 func (r Reserved) String() string {
@@ -86,6 +90,8 @@ func (r Reserved) String() string {
 		return "host"
 	case All:
 		return "all"
+	case RemoteNode:
+		return "remote-node"
 	}
 	return fmt.Sprintf("reserved(%d)", uint8(r))
 }
@@ -210,10 +216,10 @@ func (p Peer) validate() error {
 	case set > 1:
 		return fmt.Errorf("sets more than one of Identity (%s), CIDR (%s) and Reserved (%s): set exactly one",
 			p.Identity, p.CIDR, p.Reserved)
-	case p.Reserved > All:
-		return fmt.Errorf("%s: want World, Host or All", p.Reserved)
+	case p.Reserved > RemoteNode:
+		return fmt.Errorf("%s: want World, Host, All or RemoteNode", p.Reserved)
 	case p.Identity != 0 && p.Identity < datapath.MinIdentity:
-		return fmt.Errorf("identity %s is reserved (below %d): name it with Reserved (World, Host or All)",
+		return fmt.Errorf("identity %s is reserved (below %d): name it with Reserved (World, Host, All or RemoteNode)",
 			p.Identity, datapath.MinIdentity)
 	case p.Identity >= CIDRIdentityFirst && p.Identity <= CIDRIdentityLast:
 		return fmt.Errorf("identity %s is a CIDR identity, which the datapath gives prefixes: name the CIDR instead",

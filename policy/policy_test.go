@@ -53,7 +53,7 @@ func TestCompileRejects(t *testing.T) {
 			"egress rule 1: peer 1: identity world is reserved (below 256): name it with Reserved"},
 		{"CIDR identity", peer(Peer{Identity: CIDRIdentityFirst + 5}),
 			"egress rule 1: peer 1: identity 16777221 is a CIDR identity"},
-		{"unknown reserved", peer(Peer{Reserved: 9}), "egress rule 1: peer 1: reserved(9): want World, Host or All"},
+		{"unknown reserved", peer(Peer{Reserved: 9}), "egress rule 1: peer 1: reserved(9): want World, Host, All or RemoteNode"},
 		{"unknown action", Policy{Ingress: []Rule{{}, {}, {Action: 2}}}, "ingress rule 2: action(2): want Allow or Deny"},
 		{"unknown protocol", port(Port{Protocol: 47}),
 			"egress rule 1: port 1: protocol 47: want TCP, UDP, SCTP, ICMP, ICMPv6 or AnyProtocol"},

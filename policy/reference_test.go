@@ -89,6 +89,8 @@ func matchPeers(peers []Peer, remote datapath.Identity, cidrOf cidrOfFunc) (int,
 			rank = 0
 		case p.Reserved == World && remote == datapath.IdentityWorld:
 			rank = 0
+		case p.Reserved == RemoteNode && remote == datapath.IdentityRemoteNode:
+			rank = 0
 		case p.Reserved == World && isCIDR:
 			rank = 1
 		case p.Reserved == All:
