@@ -17,6 +17,9 @@
 //     endpoint.
 //   - [github.com/sluicedp/sluice/service]: virtual addresses balanced over
 //     backends.
+//   - [github.com/sluicedp/sluice/node]: the other nodes of a cluster, so
+//     that pods reach pods across nodes, over VXLAN or natively routed,
+//     under policy by the sender's identity.
 //
 // The BPF programs are compiled ahead of time and embedded: using the
 // library needs no compiler.

@@ -9,6 +9,7 @@
 //	endpoints    endpoints with their addresses and counters
 //	flows        tracked connections, with the policy rule that allowed each
 //	services     services: frontends, backends with their states and counters
+//	nodes        the remote nodes: addresses and pod CIDRs
 //	lost         event records the datapath could not send
 //	verify       the maps compared with the ledger, object by object: every
 //	             difference (-repair mends each; it opens the datapath
@@ -42,6 +43,7 @@ import (
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/endpoint"
+	"github.com/sluicedp/sluice/node"
 	// Its checks and repairs: verify covers policies too.
 	_ "github.com/sluicedp/sluice/policy"
 	"github.com/sluicedp/sluice/service"
@@ -65,7 +67,7 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 	repair := fs.Bool("repair", false, "verify: mend every difference")
 	netns := fs.String("netns", "/proc/thread-self/ns/net", "verify -repair, unload: the network namespace the datapath serves (a name under /run/netns, or a path)")
 	fs.Usage = func() {
-		fmt.Fprintln(out, "usage: sluice [-bpffs DIR] [-name NAME] reasons|metrics|events|endpoints|flows|services|lost|verify|unload")
+		fmt.Fprintln(out, "usage: sluice [-bpffs DIR] [-name NAME] reasons|metrics|events|endpoints|flows|services|nodes|lost|verify|unload")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -88,7 +90,7 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		return reasons(out)
 	}
 	switch cmd {
-	case "metrics", "events", "endpoints", "flows", "services", "lost", "verify", "unload":
+	case "metrics", "events", "endpoints", "flows", "services", "nodes", "lost", "verify", "unload":
 	default:
 		fs.Usage()
 		return fmt.Errorf("unknown command %q", cmd)
@@ -133,6 +135,8 @@ func run(ctx context.Context, args []string, out, errOut io.Writer) error {
 		return flows(dp, out)
 	case "services":
 		return services(dp, out)
+	case "nodes":
+		return nodes(dp, out)
 	case "verify":
 		return verify(ctx, dp, *repair, out)
 	default:
@@ -320,6 +324,28 @@ func services(dp *datapath.Datapath, out io.Writer) error {
 		}
 	}
 	return w.Flush()
+}
+
+// nodes lists the remote nodes.
+func nodes(dp *datapath.Datapath, out io.Writer) error {
+	list, err := node.List(dp)
+	if err != nil {
+		return err
+	}
+	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "NAME\tADDRESSES\tPOD CIDRS")
+	for _, n := range list {
+		fmt.Fprintf(w, "%s\t%s\t%s\n", n.Name, joinStrings(n.Addresses), joinStrings(n.PodCIDRs))
+	}
+	return w.Flush()
+}
+
+func joinStrings[T fmt.Stringer](list []T) string {
+	s := make([]string, len(list))
+	for i, x := range list {
+		s[i] = x.String()
+	}
+	return strings.Join(s, ",")
 }
 
 // verify prints every difference between the maps and the ledger, and

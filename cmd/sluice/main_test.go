@@ -115,6 +115,7 @@ func TestCommands(t *testing.T) {
 		"endpoints": "198.18.1.10",
 		"flows":     "198.18.1.10:",
 		"lost":      "rate limited: 0",
+		"nodes":     "NAME  ADDRESSES  POD CIDRS",
 	} {
 		out.Reset()
 		if err := run(context.Background(), []string{"-bpffs", bpffs, cmd}, &out, io.Discard); err != nil {
