@@ -21,6 +21,9 @@
 #include "lib/frag.h"
 #include "lib/deliver.h"
 #include "lib/forward.h"
+/* Only for its map: the datapath pins every map the endpoint object has,
+ * and the node devices' programs masquerade with it. */
+#include "lib/snat.h"
 
 /* reject answers the flow's packet, to a frontend with no backend that
  * rejects, with a port unreachable from the frontend (bpf/lib/icmp.h),
@@ -74,6 +77,8 @@ static __always_inline int from_endpoint_deliver(struct __sk_buff *skb, struct e
 		if (ret != TC_ACT_REDIRECT)
 			return ret;
 	} else if (!dst && (ret = to_node(skb, f, src->identity, src->id)) != FORWARD_HERE) {
+		if (ret == FORWARD_TOO_BIG)
+			return too_big(skb, f, src->id);
 		if (ret != TC_ACT_REDIRECT)
 			return ret;
 	} else {

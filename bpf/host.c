@@ -1,15 +1,19 @@
 //go:build ignore
 
-/* The node-device programs: from-netdev runs on tcx ingress of each of
- * the node's devices (Config.Node.Devices), on every packet from the
- * underlay. A packet for a local endpoint meets its ingress policy there
- * and crosses straight into the workload's namespace; everything else
- * (the node's own traffic, the overlay's UDP) goes on to the stack. */
+/* The node-device programs, on each of the node's devices
+ * (Config.Node.Devices). from-netdev runs on tcx ingress, on every packet
+ * from the underlay: a reply to a masqueraded flow is turned back to its
+ * pod; a packet for a local endpoint meets its ingress policy and crosses
+ * straight into the workload's namespace; everything else (the node's own
+ * traffic, the overlay's UDP) goes on to the stack. to-netdev runs on tcx
+ * egress: what pods send outside the cluster leaves with the node's
+ * address (snat.h). */
 #include "lib/common.h"
 #include "lib/reasons.h"
 #include "lib/events.h"
 #include "lib/deliver.h"
 #include "lib/node.h"
+#include "lib/snat.h"
 
 /* source_allowed reports whether a packet from the underlay may have the
  * flow's source: never a local pod's address, nor, unless the nodes route
@@ -42,6 +46,8 @@ int from_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK; /* not for an endpoint, or the stack's to drop */
 	if (!source_allowed(cfg, &f))
 		return drop(skb, REASON_SPOOFED_NODE_SOURCE, DIR_INGRESS, 0);
+	if (ret == INBOUND_IP && snat_in(skb, &f) < 0)
+		return drop(skb, REASON_MALFORMED, DIR_INGRESS, 0);
 	remote = f.key.family == 4 ? ipcache_lookup4(*(__be32 *)f.key.daddr) : ipcache_lookup6(f.key.daddr);
 	dst = local_endpoint(remote);
 	if (!dst)
@@ -53,6 +59,39 @@ int from_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK; /* the stack answers it */
 	remote = f.key.family == 4 ? ipcache_lookup4(*(__be32 *)f.key.saddr) : ipcache_lookup6(f.key.saddr);
 	return to_endpoint(skb, dst, &f, identity_of(remote), 0);
+}
+
+/* to_netdev masquerades what pods send to the world. Everything else,
+ * and what it cannot parse, leaves as it is. */
+SEC("tc")
+int to_netdev(struct __sk_buff *skb)
+{
+	struct flow f = {};
+	struct ethhdr *eth;
+	int ret;
+
+	pull_headers(skb);
+	eth = header(skb, 0, sizeof(*eth));
+	if (!eth)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = header(skb, ETH_HLEN, sizeof(*ip));
+
+		if (!ip || !ipv4_valid(skb, ip) || flow_parse4(skb, ip, &f) < 0)
+			return TC_ACT_OK;
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip = header(skb, ETH_HLEN, sizeof(*ip));
+
+		if (!ip || !ipv6_valid(skb, ip) || flow_parse6(skb, ip, &f) < 0)
+			return TC_ACT_OK;
+	} else {
+		return TC_ACT_OK;
+	}
+	ret = snat_out(skb, &f);
+	if (ret)
+		return ret;
+	trace(skb, TRACE_TO_NETDEV, DIR_EGRESS, 0);
+	return TC_ACT_OK;
 }
 
 char __license[] SEC("license") = "GPL";

@@ -15,6 +15,7 @@
 #include "lib/service.h"
 #include "lib/sock_destroy.h"
 #include "lib/node.h"
+#include "lib/snat.h"
 
 struct event *_event __attribute__((unused));
 enum drop_reason *_drop_reason __attribute__((unused));
@@ -37,5 +38,7 @@ enum lb_flag *_lb_flag __attribute__((unused));
 enum lb_backend_state *_lb_backend_state __attribute__((unused));
 enum routing_mode *_routing_mode __attribute__((unused));
 enum node_flag *_node_flag __attribute__((unused));
+enum node_config_flag *_node_config_flag __attribute__((unused));
+enum snat_dir *_snat_dir __attribute__((unused));
 
 char __license[] SEC("license") = "GPL";

@@ -83,7 +83,9 @@ type Limits struct {
 	// it: service affinities and socket translations (a quarter as many,
 	// at least 1024 each) and fragmented datagrams in flight (a sixteenth,
 	// at least 1024). When one is full the least recently used entry
-	// makes room.
+	// makes room. Masqueraded flows take their own map, half as many
+	// (not allocated whole); when it is full a new one is dropped
+	// (ReasonSNATMapFull) until CollectFlows removes expired ones.
 	Conntrack int
 	// PolicyEntries is how many map entries the policies of all endpoints
 	// compile to together (policy.Compile; a rule takes one for each peer
@@ -262,6 +264,7 @@ func (l Limits) mapSizes() map[string]uint32 {
 		bpfobj.EndpointMapLbSockRevnat:   uint32(max(l.Conntrack/4, 1024)),
 		bpfobj.EndpointMapNodeAddrs:      uint32(2*l.Nodes + core.NodeAddrSpare),
 		bpfobj.EndpointMapNodeCidrs:      uint32(4*l.Nodes + nodeCIDRSpare),
+		bpfobj.EndpointMapSnat:           uint32(l.Conntrack), // two for each masqueraded flow
 	}
 }
 
@@ -361,6 +364,13 @@ type Node struct {
 	ClusterCIDRs []netip.Prefix
 	// TunnelPort is the UDP port of VXLAN; DefaultTunnelPort when 0.
 	TunnelPort uint16
+	// NoMasquerade turns masquerading off. With a routing mode, what local
+	// pods send outside ClusterCIDRs leaves the node devices with the
+	// node's address of its family (Addresses) and a port of the node's
+	// (61000-65535), and the replies are turned back, in BPF (IPv4 and
+	// IPv6; TCP, UDP and ICMP echo); a pod's traffic of a family the node
+	// has no address of leaves as it is.
+	NoMasquerade bool
 	// MTU is the endpoints' MTU (endpoint.Spec.MTU's default): 1280 to
 	// 65535, or 0 to derive it from the smallest MTU of Devices less what
 	// VXLAN adds (50 bytes over IPv4, 70 over IPv6). 1500 with
@@ -436,8 +446,8 @@ func (n *Node) validate() error {
 		return fmt.Errorf("endpoint MTU %d: want 1280 (the IPv6 minimum) to 65535: %w", n.MTU, ErrInvalid)
 	}
 	if n.Routing == RoutingLocal {
-		if n.Name != "" || len(n.Addresses) > 0 || len(n.Devices) > 0 || len(n.ClusterCIDRs) > 0 || n.TunnelPort != 0 {
-			return fmt.Errorf("node %q: name, addresses, devices, cluster CIDRs and tunnel port need a routing mode: %w", n.Name, ErrInvalid)
+		if n.Name != "" || len(n.Addresses) > 0 || len(n.Devices) > 0 || len(n.ClusterCIDRs) > 0 || n.TunnelPort != 0 || n.NoMasquerade {
+			return fmt.Errorf("node %q: name, addresses, devices, cluster CIDRs, tunnel port and masquerading need a routing mode: %w", n.Name, ErrInvalid)
 		}
 		return nil
 	}

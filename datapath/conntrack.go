@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -71,10 +72,12 @@ func (dp *Datapath) Flows() ([]Flow, error) {
 	return out, nil
 }
 
-// CollectFlows removes the tracked flows whose lifetime is over and returns
-// how many it removed. The programs treat an expired flow as gone already;
-// collecting frees its room (the map is an LRU and makes room by itself
-// when full, evicting the least recently used, live or not). An entry is
+// CollectFlows removes the tracked flows whose lifetime is over, and the
+// masquerading translations whose lifetime is over, and returns how many
+// it removed. The programs treat an expired flow as gone already;
+// collecting frees its room (conntrack is an LRU and makes room by itself
+// when full, evicting the least recently used, live or not; the
+// masquerading map is not, and refuses new flows when full). An entry is
 // read again just before it is deleted, and kept if a packet renewed it
 // meanwhile. CollectFlowsEvery runs it periodically.
 func (dp *Datapath) CollectFlows(ctx context.Context) (int, error) {
@@ -83,37 +86,50 @@ func (dp *Datapath) CollectFlows(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	defer release()
+	n, err := collect(ctx, dp.st.Objs.Conntrack, func(v *bpfobj.TypesCtEntry) uint64 { return v.Expires })
+	if err != nil {
+		return n, fmt.Errorf("collect flows: %w", err)
+	}
+	k, err := collect(ctx, dp.st.Objs.Snat, func(v *bpfobj.TypesSnatEntry) uint64 { return v.Expires })
+	if err != nil {
+		return n + k, fmt.Errorf("collect masqueraded flows: %w", err)
+	}
+	return n + k, nil
+}
+
+// collect deletes the entries of m whose expiry (in monotonic
+// nanoseconds) has passed, and returns how many.
+func collect[V any](ctx context.Context, m *ebpf.Map, expires func(*V) uint64) (int, error) {
 	var (
-		k       bpfobj.TypesCtKey
-		v       bpfobj.TypesCtEntry
-		expired []bpfobj.TypesCtKey
+		k       []byte
+		v       V
+		expired [][]byte
 	)
-	m := dp.st.Objs.Conntrack
 	it := m.Iterate()
 	for it.Next(&k, &v) {
-		if v.Expires < monotonic() {
-			expired = append(expired, k)
+		if expires(&v) < monotonic() {
+			expired = append(expired, slices.Clone(k))
 		}
 	}
 	if err := it.Err(); err != nil {
-		return 0, fmt.Errorf("collect flows: %w", err)
+		return 0, err
 	}
 	n := 0
 	for _, k := range expired {
 		if err := ctx.Err(); err != nil {
 			return n, err
 		}
-		// A flow renewed since the scan is live: the programs created it
-		// again or a packet moved its expiry.
-		if err := m.Lookup(&k, &v); err != nil || v.Expires >= monotonic() {
+		// An entry renewed since the scan is live: the programs created
+		// it again or a packet moved its expiry.
+		if err := m.Lookup(k, &v); err != nil || expires(&v) >= monotonic() {
 			continue
 		}
-		err := m.Delete(&k)
+		err := m.Delete(k)
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			continue
 		}
 		if err != nil {
-			return n, fmt.Errorf("collect flows: %w", err)
+			return n, err
 		}
 		n++
 	}

@@ -38,7 +38,7 @@ func TestMapsSizedFromLimits(t *testing.T) {
 	}
 	want := map[string]uint32{
 		"endpoints": 3, "ep_counters": 3, "ipcache": 64, "conntrack": 2048,
-		"fragments": 1024, "lb_affinity": 1024, "lb_sock_revnat": 1024,
+		"fragments": 1024, "lb_affinity": 1024, "lb_sock_revnat": 1024, "snat": 2048,
 		"policy": 100, "policy_counters": 100, "policy_meta": 6,
 		// endpoint and policy records, CIDR identities, services and
 		// their shared record, nodes, the spare

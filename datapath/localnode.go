@@ -70,6 +70,16 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("node address %s: %w", a, err)
 		}
+		if a.Is4() {
+			settings.Flags |= uint32(bpfobj.TypesNodeConfigFlagNODE_CONFIG_IPV4)
+			settings.Ipv4 = bpfobj.Addr16(a)
+		} else {
+			settings.Flags |= uint32(bpfobj.TypesNodeConfigFlagNODE_CONFIG_IPV6)
+			settings.Ipv6 = bpfobj.Addr16(a)
+		}
+	}
+	if !n.NoMasquerade {
+		settings.Flags |= uint32(bpfobj.TypesNodeConfigFlagNODE_CONFIG_MASQUERADE)
 	}
 	// Pods' traffic to the world goes through the stack, and natively
 	// routed traffic is looked up (bpf_fib_lookup) as forwarded.
@@ -84,7 +94,7 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 			return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 		}
 		dev := &ledger.Device{Name: TunnelDevice, Ifindex: ifindex, Owned: statErr != nil}
-		r, err := attachNodeProgram(st, 0, dev, bpfobj.OverlayProgFromOverlay)
+		r, err := attachNodePrograms(st, 0, dev, ledger.Link{Program: bpfobj.OverlayProgFromOverlay})
 		if r != nil {
 			made = append(made, r)
 		}
@@ -101,7 +111,8 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 		if err != nil {
 			return nil, fmt.Errorf("node device %s: %w", name, err)
 		}
-		r, err := attachNodeProgram(st, uint32(l.Index), &ledger.Device{Name: name, Ifindex: l.Index}, bpfobj.HostProgFromNetdev)
+		r, err := attachNodePrograms(st, uint32(l.Index), &ledger.Device{Name: name, Ifindex: l.Index},
+			ledger.Link{Program: bpfobj.HostProgFromNetdev}, ledger.Link{Program: bpfobj.HostProgToNetdev, Egress: true})
 		if r != nil {
 			made = append(made, r)
 		}
@@ -151,12 +162,13 @@ func putNodeCIDR(st *core.State, p netip.Prefix, node uint32) error {
 	return nil
 }
 
-// attachNodeProgram attaches a node-facing program to tc ingress of dev,
-// recorded as KindDevice id: first the record (Creating), then the
-// attachment, then the record Ready, which it returns. A device recorded
-// Ready with the same index is attached already: it returns no record.
-// On error the attachment is undone, and the record with it.
-func attachNodeProgram(st *core.State, id uint32, dev *ledger.Device, prog string) (*ledger.Record, error) {
+// attachNodePrograms attaches node-facing programs to tc hooks of dev
+// (each link's Program, on ingress or, Egress, egress), recorded as
+// KindDevice id: first the record (Creating), then the attachments, then
+// the record Ready, which it returns. A device recorded Ready with the
+// same index is attached already: it returns no record. On error what it
+// attached is undone, and the record with it.
+func attachNodePrograms(st *core.State, id uint32, dev *ledger.Device, links ...ledger.Link) (*ledger.Record, error) {
 	r, err := ledger.Get(st.Objs.Ledger, ledger.KindDevice, id)
 	if err == nil && r.State == ledger.Ready && r.Made.Device != nil && r.Made.Device.Ifindex == dev.Ifindex {
 		return nil, nil
@@ -164,20 +176,39 @@ func attachNodeProgram(st *core.State, id uint32, dev *ledger.Device, prog strin
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
 	}
-	p, err := st.NodeProgram(prog)
-	if err != nil {
-		return nil, err
+	for i := range links {
+		hook := "in"
+		if links[i].Egress {
+			hook = "out"
+		}
+		links[i].Key = fmt.Sprintf("dev%d-%s", dev.Ifindex, hook)
 	}
-	key := fmt.Sprintf("dev%d-in", dev.Ifindex)
-	r = &ledger.Record{Kind: ledger.KindDevice, ID: id, State: ledger.Creating, Made: ledger.Made{
-		Device: dev, Links: []ledger.Link{{Key: key, Program: prog}},
-	}}
+	r = &ledger.Record{Kind: ledger.KindDevice, ID: id, State: ledger.Creating, Made: ledger.Made{Device: dev, Links: links}}
 	if err := ledger.Put(st.Objs.Ledger, r); err != nil {
 		return nil, err
 	}
-	if err := st.AttachTC(dev.Ifindex, attach.Ingress, p, key); err != nil {
-		return nil, errors.Join(fmt.Errorf("attach %s to %s: %w", prog, dev.Name, err), st.Undo(r))
+	for _, l := range links {
+		if err := attachNodeLink(st, dev, l); err != nil {
+			return nil, errors.Join(err, st.Undo(r))
+		}
 	}
 	r.State = ledger.Ready
 	return r, ledger.Put(st.Objs.Ledger, r)
+}
+
+// attachNodeLink attaches the link's program to its hook of dev, or swaps
+// the one there for it.
+func attachNodeLink(st *core.State, dev *ledger.Device, l ledger.Link) error {
+	p, err := st.NodeProgram(l.Program)
+	if err != nil {
+		return err
+	}
+	hook := attach.Ingress
+	if l.Egress {
+		hook = attach.Egress
+	}
+	if err := st.AttachTC(dev.Ifindex, hook, p, l.Key); err != nil {
+		return fmt.Errorf("attach %s to %s: %w", l.Program, dev.Name, err)
+	}
+	return nil
 }

@@ -35,6 +35,9 @@ const (
 	ReasonIdentityTooLarge  = Reason(bpfobj.TypesDropReasonREASON_IDENTITY_TOO_LARGE)
 	ReasonNoLocalEndpoint   = Reason(bpfobj.TypesDropReasonREASON_NO_LOCAL_ENDPOINT)
 	ReasonNoRoute           = Reason(bpfobj.TypesDropReasonREASON_NO_ROUTE)
+	ReasonSNATNoPort        = Reason(bpfobj.TypesDropReasonREASON_SNAT_NO_PORT)
+	ReasonSNATMapFull       = Reason(bpfobj.TypesDropReasonREASON_SNAT_MAP_FULL)
+	ReasonFragNeeded        = Reason(bpfobj.TypesDropReasonREASON_FRAG_NEEDED)
 )
 
 // reasonNames holds every reason's name and what it means; a test checks it
@@ -63,6 +66,9 @@ var reasonNames = map[Reason]struct{ name, doc string }{
 	ReasonIdentityTooLarge:  {"IDENTITY_TOO_LARGE", "the sender's identity does not fit the 24 bits of the VXLAN network identifier"},
 	ReasonNoLocalEndpoint:   {"NO_LOCAL_ENDPOINT", "an overlay packet for an address no local endpoint has"},
 	ReasonNoRoute:           {"NO_ROUTE", "the kernel has no route, or no neighbour, towards the node of the destination"},
+	ReasonSNATNoPort:        {"SNAT_NO_PORT", "masquerading found no free port of the node towards the destination (61000-65535 for each destination address, port and protocol)"},
+	ReasonSNATMapFull:       {"SNAT_MAP_FULL", "the masquerading map has no room for another flow (Limits.Conntrack)"},
+	ReasonFragNeeded:        {"FRAG_NEEDED", "larger than the tunnel carries (the endpoints' MTU): answered with ICMP fragmentation needed or ICMPv6 packet too big, so that path MTU discovery works"},
 }
 
 // String returns the reason's stable name, such as "POLICY_DENIED".

@@ -71,11 +71,7 @@ func upgrade(st *core.State) error {
 			continue
 		}
 		for _, l := range rec.Made.Links {
-			prog, err := st.NodeProgram(l.Program)
-			if err != nil {
-				return fmt.Errorf("%w: node device %s: %w", ErrIncompatible, rec.Made.Device.Name, err)
-			}
-			if err := st.AttachTC(rec.Made.Device.Ifindex, attach.Ingress, prog, l.Key); err != nil {
+			if err := attachNodeLink(st, rec.Made.Device, l); err != nil {
 				return fmt.Errorf("upgrade node device %s: %w", rec.Made.Device.Name, err)
 			}
 		}

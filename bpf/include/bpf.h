@@ -166,6 +166,9 @@ struct bpf_redir_neigh {
 	};
 };
 
+/* Errors helpers return, negated. */
+#define EEXIST 17
+
 /* Map and section declarations, read by the loader (libbpf's convention). */
 #define SEC(name) __attribute__((section(name), used))
 #define __uint(name, val) int (*name)[val]

@@ -8,6 +8,7 @@
 
 #define ETH_ALEN 6
 #define ETH_HLEN 14
+#define IP_DF 0x4000 /* the IPv4 "don't fragment" flag, in frag_off */
 
 /* EtherTypes */
 #define ETH_P_IP 0x0800

@@ -9,14 +9,18 @@
 #include "flow.h"
 #include "node.h"
 #include "deliver.h"
+#include "icmp.h"
 
 /* The VNI has 24 bits: identities from 1 << 24 (a node's CIDR identities
  * among them) have no meaning on another node and cannot travel. */
 #define TUNNEL_IDENTITY_MAX ((1U << 24) - 1)
 
-/* to_node's answer for a destination it does not forward: one on this
- * node, or outside the cluster. The caller delivers it. */
+/* to_node's answers that are no verdict: a destination it does not
+ * forward (one on this node, or outside the cluster), which the caller
+ * delivers; and a packet too big for the tunnel, which the caller answers
+ * (too_big). */
 #define FORWARD_HERE (-1)
+#define FORWARD_TOO_BIG (-2)
 
 /* to_tunnel hands the packet to the VXLAN device, which encapsulates it
  * towards the node's underlay address (IPv4 when the node has one) with
@@ -77,13 +81,71 @@ static __always_inline int to_route(struct __sk_buff *skb, struct flow *f, __u16
 	return bpf_redirect(fib.ifindex, 0);
 }
 
+/* l3_len is the length of the packet past its Ethernet header or, for a
+ * GSO packet, of each segment it is to be cut into. */
+static __always_inline __u32 l3_len(struct __sk_buff *skb, const struct flow *f)
+{
+	__u32 l4 = 8; /* UDP's header */
+	__u8 doff;
+
+	if (!skb->gso_size)
+		return skb->len - ETH_HLEN;
+	if (f->key.proto == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, f->l4_off + 12, &doff, 1) < 0)
+			return skb->len - ETH_HLEN;
+		l4 = (doff >> 4) * 4;
+	}
+	return skb->gso_size + (f->l4_off - ETH_HLEN) + l4;
+}
+
+/* exceeds_tunnel reports whether the packet (or a segment of it) is
+ * larger than the tunnel carries, the endpoints' MTU, and may not be
+ * fragmented: IPv6, or IPv4 with DF set (the tunnel fragments the rest). */
+static __always_inline int exceeds_tunnel(struct __sk_buff *skb, struct flow *f, struct node_settings *cfg)
+{
+	struct iphdr *ip;
+
+	if (!cfg->endpoint_mtu || l3_len(skb, f) <= cfg->endpoint_mtu)
+		return 0;
+	if (f->key.family == 6)
+		return 1;
+	ip = header(skb, ETH_HLEN, sizeof(*ip));
+	return ip && (ip->frag_off & bpf_htons(IP_DF));
+}
+
+/* too_big answers a packet exceeds_tunnel refused with ICMP's
+ * "fragmentation needed" or ICMPv6's "packet too big", with the
+ * endpoints' MTU, from the node, straight back into endpoint ep, so that
+ * its path MTU discovery works. A global function, called by the
+ * endpoint program itself: the answer's buffers stay out of to_node's
+ * stack. */
+__noinline int too_big(struct __sk_buff *skb, struct flow *f, __u16 ep)
+{
+	struct node_settings *cfg = node_config_get();
+	__be32 mtu;
+	int ret;
+
+	if (!f || !cfg)
+		return TC_ACT_SHOT;
+	mtu = bpf_htonl(cfg->endpoint_mtu);
+	drop(skb, REASON_FRAG_NEEDED, DIR_EGRESS, ep);
+	if (f->key.family == 4)
+		ret = icmp4_error(skb, f, cfg->flags & NODE_CONFIG_IPV4 ? *(__be32 *)cfg->ipv4 : *(__be32 *)f->key.daddr,
+				  ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu);
+	else
+		ret = icmp6_error(skb, f, cfg->flags & NODE_CONFIG_IPV6 ? cfg->ipv6 : f->key.daddr, ICMPV6_PKT_TOOBIG, 0, mtu);
+	if (ret < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
 /* to_node forwards the flow's packet, which endpoint ep (0: the node)
  * sends with the identity, when its destination is in another node's pod
  * CIDRs; a destination in the cluster's pod ranges that is on no node
- * known is dropped. It returns the verdict, or FORWARD_HERE for a
- * destination it does not forward. A router hop: the TTL goes down by
- * one, and a packet that would expire goes to the stack, which answers
- * it. A global function: verified once for every caller. */
+ * known is dropped. It returns the verdict, FORWARD_HERE for a
+ * destination it does not forward, or FORWARD_TOO_BIG. A router hop: the
+ * TTL goes down by one, and a packet that would expire goes to the stack,
+ * which answers it. A global function: verified once for every caller. */
 __noinline int to_node(struct __sk_buff *skb, struct flow *f, __u32 identity, __u16 ep)
 {
 	struct node_settings *cfg = node_config_get();
@@ -96,6 +158,8 @@ __noinline int to_node(struct __sk_buff *skb, struct flow *f, __u32 identity, __
 		return FORWARD_HERE;
 	if (r->node == NODE_NONE)
 		return drop(skb, REASON_NODE_UNREACHABLE, DIR_EGRESS, ep);
+	if (cfg->routing == ROUTING_VXLAN && exceeds_tunnel(skb, f, cfg))
+		return FORWARD_TOO_BIG;
 	if (!ttl_decrement(skb, f->key.family))
 		return FORWARD_HERE;
 	if (cfg->routing == ROUTING_VXLAN)

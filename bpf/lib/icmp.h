@@ -1,6 +1,7 @@
-/* ICMP and ICMPv6 port unreachable answers, made in place of the packet
- * they answer: what a frontend with no backend sends when it rejects
- * instead of dropping. */
+/* ICMP and ICMPv6 errors made in place of the packet they answer: the
+ * port unreachable a frontend with no backend sends when it rejects
+ * instead of dropping, and the "fragmentation needed" or "packet too
+ * big" for a packet larger than the tunnel carries. */
 #pragma once
 
 #include "common.h"
@@ -9,6 +10,7 @@
 #include "flow.h"
 
 #define ICMP_PORT_UNREACH 3   /* code of ICMP_DEST_UNREACH */
+#define ICMP_FRAG_NEEDED 4    /* code of ICMP_DEST_UNREACH */
 #define ICMPV6_PORT_UNREACH 4 /* code of ICMPV6_DEST_UNREACH */
 
 /* How much of the packet an answer quotes: as much as fits in 576 bytes
@@ -109,9 +111,11 @@ static __always_inline int icmp_quote(struct __sk_buff *skb, __u32 hlen, __u32 m
 	return quote;
 }
 
-/* icmp4_port_unreachable turns the IPv4 packet of flow f into the port
- * unreachable that answers it, from from: back to its sender, with the
- * Ethernet addresses swapped. Returns -1 when it cannot.
+/* icmp4_error turns the IPv4 packet of flow f into the ICMP error of
+ * that type and code that answers it, from from, with rest as the 4 bytes
+ * after the checksum (the next hop's MTU, for fragmentation needed): back
+ * to its sender, with the Ethernet addresses swapped. Returns -1 when it
+ * cannot.
  *
  * What the skb says about checksums it leaves: a packet the kernel was to
  * finish the L4 checksum of (CHECKSUM_PARTIAL) stays so marked, and no BPF
@@ -119,7 +123,8 @@ static __always_inline int icmp_quote(struct __sk_buff *skb, __u32 hlen, __u32 m
  * namespace, addressed to the sender (anti-spoofing saw to that), where
  * such a packet counts as verified and is never finished: the mark has no
  * effect there. */
-static __always_inline int icmp4_port_unreachable(struct __sk_buff *skb, struct flow *f, __be32 from)
+static __always_inline int icmp4_error(struct __sk_buff *skb, struct flow *f, __be32 from, __u8 type, __u8 code,
+				       __be32 rest)
 {
 	struct icmp4_head h = {};
 	int quote;
@@ -138,8 +143,9 @@ static __always_inline int icmp4_port_unreachable(struct __sk_buff *skb, struct 
 	};
 	sum = bpf_csum_diff(NULL, 0, (__be32 *)&h.ip, sizeof(h.ip), 0);
 	h.ip.check = csum_fold(sum);
-	h.icmp.type = ICMP_DEST_UNREACH;
-	h.icmp.code = ICMP_PORT_UNREACH;
+	h.icmp.type = type;
+	h.icmp.code = code;
+	__builtin_memcpy(&h.icmp.id, &rest, sizeof(rest));
 	sum = bpf_csum_diff(NULL, 0, (__be32 *)&h.icmp, sizeof(h.icmp), 0);
 	sum = packet_csum(skb, ETH_HLEN + sizeof(h), quote, ICMP_QUOTE_MAX, sum);
 	if (sum < 0)
@@ -151,8 +157,9 @@ static __always_inline int icmp4_port_unreachable(struct __sk_buff *skb, struct 
 	return 0;
 }
 
-/* icmp6_port_unreachable is icmp4_port_unreachable for IPv6. */
-static __always_inline int icmp6_port_unreachable(struct __sk_buff *skb, struct flow *f, const __u8 *from)
+/* icmp6_error is icmp4_error for IPv6. */
+static __always_inline int icmp6_error(struct __sk_buff *skb, struct flow *f, const __u8 *from, __u8 type, __u8 code,
+				       __be32 rest)
 {
 	struct icmp6_pseudo ph = {};
 	struct icmp6_head h = {};
@@ -168,8 +175,9 @@ static __always_inline int icmp6_port_unreachable(struct __sk_buff *skb, struct 
 	h.ip.hop_limit = 64;
 	__builtin_memcpy(h.ip.saddr, from, 16);
 	__builtin_memcpy(h.ip.daddr, f->key.saddr, 16);
-	h.icmp.type = ICMPV6_DEST_UNREACH;
-	h.icmp.code = ICMPV6_PORT_UNREACH;
+	h.icmp.type = type;
+	h.icmp.code = code;
+	__builtin_memcpy(&h.icmp.id, &rest, sizeof(rest));
 	__builtin_memcpy(ph.saddr, h.ip.saddr, 16);
 	__builtin_memcpy(ph.daddr, h.ip.daddr, 16);
 	ph.len = bpf_htonl(sizeof(h.icmp) + quote);
@@ -184,4 +192,16 @@ static __always_inline int icmp6_port_unreachable(struct __sk_buff *skb, struct 
 		return -1;
 	mac_swap(skb);
 	return 0;
+}
+
+/* icmp4_port_unreachable answers the packet with a port unreachable. */
+static __always_inline int icmp4_port_unreachable(struct __sk_buff *skb, struct flow *f, __be32 from)
+{
+	return icmp4_error(skb, f, from, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0);
+}
+
+/* icmp6_port_unreachable answers the packet with a port unreachable. */
+static __always_inline int icmp6_port_unreachable(struct __sk_buff *skb, struct flow *f, const __u8 *from)
+{
+	return icmp6_error(skb, f, from, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0);
 }

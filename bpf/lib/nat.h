@@ -15,6 +15,19 @@
 #define IPV6_SADDR_OFF (ETH_HLEN + 8)
 #define IPV6_DADDR_OFF (ETH_HLEN + 24)
 
+/* nat_is_echo reports an ICMP or ICMPv6 echo request or reply, whose
+ * identifier stands for its port. */
+static __always_inline int nat_is_echo(const struct flow *f)
+{
+	__u8 type = f->l4_port >> 8;
+
+	if (f->key.proto == IPPROTO_ICMP)
+		return type == ICMP_ECHO || type == ICMP_ECHOREPLY;
+	if (f->key.proto == IPPROTO_ICMPV6)
+		return type == ICMPV6_ECHO_REQUEST || type == ICMPV6_ECHO_REPLY;
+	return 0;
+}
+
 /* nat_csum_off is where the L4 checksum of the flow's packet is, or 0 for a
  * protocol this file does not rewrite or a later fragment, which has no L4
  * header (the first fragment's checksum covers the whole datagram). */
@@ -26,7 +39,18 @@ static __always_inline __u32 nat_csum_off(const struct flow *f)
 		return f->l4_off + 16;
 	if (f->key.proto == IPPROTO_UDP)
 		return f->l4_off + 6;
+	if (nat_is_echo(f))
+		return f->l4_off + 2;
 	return 0;
+}
+
+/* nat_port_off is where the port nat_rewrite writes is: the source or
+ * destination port, or an echo's identifier (both ways). */
+static __always_inline __u32 nat_port_off(const struct flow *f, int dest)
+{
+	if (nat_is_echo(f))
+		return f->l4_off + 4;
+	return f->l4_off + (dest ? 2 : 0);
 }
 
 /* csum_replace4 is the IPv4 header checksum check after a 32-bit field
@@ -43,8 +67,9 @@ static __always_inline __sum16 csum_replace4(__sum16 check, __be32 from, __be32 
 }
 
 /* nat_rewrite sets the source (dest == 0) or destination (dest == 1)
- * address and port of the flow's packet to addr and port, and updates f's
- * key to match; a later fragment gets only the address. The L4 checksum
+ * address and port (an echo's identifier) of the flow's packet to addr
+ * and port, and updates f's key to match; a later fragment gets only the
+ * address. The L4 checksum
  * goes through the helper, which knows whether the NIC is still to fill
  * it in; the IP header is written in place (pull_headers made it linear).
  * It returns -1 when the packet cannot be rewritten. Every packet pointer
@@ -64,7 +89,8 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, in
 		struct iphdr *ip;
 
 		if (from != to) {
-			if (csum_off &&
+			/* ICMP's checksum has no pseudo header. */
+			if (csum_off && f->key.proto != IPPROTO_ICMP &&
 			    bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled | sizeof(to)) < 0)
 				return -1;
 			ip = header(skb, ETH_HLEN, sizeof(*ip));
@@ -96,7 +122,7 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, in
 	/* A later fragment has no ports to write: the flow's are noted. */
 	if (*old_port != port && csum_off &&
 	    (bpf_l4_csum_replace(skb, csum_off, *old_port, port, mangled | sizeof(port)) < 0 ||
-	     bpf_skb_store_bytes(skb, f->l4_off + (dest ? 2 : 0), &port, sizeof(port), 0) < 0))
+	     bpf_skb_store_bytes(skb, nat_port_off(f, dest), &port, sizeof(port), 0) < 0))
 		return -1;
 	*old_port = port;
 	return 0;

@@ -23,11 +23,19 @@ enum routing_mode {
 	ROUTING_NATIVE = 2, /* routed as it is, through the node devices */
 };
 
+enum node_config_flag {
+	NODE_CONFIG_IPV4 = 1 << 0,       /* ipv4 holds the node's IPv4 address */
+	NODE_CONFIG_IPV6 = 1 << 1,       /* ipv6 holds its IPv6 address */
+	NODE_CONFIG_MASQUERADE = 1 << 2, /* pods' traffic to the world leaves with them (snat.h) */
+};
+
 struct node_settings {
 	__u32 routing;        /* enum routing_mode */
 	__u32 tunnel_ifindex; /* the VXLAN device, in ROUTING_VXLAN */
 	__u32 endpoint_mtu;   /* packets to other nodes larger than this are too big */
-	__u32 reserved;
+	__u32 flags;          /* enum node_config_flag */
+	__u8 ipv4[16];        /* IPv4 in the first 4 bytes, as flows hold it */
+	__u8 ipv6[16];
 };
 
 struct {

@@ -28,6 +28,9 @@ enum drop_reason {
 	REASON_IDENTITY_TOO_LARGE = 19, /* a source identity the VNI's 24 bits cannot carry */
 	REASON_NO_LOCAL_ENDPOINT = 20, /* an overlay packet for an address no local endpoint has */
 	REASON_NO_ROUTE = 21,        /* no route, or no neighbour, towards the node of the destination */
+	REASON_SNAT_NO_PORT = 22,    /* masquerading found no free port towards the destination */
+	REASON_SNAT_MAP_FULL = 23,   /* the masquerading map has no room for another flow */
+	REASON_FRAG_NEEDED = 24,     /* larger than the tunnel carries: answered with ICMP fragmentation needed or packet too big */
 	REASON_MAX = 255,
 };
 

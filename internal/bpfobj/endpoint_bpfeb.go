@@ -42,6 +42,7 @@ const (
 	EndpointMapPolicy         = "policy"
 	EndpointMapPolicyCounters = "policy_counters"
 	EndpointMapPolicyMeta     = "policy_meta"
+	EndpointMapSnat           = "snat"
 	EndpointProgFromEndpoint  = "from_endpoint"
 	EndpointProgFromHost      = "from_host"
 )
@@ -122,6 +123,7 @@ type EndpointMapSpecs struct {
 	Policy         *ebpf.MapSpec `ebpf:"policy"`
 	PolicyCounters *ebpf.MapSpec `ebpf:"policy_counters"`
 	PolicyMeta     *ebpf.MapSpec `ebpf:"policy_meta"`
+	Snat           *ebpf.MapSpec `ebpf:"snat"`
 }
 
 // EndpointVariableSpecs contains global variables before they are loaded into the kernel.
@@ -176,6 +178,7 @@ type EndpointMaps struct {
 	Policy         *ebpf.Map `ebpf:"policy"`
 	PolicyCounters *ebpf.Map `ebpf:"policy_counters"`
 	PolicyMeta     *ebpf.Map `ebpf:"policy_meta"`
+	Snat           *ebpf.Map `ebpf:"snat"`
 }
 
 func (m *EndpointMaps) Close() error {
@@ -206,6 +209,7 @@ func (m *EndpointMaps) Close() error {
 		m.Policy,
 		m.PolicyCounters,
 		m.PolicyMeta,
+		m.Snat,
 	)
 }
 

@@ -40,7 +40,9 @@ const (
 	HostMapPolicy         = "policy"
 	HostMapPolicyCounters = "policy_counters"
 	HostMapPolicyMeta     = "policy_meta"
+	HostMapSnat           = "snat"
 	HostProgFromNetdev    = "from_netdev"
+	HostProgToNetdev      = "to_netdev"
 )
 
 // LoadHost returns the embedded CollectionSpec for Host.
@@ -86,6 +88,7 @@ type HostSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type HostProgramSpecs struct {
 	FromNetdev *ebpf.ProgramSpec `ebpf:"from_netdev"`
+	ToNetdev   *ebpf.ProgramSpec `ebpf:"to_netdev"`
 }
 
 // HostMapSpecs contains maps before they are loaded into the kernel.
@@ -116,6 +119,7 @@ type HostMapSpecs struct {
 	Policy         *ebpf.MapSpec `ebpf:"policy"`
 	PolicyCounters *ebpf.MapSpec `ebpf:"policy_counters"`
 	PolicyMeta     *ebpf.MapSpec `ebpf:"policy_meta"`
+	Snat           *ebpf.MapSpec `ebpf:"snat"`
 }
 
 // HostVariableSpecs contains global variables before they are loaded into the kernel.
@@ -168,6 +172,7 @@ type HostMaps struct {
 	Policy         *ebpf.Map `ebpf:"policy"`
 	PolicyCounters *ebpf.Map `ebpf:"policy_counters"`
 	PolicyMeta     *ebpf.Map `ebpf:"policy_meta"`
+	Snat           *ebpf.Map `ebpf:"snat"`
 }
 
 func (m *HostMaps) Close() error {
@@ -196,6 +201,7 @@ func (m *HostMaps) Close() error {
 		m.Policy,
 		m.PolicyCounters,
 		m.PolicyMeta,
+		m.Snat,
 	)
 }
 
@@ -210,11 +216,13 @@ type HostVariables struct {
 // It can be passed to LoadHostObjects or ebpf.CollectionSpec.LoadAndAssign.
 type HostPrograms struct {
 	FromNetdev *ebpf.Program `ebpf:"from_netdev"`
+	ToNetdev   *ebpf.Program `ebpf:"to_netdev"`
 }
 
 func (p *HostPrograms) Close() error {
 	return _HostClose(
 		p.FromNetdev,
+		p.ToNetdev,
 	)
 }
 

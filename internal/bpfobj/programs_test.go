@@ -20,6 +20,8 @@ import (
 // objects are the BPF objects whose programs the suite loads, by name.
 var objects = map[string]func() (*ebpf.CollectionSpec, error){
 	"endpoint":    bpfobj.LoadEndpoint,
+	"host":        bpfobj.LoadHost,
+	"overlay":     bpfobj.LoadOverlay,
 	"sock":        bpfobj.LoadSock,
 	"sockdestroy": bpfobj.LoadSockDestroy,
 	"probe":       bpftest.LoadProbe,

@@ -98,6 +98,9 @@ const (
 	TypesDropReasonREASON_IDENTITY_TOO_LARGE  TypesDropReason = 19
 	TypesDropReasonREASON_NO_LOCAL_ENDPOINT   TypesDropReason = 20
 	TypesDropReasonREASON_NO_ROUTE            TypesDropReason = 21
+	TypesDropReasonREASON_SNAT_NO_PORT        TypesDropReason = 22
+	TypesDropReasonREASON_SNAT_MAP_FULL       TypesDropReason = 23
+	TypesDropReasonREASON_FRAG_NEEDED         TypesDropReason = 24
 	TypesDropReasonREASON_MAX                 TypesDropReason = 255
 )
 
@@ -350,6 +353,14 @@ type TypesNodeAddrKey struct {
 	Addr   [16]uint8
 }
 
+type TypesNodeConfigFlag uint32
+
+const (
+	TypesNodeConfigFlagNODE_CONFIG_IPV4       TypesNodeConfigFlag = 1
+	TypesNodeConfigFlagNODE_CONFIG_IPV6       TypesNodeConfigFlag = 2
+	TypesNodeConfigFlagNODE_CONFIG_MASQUERADE TypesNodeConfigFlag = 4
+)
+
 type TypesNodeFlag uint32
 
 const (
@@ -370,7 +381,9 @@ type TypesNodeSettings struct {
 	Routing       uint32
 	TunnelIfindex uint32
 	EndpointMtu   uint32
-	Reserved      uint32
+	Flags         uint32
+	Ipv4          [16]uint8
+	Ipv6          [16]uint8
 }
 
 type TypesPolicyCounter struct {
@@ -457,6 +470,34 @@ const (
 	TypesRoutingModeROUTING_NATIVE TypesRoutingMode = 2
 )
 
+type TypesSnatDir uint32
+
+const (
+	TypesSnatDirSNAT_OUT TypesSnatDir = 1
+	TypesSnatDirSNAT_IN  TypesSnatDir = 2
+)
+
+type TypesSnatEntry struct {
+	_       structs.HostLayout
+	Addr    [16]uint8
+	Port    uint16
+	Pad     uint16
+	Pad2    uint32
+	Expires uint64
+}
+
+type TypesSnatKey struct {
+	_      structs.HostLayout
+	Family uint8
+	Proto  uint8
+	Dir    uint8
+	Pad    uint8
+	Sport  uint16
+	Dport  uint16
+	Saddr  [16]uint8
+	Daddr  [16]uint8
+}
+
 type TypesSockDestroyKey struct {
 	_        structs.HostLayout
 	Frontend TypesLbFrontendKey
@@ -507,6 +548,7 @@ const (
 	TypesMapPolicy             = "policy"
 	TypesMapPolicyCounters     = "policy_counters"
 	TypesMapPolicyMeta         = "policy_meta"
+	TypesMapSnat               = "snat"
 	TypesMapSockDestroyTargets = "sock_destroy_targets"
 	TypesVarCtDir              = "_ct_dir"
 	TypesVarCtFlag             = "_ct_flag"
@@ -522,12 +564,14 @@ const (
 	TypesVarLayoutVersion      = "_layout_version"
 	TypesVarLbBackendState     = "_lb_backend_state"
 	TypesVarLbFlag             = "_lb_flag"
+	TypesVarNodeConfigFlag     = "_node_config_flag"
 	TypesVarNodeFlag           = "_node_flag"
 	TypesVarPolicyEntryFlag    = "_policy_entry_flag"
 	TypesVarPolicyMetaFlag     = "_policy_meta_flag"
 	TypesVarPolicyShape        = "_policy_shape"
 	TypesVarPolicyVerdict      = "_policy_verdict"
 	TypesVarRoutingMode        = "_routing_mode"
+	TypesVarSnatDir            = "_snat_dir"
 	TypesVarTracePoint         = "_trace_point"
 )
 
@@ -604,6 +648,7 @@ type TypesMapSpecs struct {
 	Policy             *ebpf.MapSpec `ebpf:"policy"`
 	PolicyCounters     *ebpf.MapSpec `ebpf:"policy_counters"`
 	PolicyMeta         *ebpf.MapSpec `ebpf:"policy_meta"`
+	Snat               *ebpf.MapSpec `ebpf:"snat"`
 	SockDestroyTargets *ebpf.MapSpec `ebpf:"sock_destroy_targets"`
 }
 
@@ -625,12 +670,14 @@ type TypesVariableSpecs struct {
 	LayoutVersion   *ebpf.VariableSpec `ebpf:"_layout_version"`
 	LbBackendState  *ebpf.VariableSpec `ebpf:"_lb_backend_state"`
 	LbFlag          *ebpf.VariableSpec `ebpf:"_lb_flag"`
+	NodeConfigFlag  *ebpf.VariableSpec `ebpf:"_node_config_flag"`
 	NodeFlag        *ebpf.VariableSpec `ebpf:"_node_flag"`
 	PolicyEntryFlag *ebpf.VariableSpec `ebpf:"_policy_entry_flag"`
 	PolicyMetaFlag  *ebpf.VariableSpec `ebpf:"_policy_meta_flag"`
 	PolicyShape     *ebpf.VariableSpec `ebpf:"_policy_shape"`
 	PolicyVerdict   *ebpf.VariableSpec `ebpf:"_policy_verdict"`
 	RoutingMode     *ebpf.VariableSpec `ebpf:"_routing_mode"`
+	SnatDir         *ebpf.VariableSpec `ebpf:"_snat_dir"`
 	TracePoint      *ebpf.VariableSpec `ebpf:"_trace_point"`
 }
 
@@ -679,6 +726,7 @@ type TypesMaps struct {
 	Policy             *ebpf.Map `ebpf:"policy"`
 	PolicyCounters     *ebpf.Map `ebpf:"policy_counters"`
 	PolicyMeta         *ebpf.Map `ebpf:"policy_meta"`
+	Snat               *ebpf.Map `ebpf:"snat"`
 	SockDestroyTargets *ebpf.Map `ebpf:"sock_destroy_targets"`
 }
 
@@ -709,6 +757,7 @@ func (m *TypesMaps) Close() error {
 		m.Policy,
 		m.PolicyCounters,
 		m.PolicyMeta,
+		m.Snat,
 		m.SockDestroyTargets,
 	)
 }
@@ -731,12 +780,14 @@ type TypesVariables struct {
 	LayoutVersion   *ebpf.Variable `ebpf:"_layout_version"`
 	LbBackendState  *ebpf.Variable `ebpf:"_lb_backend_state"`
 	LbFlag          *ebpf.Variable `ebpf:"_lb_flag"`
+	NodeConfigFlag  *ebpf.Variable `ebpf:"_node_config_flag"`
 	NodeFlag        *ebpf.Variable `ebpf:"_node_flag"`
 	PolicyEntryFlag *ebpf.Variable `ebpf:"_policy_entry_flag"`
 	PolicyMetaFlag  *ebpf.Variable `ebpf:"_policy_meta_flag"`
 	PolicyShape     *ebpf.Variable `ebpf:"_policy_shape"`
 	PolicyVerdict   *ebpf.Variable `ebpf:"_policy_verdict"`
 	RoutingMode     *ebpf.Variable `ebpf:"_routing_mode"`
+	SnatDir         *ebpf.Variable `ebpf:"_snat_dir"`
 	TracePoint      *ebpf.Variable `ebpf:"_trace_point"`
 }
 

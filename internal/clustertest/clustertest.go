@@ -30,6 +30,9 @@ type Options struct {
 	// NoPeers leaves each datapath without the other nodes: the test
 	// applies them.
 	NoPeers bool
+	// Limits of every datapath; Conntrack 4096 (small, quick to make)
+	// unless set.
+	Limits datapath.Limits
 }
 
 // Cluster is the nodes, each with its datapath and endpoints.
@@ -56,6 +59,9 @@ func New(t testing.TB, opts Options) *Cluster {
 	if opts.Endpoints == 0 {
 		opts.Endpoints = 2
 	}
+	if opts.Limits.Conntrack == 0 {
+		opts.Limits.Conntrack = 4096
+	}
 	c := &Cluster{Cluster: testutil.NewCluster(t, testutil.ClusterOptions{Nodes: opts.Nodes, UnderlayMTU: opts.UnderlayMTU})}
 	for i, cn := range c.Cluster.Nodes {
 		n := &Node{ClusterNode: cn, Config: datapath.Node{
@@ -71,7 +77,7 @@ func New(t testing.TB, opts Options) *Cluster {
 			NetNS:  cn.NS.Path,
 			BPFFS:  cn.BPFFS,
 			Node:   n.Config,
-			Limits: datapath.Limits{Conntrack: 4096}, // small, quick to make
+			Limits: opts.Limits,
 		})
 		if err != nil {
 			t.Fatalf("open the datapath of %s: %v", cn, err)

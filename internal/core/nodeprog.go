@@ -2,6 +2,7 @@ package core
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/cilium/ebpf"
 
@@ -9,31 +10,40 @@ import (
 )
 
 // nodeProgramsKey is the Memo key of a node-facing object's loaded
-// programs, by the object's name.
+// collection, by the object's name.
 type nodeProgramsKey string
 
+// nodeObject is a node-facing object: its name, how to load it, its
+// programs.
+type nodeObject struct {
+	name  nodeProgramsKey
+	load  func() (*ebpf.CollectionSpec, error)
+	progs []string
+}
+
+var nodeObjects = []nodeObject{
+	{"host", bpfobj.LoadHost, []string{bpfobj.HostProgFromNetdev, bpfobj.HostProgToNetdev}},
+	{"overlay", bpfobj.LoadOverlay, []string{bpfobj.OverlayProgFromOverlay}},
+}
+
 // NodeProgram returns the node-facing program of that name (from_netdev,
-// from_overlay), loading its object, wired to the datapath's maps, the
-// first time it is needed, as EndpointPrograms does.
+// to_netdev, from_overlay), loading its object, wired to the datapath's
+// maps, the first time it is needed, as EndpointPrograms does.
 func (s *State) NodeProgram(name string) (*ebpf.Program, error) {
 	if s.ReadOnly {
 		return nil, fmt.Errorf("datapath %s: %w", s.Name, ErrReadOnly)
 	}
-	var load func() (*ebpf.CollectionSpec, error)
-	switch name {
-	case bpfobj.HostProgFromNetdev:
-		load = bpfobj.LoadHost
-	case bpfobj.OverlayProgFromOverlay:
-		load = bpfobj.LoadOverlay
-	default:
+	i := slices.IndexFunc(nodeObjects, func(o nodeObject) bool { return slices.Contains(o.progs, name) })
+	if i < 0 {
 		return nil, fmt.Errorf("no node-facing program %q", name)
 	}
+	obj := nodeObjects[i]
 	s.progMu.Lock()
 	defer s.progMu.Unlock()
-	if c, ok := s.Memo.Load(nodeProgramsKey(name)); ok {
+	if c, ok := s.Memo.Load(obj.name); ok {
 		return c.(*ebpf.Collection).Programs[name], nil
 	}
-	spec, err := load()
+	spec, err := obj.load()
 	if err != nil {
 		return nil, err
 	}
@@ -45,7 +55,7 @@ func (s *State) NodeProgram(name string) (*ebpf.Program, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load %s: %w", name, err)
 	}
-	s.Memo.Store(nodeProgramsKey(name), c)
+	s.Memo.Store(obj.name, c)
 	return c.Programs[name], nil
 }
 
@@ -54,8 +64,8 @@ func (s *State) NodeProgram(name string) (*ebpf.Program, error) {
 func (s *State) CloseNodePrograms() {
 	s.progMu.Lock()
 	defer s.progMu.Unlock()
-	for _, name := range []string{bpfobj.HostProgFromNetdev, bpfobj.OverlayProgFromOverlay} {
-		if c, ok := s.Memo.LoadAndDelete(nodeProgramsKey(name)); ok {
+	for _, obj := range nodeObjects {
+		if c, ok := s.Memo.LoadAndDelete(obj.name); ok {
 			c.(*ebpf.Collection).Close()
 		}
 	}
