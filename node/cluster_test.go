@@ -18,8 +18,8 @@ import (
 
 var modes = []datapath.Routing{datapath.RoutingVXLAN, datapath.RoutingNative}
 
-// Pods reach pods on other nodes, TCP and UDP, IPv4 and IPv6, in each
-// routing mode.
+// Pods reach pods on other nodes, TCP (a connection, and a bulk transfer)
+// and ICMP echo, IPv4 and IPv6, in each routing mode.
 func TestPodToPod(t *testing.T) {
 	for _, mode := range modes {
 		t.Run(mode.String(), func(t *testing.T) {
@@ -34,9 +34,15 @@ func TestPodToPod(t *testing.T) {
 					if err := clustertest.TCPRoundTrip(t, src, ap, []byte("hello across nodes"), 5*time.Second); err != nil {
 						t.Errorf("TCP from node-0 to %s on node-%d: %v", ap, to[0], err)
 					}
-					dstNS.EchoUDP(t, netip.AddrPortFrom(addr, 9))
 					if got := testutil.Ping(t, src.Handle, addr, testutil.PingOptions{Count: 2}); got == 0 {
 						t.Errorf("ping from node-0 to %s on node-%d: no reply", addr, to[0])
+					}
+					// A bulk transfer: the veths hand on GSO packets of
+					// many segments, each of which must fit.
+					bulk := netip.AddrPortFrom(addr, 8)
+					countBytes(t, dstNS, bulk)
+					if n, err := sendBulk(t, src, bulk, 4<<20); err != nil || n != 4<<20 {
+						t.Errorf("4 MiB from node-0 to %s on node-%d: %d bytes arrived (%v)", bulk, to[0], n, err)
 					}
 				}
 			}

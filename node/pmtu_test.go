@@ -2,7 +2,6 @@ package node_test
 
 import (
 	"context"
-	"fmt"
 	"io"
 	"net/netip"
 	"strconv"
@@ -34,6 +33,27 @@ func countBytes(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort) {
 	}()
 }
 
+// sendBulk sends n bytes from ns to a countBytes server at ap and returns
+// how many it counted.
+func sendBulk(t *testing.T, ns *testutil.NetNS, ap netip.AddrPort, n int) (int, error) {
+	t.Helper()
+	conn, err := ns.DialTCP(t, ap, 5*time.Second)
+	if err != nil {
+		return 0, err
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(30 * time.Second))
+	if _, err := conn.Write(make([]byte, n)); err != nil {
+		return 0, err
+	}
+	conn.CloseWrite()
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(string(got))
+}
+
 // Endpoints whose MTU is larger than the tunnel carries (set so, rather
 // than the node's derived one) still move data across nodes: what is too
 // big for the tunnel is answered with ICMP "fragmentation needed" or
@@ -54,23 +74,13 @@ func TestPathMTU(t *testing.T) {
 	if got := c.Endpoint(0, 0).MTU; got != 1400-50 {
 		t.Errorf("derived endpoint MTU %d, want %d", got, 1400-50)
 	}
-	payload := make([]byte, 1<<20)
+	payload := 1 << 20
 	for _, addr := range []netip.Addr{dst.IPv4, dst.IPv6} {
 		ap := netip.AddrPortFrom(addr, 7)
 		countBytes(t, clustertest.NetNS(t, dst), ap)
 		before := metric(t, c.Nodes[0].DP, datapath.ReasonFragNeeded, datapath.Egress)
-		conn, err := clustertest.NetNS(t, src).DialTCP(t, ap, 5*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
-		conn.SetDeadline(time.Now().Add(20 * time.Second))
-		if _, err := conn.Write(payload); err != nil {
-			t.Fatalf("send 1 MiB to %s: %v", ap, err)
-		}
-		conn.CloseWrite()
-		got, err := io.ReadAll(conn)
-		if err != nil || string(got) != fmt.Sprint(len(payload)) {
-			t.Errorf("to %s: the receiver counted %q (%v), want %d", ap, got, err, len(payload))
+		if n, err := sendBulk(t, clustertest.NetNS(t, src), ap, payload); err != nil || n != payload {
+			t.Errorf("to %s: the receiver counted %d bytes (%v), want %d", ap, n, err, payload)
 		}
 		if after := metric(t, c.Nodes[0].DP, datapath.ReasonFragNeeded, datapath.Egress); after <= before {
 			t.Errorf("to %s: FRAG_NEEDED stayed at %d: nothing was too big?", ap, after)

@@ -135,6 +135,7 @@ enum {
 	BPF_FIB_LKUP_RET_NOT_FWDED = 4,   /* a local, broadcast or multicast route */
 	BPF_FIB_LKUP_RET_FWD_DISABLED = 5, /* forwarding is off on the device */
 	BPF_FIB_LKUP_RET_NO_NEIGH = 7,     /* a route, but no neighbour entry for its next hop */
+	BPF_FIB_LKUP_RET_FRAG_NEEDED = 8,  /* tot_len is more than the route's MTU */
 };
 
 /* bpf_skb_set_tunnel_key's and bpf_skb_get_tunnel_key's key (struct
@@ -156,6 +157,7 @@ struct bpf_tunnel_key {
 };
 
 #define BPF_F_TUNINFO_IPV6 (1ULL << 0)
+#define BPF_F_ZERO_CSUM_TX (1ULL << 1)
 
 /* bpf_redirect_neigh's next hop (struct bpf_redir_neigh). */
 struct bpf_redir_neigh {

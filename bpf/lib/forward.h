@@ -34,7 +34,10 @@ static __always_inline int to_tunnel(struct __sk_buff *skb, struct node_settings
 	if (identity > TUNNEL_IDENTITY_MAX)
 		return drop(skb, REASON_IDENTITY_TOO_LARGE, DIR_EGRESS, ep);
 	if (r->flags & NODE_F_IPV4) {
+		/* No outer UDP checksum over IPv4, as Linux's VXLAN devices
+		 * send by default: the inner packet has its own. IPv6 needs one. */
 		key.remote_ipv4 = bpf_ntohl(r->ipv4);
+		flags = BPF_F_ZERO_CSUM_TX;
 	} else {
 		__builtin_memcpy(key.remote_ipv6, r->ipv6, 16);
 		flags = BPF_F_TUNINFO_IPV6;
@@ -45,10 +48,41 @@ static __always_inline int to_tunnel(struct __sk_buff *skb, struct node_settings
 	return bpf_redirect(cfg->tunnel_ifindex, 0);
 }
 
+/* l3_len is the length of the packet past its Ethernet header or, for a
+ * GSO packet, of each segment it is to be cut into. */
+static __always_inline __u32 l3_len(struct __sk_buff *skb, const struct flow *f)
+{
+	__u32 l4 = 8; /* UDP's header */
+	__u8 doff;
+
+	if (!skb->gso_size)
+		return skb->len - ETH_HLEN;
+	if (f->key.proto == IPPROTO_TCP) {
+		if (bpf_skb_load_bytes(skb, f->l4_off + 12, &doff, 1) < 0)
+			return skb->len - ETH_HLEN;
+		l4 = (doff >> 4) * 4;
+	}
+	return skb->gso_size + (f->l4_off - ETH_HLEN) + l4;
+}
+
+/* may_fragment reports an IPv4 packet without DF: what a router may cut
+ * up rather than answer. */
+static __always_inline int may_fragment(struct __sk_buff *skb, struct flow *f)
+{
+	struct iphdr *ip;
+
+	if (f->key.family != 4)
+		return 0;
+	ip = header(skb, ETH_HLEN, sizeof(*ip));
+	return ip && !(ip->frag_off & bpf_htons(IP_DF));
+}
+
 /* to_route sends the packet out of the node device the kernel's route
  * for its destination names (the route to the pod CIDR via its node,
  * which package node installs), to the next hop's MAC, or through the
- * neighbour subsystem while that MAC is not yet known. */
+ * neighbour subsystem while that MAC is not yet known. What the route's
+ * MTU cannot carry goes to the stack to be fragmented (IPv4 without DF)
+ * or is answered (FORWARD_TOO_BIG). */
 static __always_inline int to_route(struct __sk_buff *skb, struct flow *f, __u16 ep)
 {
 	struct bpf_fib_lookup fib = {.ifindex = skb->ifindex, .l4_protocol = f->key.proto};
@@ -58,9 +92,13 @@ static __always_inline int to_route(struct __sk_buff *skb, struct flow *f, __u16
 	fib.family = f->key.family == 4 ? AF_INET : AF_INET6;
 	__builtin_memcpy(fib.src, f->key.saddr, 16);
 	__builtin_memcpy(fib.dst, f->key.daddr, 16);
-	if (f->key.family == 4)
-		fib.tot_len = skb->len - ETH_HLEN;
+	/* Each segment of a GSO packet is what must fit the route. */
+	fib.tot_len = l3_len(skb, f);
 	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (ret == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return may_fragment(skb, f) ? FORWARD_HERE : FORWARD_TOO_BIG;
+	if ((ret == BPF_FIB_LKUP_RET_SUCCESS || ret == BPF_FIB_LKUP_RET_NO_NEIGH) && !ttl_decrement(skb, f->key.family))
+		return FORWARD_HERE;
 	if (ret == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		/* The lookup left the next hop where the destination was. */
 		struct bpf_redir_neigh nh = {.nh_family = fib.family};
@@ -81,36 +119,12 @@ static __always_inline int to_route(struct __sk_buff *skb, struct flow *f, __u16
 	return bpf_redirect(fib.ifindex, 0);
 }
 
-/* l3_len is the length of the packet past its Ethernet header or, for a
- * GSO packet, of each segment it is to be cut into. */
-static __always_inline __u32 l3_len(struct __sk_buff *skb, const struct flow *f)
-{
-	__u32 l4 = 8; /* UDP's header */
-	__u8 doff;
-
-	if (!skb->gso_size)
-		return skb->len - ETH_HLEN;
-	if (f->key.proto == IPPROTO_TCP) {
-		if (bpf_skb_load_bytes(skb, f->l4_off + 12, &doff, 1) < 0)
-			return skb->len - ETH_HLEN;
-		l4 = (doff >> 4) * 4;
-	}
-	return skb->gso_size + (f->l4_off - ETH_HLEN) + l4;
-}
-
 /* exceeds_tunnel reports whether the packet (or a segment of it) is
  * larger than the tunnel carries, the endpoints' MTU, and may not be
  * fragmented: IPv6, or IPv4 with DF set (the tunnel fragments the rest). */
 static __always_inline int exceeds_tunnel(struct __sk_buff *skb, struct flow *f, struct node_settings *cfg)
 {
-	struct iphdr *ip;
-
-	if (!cfg->endpoint_mtu || l3_len(skb, f) <= cfg->endpoint_mtu)
-		return 0;
-	if (f->key.family == 6)
-		return 1;
-	ip = header(skb, ETH_HLEN, sizeof(*ip));
-	return ip && (ip->frag_off & bpf_htons(IP_DF));
+	return cfg->endpoint_mtu && l3_len(skb, f) > cfg->endpoint_mtu && !may_fragment(skb, f);
 }
 
 /* too_big answers a packet exceeds_tunnel refused with ICMP's
@@ -158,11 +172,11 @@ __noinline int to_node(struct __sk_buff *skb, struct flow *f, __u32 identity, __
 		return FORWARD_HERE;
 	if (r->node == NODE_NONE)
 		return drop(skb, REASON_NODE_UNREACHABLE, DIR_EGRESS, ep);
-	if (cfg->routing == ROUTING_VXLAN && exceeds_tunnel(skb, f, cfg))
+	if (cfg->routing != ROUTING_VXLAN)
+		return to_route(skb, f, ep);
+	if (exceeds_tunnel(skb, f, cfg))
 		return FORWARD_TOO_BIG;
 	if (!ttl_decrement(skb, f->key.family))
 		return FORWARD_HERE;
-	if (cfg->routing == ROUTING_VXLAN)
-		return to_tunnel(skb, cfg, r, identity, ep);
-	return to_route(skb, f, ep);
+	return to_tunnel(skb, cfg, r, identity, ep);
 }

@@ -24,8 +24,7 @@ __noinline int node_owns_dst(struct __sk_buff *skb, const struct flow *f)
 	fib.l4_protocol = f->key.proto;
 	__builtin_memcpy(fib.src, f->key.saddr, 16);
 	__builtin_memcpy(fib.dst, f->key.daddr, 16);
-	if (f->key.family == 4)
-		fib.tot_len = skb->len - ETH_HLEN;
+	/* tot_len stays 0: the MTU is not the question. */
 	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	return ret == BPF_FIB_LKUP_RET_NOT_FWDED || ret == BPF_FIB_LKUP_RET_FWD_DISABLED;
 }
