@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -194,32 +195,22 @@ func benchBulk(b *testing.B, p *clustertest.Pair) (float64, error) {
 // benchSink counts what each TCP connection to addr inside ns sends, and
 // answers the end of its stream with the count (8 bytes, big-endian).
 func benchSink(t testing.TB, ns *testutil.NetNS, addr netip.AddrPort) {
-	l := ns.ListenTCP(t, addr)
-	go func() {
+	clustertest.Serve(t, ns, addr, func(c net.Conn) {
+		buf := make([]byte, benchWriteBuffer)
+		var n uint64
 		for {
-			c, err := l.Accept()
+			c.SetReadDeadline(time.Now().Add(benchIOTimeout))
+			k, err := c.Read(buf)
+			n += uint64(k)
+			if err == io.EOF {
+				binary.Write(c, binary.BigEndian, n)
+				return
+			}
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, benchWriteBuffer)
-				var n uint64
-				for {
-					c.SetReadDeadline(time.Now().Add(benchIOTimeout))
-					k, err := c.Read(buf)
-					n += uint64(k)
-					if err == io.EOF {
-						binary.Write(c, binary.BigEndian, n)
-						return
-					}
-					if err != nil {
-						return
-					}
-				}
-			}()
 		}
-	}()
+	})
 }
 
 // benchRR makes b.N times 1000 round trips of one byte each way from

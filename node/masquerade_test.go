@@ -20,17 +20,9 @@ import (
 // serveSeen answers every TCP connection to addr inside ns with the
 // address the connection came from.
 func serveSeen(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort) {
-	l := ns.ListenTCP(t, addr)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte(c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap().String()))
-			c.Close()
-		}
-	}()
+	clustertest.Serve(t, ns, addr, func(c net.Conn) {
+		c.Write([]byte(c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap().String()))
+	})
 }
 
 // echoSeen answers every UDP datagram to addr inside ns with the address

@@ -3,6 +3,7 @@ package node_test
 import (
 	"context"
 	"io"
+	"net"
 	"net/netip"
 	"strconv"
 	"testing"
@@ -17,20 +18,10 @@ import (
 // countBytes answers every TCP connection to addr inside ns, once the
 // client has sent all, with how many bytes it read.
 func countBytes(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort) {
-	l := ns.ListenTCP(t, addr)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				n, _ := io.Copy(io.Discard, c)
-				c.Write([]byte(strconv.FormatInt(n, 10)))
-			}()
-		}
-	}()
+	clustertest.Serve(t, ns, addr, func(c net.Conn) {
+		n, _ := io.Copy(io.Discard, c)
+		c.Write([]byte(strconv.FormatInt(n, 10)))
+	})
 }
 
 // sendBulk sends n bytes from ns to a countBytes server at ap and returns

@@ -3,6 +3,7 @@ package node_test
 import (
 	"context"
 	"io"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -15,17 +16,7 @@ import (
 
 // serveName answers every connection to addr inside ns with name.
 func serveName(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort, name string) {
-	l := ns.ListenTCP(t, addr)
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			c.Write([]byte(name))
-			c.Close()
-		}
-	}()
+	clustertest.Serve(t, ns, addr, func(c net.Conn) { c.Write([]byte(name)) })
 }
 
 // A ClusterIP with a backend on each node is reached from every node, and

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"os"
 	"testing"
@@ -147,8 +148,10 @@ func NetNS(t testing.TB, ep *endpoint.Endpoint) *testutil.NetNS {
 	return testutil.OpenNetNS(t, ep.NetNS)
 }
 
-// Echo serves TCP echo on addr inside ns until the test ends.
-func Echo(t testing.TB, ns *testutil.NetNS, addr netip.AddrPort) {
+// Serve accepts TCP connections on addr inside ns until the test ends,
+// and hands each to handle, on a goroutine of its own, which closes it
+// after.
+func Serve(t testing.TB, ns *testutil.NetNS, addr netip.AddrPort, handle func(net.Conn)) {
 	t.Helper()
 	l := ns.ListenTCP(t, addr)
 	go func() {
@@ -159,21 +162,16 @@ func Echo(t testing.TB, ns *testutil.NetNS, addr netip.AddrPort) {
 			}
 			go func() {
 				defer c.Close()
-				buf := make([]byte, 64<<10)
-				for {
-					n, err := c.Read(buf)
-					if n > 0 {
-						if _, err := c.Write(buf[:n]); err != nil {
-							return
-						}
-					}
-					if err != nil {
-						return
-					}
-				}
+				handle(c)
 			}()
 		}
 	}()
+}
+
+// Echo serves TCP echo on addr inside ns until the test ends.
+func Echo(t testing.TB, ns *testutil.NetNS, addr netip.AddrPort) {
+	t.Helper()
+	Serve(t, ns, addr, func(c net.Conn) { io.Copy(c, c) })
 }
 
 // TCPRoundTrip connects from ns to addr, writes msg and reads it back,
