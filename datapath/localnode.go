@@ -87,21 +87,11 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 		return nil, err
 	}
 	if n.Routing == RoutingVXLAN {
-		port := cmp.Or(n.TunnelPort, DefaultTunnelPort)
-		_, statErr := netdev.Get(st.NS, TunnelDevice)
-		ifindex, err := netdev.VXLAN(st.NS, TunnelDevice, port, mtu)
-		if err != nil {
-			return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
-		}
-		dev := &ledger.Device{Name: TunnelDevice, Ifindex: ifindex, Owned: statErr != nil}
-		r, err := attachNodePrograms(st, 0, dev, ledger.Link{Program: bpfobj.OverlayProgFromOverlay})
+		ifindex, r, err := setupTunnel(st, cmp.Or(n.TunnelPort, DefaultTunnelPort), mtu)
 		if r != nil {
 			made = append(made, r)
 		}
 		if err != nil {
-			if statErr != nil && r == nil {
-				err = errors.Join(err, netdev.Delete(st.NS, ifindex))
-			}
 			return nil, err
 		}
 		settings.TunnelIfindex = uint32(ifindex)
@@ -121,6 +111,35 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 		}
 	}
 	return takeBack, st.Objs.NodeConfig.Put(uint32(0), &settings)
+}
+
+// setupTunnel makes the VXLAN device, or finds the one an earlier Open
+// made, and attaches from-overlay to it. Its name is the datapath's, so
+// the datapath owns it. The record (KindDevice 0) is written before the
+// device is made: a process killed in between leaves a record that
+// Reconcile undoes, device included. It returns the device's index and,
+// when it attached the program, the record.
+func setupTunnel(st *core.State, port uint16, mtu int) (int, *ledger.Record, error) {
+	dev := &ledger.Device{Name: TunnelDevice, Owned: true}
+	r, err := ledger.Get(st.Objs.Ledger, ledger.KindDevice, 0)
+	if errors.Is(err, ebpf.ErrKeyNotExist) || (err == nil && r.State != ledger.Ready) {
+		err = ledger.Put(st.Objs.Ledger, &ledger.Record{Kind: ledger.KindDevice, ID: 0, State: ledger.Creating, Made: ledger.Made{Device: dev}})
+	}
+	if err != nil {
+		return 0, nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
+	}
+	ifindex, err := netdev.VXLAN(st.NS, TunnelDevice, port, mtu)
+	if err != nil {
+		// A device of that name that is not such a device is not ours
+		// to remove: only the record goes, unless it is Ready.
+		if r == nil || r.State != ledger.Ready {
+			err = errors.Join(err, ledger.Delete(st.Objs.Ledger, ledger.KindDevice, 0))
+		}
+		return 0, nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	dev.Ifindex = ifindex
+	r, err = attachNodePrograms(st, 0, dev, ledger.Link{Program: bpfobj.OverlayProgFromOverlay})
+	return ifindex, r, err
 }
 
 // endpointMTU is n.MTU, or, when 0, what fits the smallest node device

@@ -120,9 +120,7 @@ func sameNode(a, b Node) bool {
 		sameSet(a.Addresses, b.Addresses) && sameSet(a.Devices, b.Devices)
 }
 
-func sameSet[T interface {
-	comparable
-}](a, b []T) bool {
+func sameSet[T comparable](a, b []T) bool {
 	if len(a) != len(b) {
 		return false
 	}
