@@ -1,8 +1,11 @@
 package testutil
 
 import (
+	"bufio"
+	"compress/gzip"
 	"fmt"
 	"os"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -36,4 +39,34 @@ func RequireSince(t testing.TB, feature string, major, minor int, err error) {
 		t.Fatalf("CI is set, and Linux %d.%d or later should have %s, but: %v", major, minor, feature, err)
 	}
 	t.Skipf("skipping: the kernel lacks %s: %v", feature, err)
+}
+
+// RequireConfig skips the test when the running kernel was built without
+// option (e.g. "CONFIG_INET_ESP"), as /proc/config.gz says: an absence the
+// kernel declares, not a broken setup, so it skips under CI too. A kernel
+// that does not publish its configuration (Debian's, the VM's) is assumed
+// to have the option, as a module if need be: the test runs and fails
+// when it is missing after all.
+func RequireConfig(t testing.TB, option string) {
+	t.Helper()
+	f, err := os.Open("/proc/config.gz")
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		return
+	}
+	sc := bufio.NewScanner(zr)
+	for sc.Scan() {
+		line := sc.Text()
+		if strings.HasPrefix(line, option+"=") {
+			return
+		}
+		if line == "# "+option+" is not set" {
+			t.Skipf("skipping: the kernel was built without %s", option)
+		}
+	}
+	t.Skipf("skipping: the kernel's configuration has no %s", option)
 }
