@@ -79,7 +79,7 @@ static __always_inline int from_endpoint_deliver(struct __sk_buff *skb, struct e
 	} else if (!dst && (ret = to_node(skb, f, src->identity, src->id)) != FORWARD_HERE) {
 		if (ret == FORWARD_TOO_BIG)
 			return too_big(skb, f, src->id);
-		if (ret != TC_ACT_REDIRECT)
+		if (ret != TC_ACT_REDIRECT && ret != TC_ACT_OK)
 			return ret;
 	} else {
 		ret = TC_ACT_OK;

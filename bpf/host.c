@@ -14,6 +14,7 @@
 #include "lib/deliver.h"
 #include "lib/node.h"
 #include "lib/snat.h"
+#include "lib/encrypt.h"
 
 /* source_allowed reports whether a packet from the underlay may have the
  * flow's source: never a local pod's address, nor, unless the nodes route
@@ -44,6 +45,11 @@ int from_netdev(struct __sk_buff *skb)
 	ret = parse_inbound(skb, &f);
 	if (ret == INBOUND_PASS || ret == INBOUND_MALFORMED)
 		return TC_ACT_OK; /* not for an endpoint, or the stack's to drop */
+	/* ESP from another node: the stack decrypts it with that node's
+	 * state, and the packet inside comes back through here. */
+	if (ret == INBOUND_IP && f.key.proto == IPPROTO_ESP && cfg->encryption == ENCRYPT_IPSEC &&
+	    ipsec_mark_arriving(skb, f.key.family, f.key.saddr))
+		return TC_ACT_OK;
 	if (!source_allowed(cfg, &f))
 		return drop(skb, REASON_SPOOFED_NODE_SOURCE, DIR_INGRESS, 0);
 	if (ret == INBOUND_IP && snat_in(skb, &f) < 0)
@@ -61,11 +67,23 @@ int from_netdev(struct __sk_buff *skb)
 	return to_endpoint(skb, dst, &f, identity_of(remote), 0);
 }
 
-/* to_netdev masquerades what pods send to the world. Everything else,
- * and what it cannot parse, leaves as it is. */
+/* to_wireguard_node reports whether the flow is VXLAN to another node that
+ * WireGuard must carry: the VXLAN device's packets, with their identity
+ * in the VNI, go inside WireGuard (allowed IPs: the node's addresses). */
+static __always_inline int to_wireguard_node(struct node_settings *cfg, struct flow *f)
+{
+	return cfg->encryption == ENCRYPT_WIREGUARD && cfg->routing == ROUTING_VXLAN &&
+	       f->key.proto == IPPROTO_UDP && f->key.dport == bpf_htons(cfg->tunnel_port) &&
+	       node_of_addr(f->key.family, f->key.daddr);
+}
+
+/* to_netdev masquerades what pods send to the world, and sends VXLAN to
+ * nodes into WireGuard when it is on. Everything else, and what it
+ * cannot parse, leaves as it is. */
 SEC("tc")
 int to_netdev(struct __sk_buff *skb)
 {
+	struct node_settings *cfg = node_config_get();
 	struct flow f = {};
 	struct ethhdr *eth;
 	int ret;
@@ -86,6 +104,10 @@ int to_netdev(struct __sk_buff *skb)
 			return TC_ACT_OK;
 	} else {
 		return TC_ACT_OK;
+	}
+	if (cfg && to_wireguard_node(cfg, &f)) {
+		trace(skb, TRACE_TO_ENCRYPT, DIR_EGRESS, 0);
+		return bpf_redirect(cfg->wg_ifindex, 0);
 	}
 	ret = snat_out(skb, &f);
 	if (ret)

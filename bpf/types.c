@@ -16,6 +16,7 @@
 #include "lib/sock_destroy.h"
 #include "lib/node.h"
 #include "lib/snat.h"
+#include "lib/encrypt.h"
 
 struct event *_event __attribute__((unused));
 enum drop_reason *_drop_reason __attribute__((unused));
@@ -40,5 +41,6 @@ enum routing_mode *_routing_mode __attribute__((unused));
 enum node_flag *_node_flag __attribute__((unused));
 enum node_config_flag *_node_config_flag __attribute__((unused));
 enum snat_dir *_snat_dir __attribute__((unused));
+enum encryption *_encryption __attribute__((unused));
 
 char __license[] SEC("license") = "GPL";

@@ -373,10 +373,64 @@ type Node struct {
 	NoMasquerade bool
 	// MTU is the endpoints' MTU (endpoint.Spec.MTU's default): 1280 to
 	// 65535, or 0 to derive it from the smallest MTU of Devices less what
-	// VXLAN adds (50 bytes over IPv4, 70 over IPv6). 1500 with
-	// RoutingLocal.
+	// VXLAN adds (50 bytes over IPv4, 70 over IPv6) and what Encryption
+	// adds (IPsec: 60 over IPv4, 80 over IPv6; WireGuard: 60 or 80).
+	// 1500 with RoutingLocal.
 	MTU int
+	// Encryption encrypts what goes between this node and the others:
+	// EncryptionNone (the default), EncryptionIPsec or
+	// EncryptionWireGuard. Every node of a cluster must use the same.
+	Encryption Encryption
 }
+
+// Encryption says how traffic between nodes is encrypted: its pods'
+// traffic to other nodes' pods and, over VXLAN, the tunnel itself. The
+// kernel encrypts; BPF steers. See docs/architecture.md.
+type Encryption int
+
+const (
+	// EncryptionNone sends in clear.
+	EncryptionNone Encryption = iota
+	// EncryptionIPsec encrypts with ESP in tunnel mode (the kernel's
+	// xfrm), with keys derived for each pair of nodes from the cluster's
+	// key set, which the caller gives every node (node.SetIPsecKeys);
+	// until it has, traffic to other nodes is dropped
+	// (ReasonNoKey), never sent in clear.
+	EncryptionIPsec
+	// EncryptionWireGuard encrypts with the kernel's WireGuard, through a
+	// device the datapath makes (WireGuardDevice, UDP port
+	// WireGuardPort) with a private key of its own; the caller gives each
+	// remote node's public key with it (node.Node.WireGuardKey) and
+	// publishes this node's (node.WireGuardPublicKey).
+	EncryptionWireGuard
+)
+
+func (e Encryption) String() string {
+	switch e {
+	case EncryptionNone:
+		return "none"
+	case EncryptionIPsec:
+		return "ipsec"
+	case EncryptionWireGuard:
+		return "wireguard"
+	}
+	return fmt.Sprintf("encryption(%d)", int(e))
+}
+
+// WireGuardDevice is the name of the WireGuard device the datapath makes
+// in its namespace with EncryptionWireGuard; WireGuardPort its UDP port.
+const (
+	WireGuardDevice = "sluice_wg"
+	WireGuardPort   = 51871
+)
+
+// What encryption adds to a packet between nodes, the outer IP header
+// included: ESP in tunnel mode (header, IV, padding, trailer, a 16-byte
+// ICV) and WireGuard (UDP, its header, a 16-byte tag).
+const (
+	encryptOverhead4 = 60
+	encryptOverhead6 = 80
+)
 
 // Routing says how a node's endpoints reach the pods of other nodes.
 type Routing int
@@ -445,9 +499,12 @@ func (n *Node) validate() error {
 	if n.MTU != 0 && (n.MTU < 1280 || n.MTU > 65535) {
 		return fmt.Errorf("endpoint MTU %d: want 1280 (the IPv6 minimum) to 65535: %w", n.MTU, ErrInvalid)
 	}
+	if n.Encryption < EncryptionNone || n.Encryption > EncryptionWireGuard {
+		return fmt.Errorf("encryption %d: want EncryptionNone, EncryptionIPsec or EncryptionWireGuard: %w", int(n.Encryption), ErrInvalid)
+	}
 	if n.Routing == RoutingLocal {
-		if n.Name != "" || len(n.Addresses) > 0 || len(n.Devices) > 0 || len(n.ClusterCIDRs) > 0 || n.TunnelPort != 0 || n.NoMasquerade {
-			return fmt.Errorf("node %q: name, addresses, devices, cluster CIDRs, tunnel port and masquerading need a routing mode: %w", n.Name, ErrInvalid)
+		if n.Name != "" || len(n.Addresses) > 0 || len(n.Devices) > 0 || len(n.ClusterCIDRs) > 0 || n.TunnelPort != 0 || n.NoMasquerade || n.Encryption != EncryptionNone {
+			return fmt.Errorf("node %q: name, addresses, devices, cluster CIDRs, tunnel port, masquerading and encryption need a routing mode: %w", n.Name, ErrInvalid)
 		}
 		return nil
 	}
@@ -464,8 +521,8 @@ func (n *Node) validate() error {
 		return fmt.Errorf("node %s: no device: %w", n.Name, ErrInvalid)
 	}
 	for i, d := range n.Devices {
-		if d == "" || len(d) > 15 || slices.Contains(n.Devices[:i], d) || d == TunnelDevice {
-			return fmt.Errorf("node %s: device %q: want distinct interface names of 1 to 15 bytes, not %s: %w", n.Name, d, TunnelDevice, ErrInvalid)
+		if d == "" || len(d) > 15 || slices.Contains(n.Devices[:i], d) || d == TunnelDevice || d == WireGuardDevice {
+			return fmt.Errorf("node %s: device %q: want distinct interface names of 1 to 15 bytes, not %s or %s: %w", n.Name, d, TunnelDevice, WireGuardDevice, ErrInvalid)
 		}
 	}
 	if len(n.ClusterCIDRs) == 0 {

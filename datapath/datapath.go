@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 
@@ -36,7 +37,8 @@ const LayoutVersion = uint32(bpfobj.TypesLayoutVersionLAYOUT_VERSION)
 // Datapath is one loaded datapath: one per network namespace. Its methods are
 // safe for concurrent use.
 type Datapath struct {
-	st *core.State
+	st   *core.State
+	node Node // what the datapath was first opened for
 
 	mu         sync.Mutex
 	stopEvents func() // stops the running Events reader and waits for it; nil when none
@@ -293,6 +295,7 @@ func loadPinned(cfg Config, ns netns.NsHandle, dir string, f *found) (_ *Datapat
 	if err != nil {
 		return nil, err
 	}
+	dp.node = node
 	// A tool that only inspects (MustExist, no NetNS: the CLI) may be in
 	// another namespace: it repairs nothing and attaches nothing there.
 	if inspecting := cfg.MustExist && cfg.NetNS == ""; !inspecting {
@@ -341,6 +344,17 @@ func checkLayout(dir string) (version uint32, err error) {
 
 // Name returns the datapath's name.
 func (dp *Datapath) Name() string { return dp.st.Name }
+
+// Node returns the local node the datapath serves: what its first Open
+// was given (a re-open with a zero Config.Node takes it).
+func (dp *Datapath) Node() Node {
+	n := dp.node
+	n.PodCIDRs = slices.Clone(n.PodCIDRs)
+	n.Addresses = slices.Clone(n.Addresses)
+	n.Devices = slices.Clone(n.Devices)
+	n.ClusterCIDRs = slices.Clone(n.ClusterCIDRs)
+	return n
+}
 
 // PinDir returns the directory where the datapath's maps and links are pinned.
 func (dp *Datapath) PinDir() string { return dp.st.Dir }

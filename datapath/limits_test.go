@@ -23,6 +23,7 @@ var fixedSize = []string{
 	bpfobj.EndpointMapEventLost,    // one per cause
 	bpfobj.EndpointMapMetrics,      // one per direction and reason
 	bpfobj.EndpointMapNodeConfig,   // the local node's settings
+	bpfobj.EndpointMapIpsecSpi,     // the IPsec key in use
 }
 
 // Every map that holds objects is sized from Limits, and Limits reads the

@@ -15,6 +15,8 @@ import (
 	"github.com/sluicedp/sluice/internal/ipcache"
 	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/netdev"
+	"github.com/sluicedp/sluice/internal/wireguard"
+	"github.com/sluicedp/sluice/internal/xfrm"
 )
 
 // Node IDs in node_cidrs (bpf/lib/node.h).
@@ -87,7 +89,8 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 		return nil, err
 	}
 	if n.Routing == RoutingVXLAN {
-		ifindex, r, err := setupTunnel(st, cmp.Or(n.TunnelPort, DefaultTunnelPort), mtu)
+		settings.TunnelPort = cmp.Or(n.TunnelPort, DefaultTunnelPort)
+		ifindex, r, err := setupTunnel(st, settings.TunnelPort, mtu)
 		if r != nil {
 			made = append(made, r)
 		}
@@ -95,6 +98,28 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 			return nil, err
 		}
 		settings.TunnelIfindex = uint32(ifindex)
+	}
+	settings.Encryption = uint32(n.Encryption)
+	switch n.Encryption {
+	case EncryptionIPsec:
+		// The policies every peer shares: what is marked and matches no
+		// peer's policy is dropped, never sent in clear. Unload removes
+		// them with the rest (they are told by their request ID).
+		if err := xfrm.Supported(st.NS); err != nil {
+			return nil, fmt.Errorf("IPsec: %w: %w", ErrNotSupported, err)
+		}
+		if err := xfrm.InstallBase(st.NS, n.Addresses); err != nil {
+			return nil, fmt.Errorf("IPsec: %w", err)
+		}
+	case EncryptionWireGuard:
+		ifindex, r, err := setupWireGuard(st, n)
+		if r != nil {
+			made = append(made, r)
+		}
+		if err != nil {
+			return nil, err
+		}
+		settings.WgIfindex = uint32(ifindex)
 	}
 	for _, name := range n.Devices {
 		l, err := netdev.Get(st.NS, name)
@@ -142,12 +167,63 @@ func setupTunnel(st *core.State, port uint16, mtu int) (int, *ledger.Record, err
 	return ifindex, r, err
 }
 
-// endpointMTU is n.MTU, or, when 0, what fits the smallest node device
-// once VXLAN has added its headers.
-func endpointMTU(st *core.State, n Node) (int, error) {
-	if n.MTU != 0 || n.Routing == RoutingLocal {
-		return n.MTU, nil
+// wireGuardDeviceID is the WireGuard device's KindDevice record: no
+// ifindex (a node device's ID) is that large.
+const wireGuardDeviceID = 1 << 31
+
+// setupWireGuard makes the WireGuard device, or finds the one an earlier
+// Open made (its private key, and so the node's public key, is kept).
+// The record is written first, as setupTunnel's: the datapath owns the
+// device by its name. It returns the device's index and, when it made
+// the record, the record.
+func setupWireGuard(st *core.State, n Node) (int, *ledger.Record, error) {
+	if err := wireguard.Supported(st.NS); err != nil {
+		return 0, nil, fmt.Errorf("WireGuard: %w: %w", ErrNotSupported, err)
 	}
+	mtu, err := smallestDeviceMTU(st, n)
+	if err != nil {
+		return 0, nil, err
+	}
+	r, err := ledger.Get(st.Objs.Ledger, ledger.KindDevice, wireGuardDeviceID)
+	ready := err == nil && r.State == ledger.Ready
+	if !ready && (err == nil || errors.Is(err, ebpf.ErrKeyNotExist)) {
+		r = &ledger.Record{Kind: ledger.KindDevice, ID: wireGuardDeviceID, State: ledger.Creating,
+			Made: ledger.Made{Device: &ledger.Device{Name: WireGuardDevice, Owned: true}}}
+		err = ledger.Put(st.Objs.Ledger, r)
+	}
+	if err != nil {
+		return 0, nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
+	}
+	ifindex, _, err := wireguard.Ensure(st.NS, WireGuardDevice, WireGuardPort, mtu-encryptOverhead(n))
+	if err == nil {
+		err = netdev.LooseRPFilter(st.NS)
+	}
+	if err != nil {
+		if !ready {
+			err = errors.Join(err, ledger.Delete(st.Objs.Ledger, ledger.KindDevice, wireGuardDeviceID))
+		}
+		return 0, nil, fmt.Errorf("WireGuard device: %w: %w", ErrInvalid, err)
+	}
+	if ready {
+		return ifindex, nil, nil
+	}
+	r.State = ledger.Ready
+	return ifindex, r, ledger.Put(st.Objs.Ledger, r)
+}
+
+// encryptOverhead is what n's encryption adds to a packet between nodes.
+func encryptOverhead(n Node) int {
+	switch {
+	case n.Encryption == EncryptionNone:
+		return 0
+	case slices.ContainsFunc(n.Addresses, netip.Addr.Is4):
+		return encryptOverhead4
+	}
+	return encryptOverhead6
+}
+
+// smallestDeviceMTU is the smallest MTU of n's devices.
+func smallestDeviceMTU(st *core.State, n Node) (int, error) {
 	mtu := 0
 	for _, name := range n.Devices {
 		l, err := netdev.Get(st.NS, name)
@@ -158,6 +234,20 @@ func endpointMTU(st *core.State, n Node) (int, error) {
 			mtu = l.MTU
 		}
 	}
+	return mtu, nil
+}
+
+// endpointMTU is n.MTU, or, when 0, what fits the smallest node device
+// once VXLAN and encryption have added their headers.
+func endpointMTU(st *core.State, n Node) (int, error) {
+	if n.MTU != 0 || n.Routing == RoutingLocal {
+		return n.MTU, nil
+	}
+	mtu, err := smallestDeviceMTU(st, n)
+	if err != nil {
+		return 0, err
+	}
+	mtu -= encryptOverhead(n)
 	if n.Routing == RoutingVXLAN {
 		overhead := vxlanOverhead6
 		if slices.ContainsFunc(n.Addresses, netip.Addr.Is4) {

@@ -84,7 +84,7 @@ func (dp *Datapath) useNode(n Node) {
 	st.PodCIDRs = slices.Clone(n.PodCIDRs)
 	st.Node = core.LocalNode{
 		Name: n.Name, Routing: int(n.Routing), Addresses: slices.Clone(n.Addresses),
-		ClusterCIDRs: slices.Clone(n.ClusterCIDRs), EndpointMTU: n.MTU,
+		ClusterCIDRs: slices.Clone(n.ClusterCIDRs), EndpointMTU: n.MTU, Encryption: int(n.Encryption),
 	}
 }
 
@@ -103,19 +103,21 @@ func checkDevices(st *core.State, n Node) error {
 
 func (n Node) isZero() bool {
 	return n.Name == "" && len(n.PodCIDRs) == 0 && n.Routing == RoutingLocal && len(n.Addresses) == 0 &&
-		len(n.Devices) == 0 && len(n.ClusterCIDRs) == 0 && n.TunnelPort == 0 && n.MTU == 0 && !n.NoMasquerade
+		len(n.Devices) == 0 && len(n.ClusterCIDRs) == 0 && n.TunnelPort == 0 && n.MTU == 0 && !n.NoMasquerade &&
+		n.Encryption == EncryptionNone
 }
 
 func (n Node) String() string {
 	if n.Routing == RoutingLocal {
 		return fmt.Sprintf("{pod CIDRs %v}", n.PodCIDRs)
 	}
-	return fmt.Sprintf("{%s, %s routing, addresses %v, devices %v, pod CIDRs %v, cluster CIDRs %v, tunnel port %d, MTU %d, masquerade %t}",
-		n.Name, n.Routing, n.Addresses, n.Devices, n.PodCIDRs, n.ClusterCIDRs, n.TunnelPort, n.MTU, !n.NoMasquerade)
+	return fmt.Sprintf("{%s, %s routing, addresses %v, devices %v, pod CIDRs %v, cluster CIDRs %v, tunnel port %d, MTU %d, masquerade %t, encryption %s}",
+		n.Name, n.Routing, n.Addresses, n.Devices, n.PodCIDRs, n.ClusterCIDRs, n.TunnelPort, n.MTU, !n.NoMasquerade, n.Encryption)
 }
 
 func sameNode(a, b Node) bool {
 	return a.Name == b.Name && a.Routing == b.Routing && a.TunnelPort == b.TunnelPort && a.MTU == b.MTU && a.NoMasquerade == b.NoMasquerade &&
+		a.Encryption == b.Encryption &&
 		samePrefixes(a.PodCIDRs, b.PodCIDRs) && samePrefixes(a.ClusterCIDRs, b.ClusterCIDRs) &&
 		sameSet(a.Addresses, b.Addresses) && sameSet(a.Devices, b.Devices)
 }

@@ -38,6 +38,7 @@ const (
 	ReasonSNATNoPort        = Reason(bpfobj.TypesDropReasonREASON_SNAT_NO_PORT)
 	ReasonSNATMapFull       = Reason(bpfobj.TypesDropReasonREASON_SNAT_MAP_FULL)
 	ReasonFragNeeded        = Reason(bpfobj.TypesDropReasonREASON_FRAG_NEEDED)
+	ReasonNoKey             = Reason(bpfobj.TypesDropReasonREASON_NO_KEY)
 )
 
 // reasonNames holds every reason's name and what it means; a test checks it
@@ -69,6 +70,7 @@ var reasonNames = map[Reason]struct{ name, doc string }{
 	ReasonSNATNoPort:        {"SNAT_NO_PORT", "masquerading found no free port of the node towards the destination (61000-65535 for each destination address, port and protocol)"},
 	ReasonSNATMapFull:       {"SNAT_MAP_FULL", "the masquerading map has no room for another flow (Limits.Conntrack)"},
 	ReasonFragNeeded:        {"FRAG_NEEDED", "larger than the tunnel carries (the endpoints' MTU): answered with ICMP fragmentation needed or ICMPv6 packet too big, so that path MTU discovery works"},
+	ReasonNoKey:             {"NO_KEY", "encryption between nodes is on, and there is no IPsec key yet (node.SetIPsecKeys) or the node's ID does not fit the mark: the packet is not sent in clear"},
 }
 
 // String returns the reason's stable name, such as "POLICY_DENIED".
@@ -104,6 +106,7 @@ const (
 	TraceToNetdev     = TracePoint(bpfobj.TypesTracePointTRACE_TO_NETDEV)
 	TraceFromOverlay  = TracePoint(bpfobj.TypesTracePointTRACE_FROM_OVERLAY)
 	TraceToOverlay    = TracePoint(bpfobj.TypesTracePointTRACE_TO_OVERLAY)
+	TraceToEncrypt    = TracePoint(bpfobj.TypesTracePointTRACE_TO_ENCRYPT)
 )
 
 var traceNames = map[TracePoint]string{
@@ -114,6 +117,7 @@ var traceNames = map[TracePoint]string{
 	TraceToNetdev:     "TO_NETDEV",
 	TraceFromOverlay:  "FROM_OVERLAY",
 	TraceToOverlay:    "TO_OVERLAY",
+	TraceToEncrypt:    "TO_ENCRYPT",
 }
 
 func (p TracePoint) String() string {

@@ -16,6 +16,7 @@ import (
 	"github.com/sluicedp/sluice/internal/ledger"
 	"github.com/sluicedp/sluice/internal/netdev"
 	"github.com/sluicedp/sluice/internal/nsrun"
+	"github.com/sluicedp/sluice/internal/xfrm"
 )
 
 // UnloadPinned tears down the datapath pinned as cfg.Name in cfg.BPFFS,
@@ -176,6 +177,7 @@ func teardown(st *core.State) error {
 	}
 	errs = append(errs,
 		removeRoutes(st),
+		removeIPsec(st),
 		attach.DetachAll(st.LinksDir()),
 		nsrun.Do(st.NS, func() error { return attach.RemoveLegacy(st.LegacyPrefix()) }),
 	)
@@ -183,6 +185,16 @@ func teardown(st *core.State) error {
 		errs = append(errs, fmt.Errorf("remove pins: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// removeIPsec removes the xfrm states and policies of IPsec between nodes
+// (package node's and the shared ones Open made), told from everyone
+// else's by their request ID and marks: a datapath without IPsec has none.
+func removeIPsec(st *core.State) error {
+	if !st.NS.IsOpen() {
+		return nil
+	}
+	return xfrm.RemoveAll(st.NS)
 }
 
 // removeRoutes removes the routes of sluice's protocol in the datapath's

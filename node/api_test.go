@@ -1,8 +1,11 @@
 package node_test
 
 import (
+	"bytes"
+	"compress/gzip"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net/netip"
 	"os"
@@ -13,6 +16,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/sluicedp/sluice/datapath"
@@ -684,8 +688,13 @@ func bpffsEntries(t *testing.T, bpffs string) []string {
 // or a tcx program on ifindex behind.
 func leftNothing(t *testing.T, ns *testutil.NetNS, bpffs string, before []string, ifindex int) {
 	t.Helper()
-	if _, err := netdev.Get(ns.Handle, datapath.TunnelDevice); !errors.Is(err, unix.ENODEV) {
-		t.Errorf("after a failed Open, device %s: %v, want none", datapath.TunnelDevice, err)
+	for _, dev := range []string{datapath.TunnelDevice, datapath.WireGuardDevice} {
+		if _, err := netdev.Get(ns.Handle, dev); !errors.Is(err, unix.ENODEV) {
+			t.Errorf("after a failed Open, device %s: %v, want none", dev, err)
+		}
+	}
+	if n := xfrmObjects(t, ns); n != 0 {
+		t.Errorf("after a failed Open, %d xfrm states and policies", n)
 	}
 	if now := bpffsEntries(t, bpffs); !slices.Equal(now, before) {
 		t.Errorf("after a failed Open, %s holds %v, before %v", bpffs, now, before)
@@ -729,6 +738,45 @@ func leftNothing(t *testing.T, ns *testutil.NetNS, bpffs string, before []string
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
+}
+
+// unsupportedWithout is the error Open gives for a feature the kernel
+// was built without option for (/proc/config.gz): ErrNotSupported; nil
+// (Open works) where it has it, or does not say.
+func unsupportedWithout(option string) error {
+	f, err := os.Open("/proc/config.gz")
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	zr, err := gzip.NewReader(f)
+	if err != nil {
+		return nil
+	}
+	b, _ := io.ReadAll(zr)
+	if bytes.Contains(b, []byte("\n"+option+"=")) {
+		return nil
+	}
+	return datapath.ErrNotSupported
+}
+
+// xfrmObjects counts the xfrm states and policies of ns.
+func xfrmObjects(t *testing.T, ns *testutil.NetNS) int {
+	t.Helper()
+	h, err := netlink.NewHandleAt(ns.Handle, unix.NETLINK_XFRM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	states, err := h.XfrmStateList(netlink.FAMILY_ALL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	policies, err := h.XfrmPolicyList(netlink.FAMILY_ALL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(states) + len(policies)
 }
 
 // A bad local node is refused with the error Open documents, and a
@@ -784,6 +832,14 @@ func TestOpenNodeErrors(t *testing.T) {
 		{name: "RoutingLocal with a device", edit: func(n *datapath.Node) { *n = datapath.Node{PodCIDRs: n.PodCIDRs, Devices: n.Devices} }, want: datapath.ErrInvalid},
 		{name: "RoutingLocal with cluster CIDRs", edit: func(n *datapath.Node) { *n = datapath.Node{PodCIDRs: n.PodCIDRs, ClusterCIDRs: n.ClusterCIDRs} }, want: datapath.ErrInvalid},
 		{name: "RoutingLocal with a tunnel port", edit: func(n *datapath.Node) { *n = datapath.Node{PodCIDRs: n.PodCIDRs, TunnelPort: 4789} }, want: datapath.ErrInvalid},
+		{name: "RoutingLocal with encryption", edit: func(n *datapath.Node) { *n = datapath.Node{PodCIDRs: n.PodCIDRs, Encryption: datapath.EncryptionIPsec} }, want: datapath.ErrInvalid},
+		{name: "encryption 3", edit: func(n *datapath.Node) { n.Encryption = datapath.Encryption(3) }, want: datapath.ErrInvalid},
+		{name: "encryption -1", edit: func(n *datapath.Node) { n.Encryption = datapath.Encryption(-1) }, want: datapath.ErrInvalid},
+		{name: "the WireGuard device", edit: func(n *datapath.Node) { n.Devices = []string{datapath.WireGuardDevice} }, want: datapath.ErrInvalid},
+		// Works where the kernel has them (the VM's), and is refused as
+		// unsupported, with nothing left, where it was built without.
+		{name: "IPsec", edit: func(n *datapath.Node) { n.Encryption = datapath.EncryptionIPsec }, want: unsupportedWithout("CONFIG_INET_ESP")},
+		{name: "WireGuard", edit: func(n *datapath.Node) { n.Encryption = datapath.EncryptionWireGuard }, want: unsupportedWithout("CONFIG_WIREGUARD")},
 		// Refused only once the node is set up (VXLAN device made,
 		// programs attached): all of that must go again.
 		{name: "a cgroup that is not one", edit: func(*datapath.Node) {}, cfg: func(t *testing.T, cfg *datapath.Config) { cfg.Cgroup = t.TempDir() }, want: datapath.ErrInvalid},

@@ -41,6 +41,10 @@ type Node struct {
 	// inside one of the cluster's (datapath.Node.ClusterCIDRs; not one of
 	// them) and overlapping no other node's nor the local node's.
 	PodCIDRs []netip.Prefix
+	// WireGuardKey is its WireGuard public key (WireGuardPublicKey on
+	// that node), required when the datapath encrypts with WireGuard
+	// (datapath.EncryptionWireGuard): no two nodes have the same.
+	WireGuardKey [32]byte
 }
 
 func (n Node) String() string {
@@ -51,13 +55,14 @@ func (n Node) String() string {
 type Changes struct {
 	Created      bool           // the node is new
 	Addresses    bool           // its addresses changed: its traffic goes to the new ones
+	WireGuardKey bool           // its WireGuard key changed
 	AddedCIDRs   []netip.Prefix // pod CIDRs it did not have
 	RemovedCIDRs []netip.Prefix // pod CIDRs it no longer has
 }
 
 // Unchanged reports whether Apply changed nothing.
 func (c Changes) Unchanged() bool {
-	return !c.Created && !c.Addresses && len(c.AddedCIDRs) == 0 && len(c.RemovedCIDRs) == 0
+	return !c.Created && !c.Addresses && !c.WireGuardKey && len(c.AddedCIDRs) == 0 && len(c.RemovedCIDRs) == 0
 }
 
 // SyncChanges says what Sync changed, by node name.

@@ -34,6 +34,14 @@ func repair(st *core.State) (int, error) {
 		if r.State == ledger.Ready {
 			continue
 		}
+		if r.ID == keysID {
+			// The key set first: nodes finished after use its keys.
+			if _, err := finishKeys(st); err != nil {
+				return n, err
+			}
+			n++
+			continue
+		}
 		if err := finish(st, r); err != nil {
 			return n, err
 		}
@@ -113,6 +121,9 @@ func check(st *core.State, fix bool) ([]core.Drift, error) {
 	d, err := st.CheckIpcache(ipcache.Node, owned, fix)
 	drift = append(drift, d...)
 	if err != nil {
+		return drift, err
+	}
+	if err := checkEncryption(st, all, add); err != nil {
 		return drift, err
 	}
 	if st.Node.Routing == core.RoutingNative {

@@ -73,6 +73,9 @@ func load(st *core.State) (*nodes, error) {
 	}
 	out := &nodes{}
 	for _, r := range recs {
+		if r.ID == keysID {
+			continue
+		}
 		var obj record
 		if err := json.Unmarshal(r.Object, &obj); err != nil || obj.Version != recordVersion {
 			return nil, fmt.Errorf("%w: node %d: record version %d (%v)", ledger.ErrCorrupt, r.ID, obj.Version, err)
@@ -132,6 +135,14 @@ func validateLocal(st *core.State, n Node) error {
 			return invalid("pod CIDR %s: routing natively, the node needs an address of its family", p)
 		}
 	}
+	if local.Encryption == core.EncryptionWireGuard && n.WireGuardKey == ([32]byte{}) {
+		return invalid("no WireGuard key: the datapath encrypts with WireGuard")
+	}
+	if local.Encryption != core.EncryptionNone && !slices.ContainsFunc(n.Addresses, func(a netip.Addr) bool {
+		return slices.ContainsFunc(local.Addresses, func(l netip.Addr) bool { return l.Is4() == a.Is4() })
+	}) {
+		return invalid("no address of a family the local node has: encryption needs one")
+	}
 	return nil
 }
 
@@ -165,6 +176,9 @@ func disjoint(a, b Node) error {
 				return fmt.Errorf("node %q: pod CIDR %s overlaps node %q's %s: %w", a.Name, p, b.Name, q, datapath.ErrExists)
 			}
 		}
+	}
+	if a.WireGuardKey != ([32]byte{}) && a.WireGuardKey == b.WireGuardKey {
+		return fmt.Errorf("node %q: WireGuard key is node %q's: %w", a.Name, b.Name, datapath.ErrExists)
 	}
 	return nil
 }
@@ -201,6 +215,7 @@ func apply(st *core.State, all *nodes, n Node) (c Changes, err error) {
 		o := in.spec
 		old = &o
 		c.Addresses = !slices.Equal(o.Addresses, n.Addresses)
+		c.WireGuardKey = o.WireGuardKey != n.WireGuardKey
 		c.AddedCIDRs = minus(n.PodCIDRs, o.PodCIDRs)
 		c.RemovedCIDRs = minus(o.PodCIDRs, n.PodCIDRs)
 	} else {
@@ -226,7 +241,8 @@ func apply(st *core.State, all *nodes, n Node) (c Changes, err error) {
 }
 
 func equal(a, b Node) bool {
-	return a.Name == b.Name && slices.Equal(a.Addresses, b.Addresses) && slices.Equal(a.PodCIDRs, b.PodCIDRs)
+	return a.Name == b.Name && slices.Equal(a.Addresses, b.Addresses) && slices.Equal(a.PodCIDRs, b.PodCIDRs) &&
+		a.WireGuardKey == b.WireGuardKey
 }
 
 // minus is what a has and b has not.
@@ -261,6 +277,8 @@ func freeID(st *core.State, all *nodes) (uint32, error) {
 // change makes node id the version n, from old (nil: a new node):
 //
 //	intent   the record names both versions (State Creating)
+//	encrypt  n's IPsec states and policies, or WireGuard peer, made: what
+//	         is sent to n is encrypted from the first packet
 //	maps     n's entries written
 //	routes   n's routes installed (routing natively): n is live
 //	cleanup  what old had and n has not is removed
@@ -295,6 +313,14 @@ func change(st *core.State, id uint32, old *Node, n Node) error {
 				}
 				return ledger.Put(st.Objs.Ledger, prev)
 			}},
+		txn.Phase{Name: "encrypt",
+			Do: func() error { return encrypt(st, id, n) },
+			Undo: func() error {
+				if old == nil {
+					return unencrypt(st, id, n, nil)
+				}
+				return errors.Join(unencrypt(st, id, n, old), encrypt(st, id, *old))
+			}},
 		txn.Phase{Name: "maps",
 			Do: func() error { return writeEntries(st, id, n) },
 			Undo: func() error {
@@ -310,7 +336,11 @@ func change(st *core.State, id uint32, old *Node, n Node) error {
 				return errors.Join(removeRoutes(st, minus(want.Routes, had.Routes)), addRoutes(st, had.Routes))
 			}},
 		txn.Phase{Name: "cleanup", After: true, Do: func() error {
-			return errors.Join(st.DeleteEntries(minusEntries(had, want).Entries), removeRoutes(st, minus(had.Routes, want.Routes)))
+			err := errors.Join(st.DeleteEntries(minusEntries(had, want).Entries), removeRoutes(st, minus(had.Routes, want.Routes)))
+			if old != nil {
+				err = errors.Join(err, unencrypt(st, id, *old, &n))
+			}
+			return err
 		}},
 		txn.Phase{Name: "ready", After: true, Do: func() error { return commit(st, id, n) }},
 	)
@@ -350,18 +380,26 @@ func finish(st *core.State, r *ledger.Record) error {
 		both = union(both, made(st, r.ID, *obj.Old))
 	}
 	if r.State == ledger.Deleting {
-		if err := errors.Join(st.DeleteEntries(both.Entries), removeRoutes(st, both.Routes)); err != nil {
+		err := errors.Join(st.DeleteEntries(both.Entries), removeRoutes(st, both.Routes), unencrypt(st, r.ID, obj.Node, nil))
+		if obj.Old != nil {
+			err = errors.Join(err, unencrypt(st, r.ID, *obj.Old, nil))
+		}
+		if err != nil {
 			return fmt.Errorf("delete node %s: %w", obj.Node.Name, err)
 		}
 		return ledger.Delete(st.Objs.Ledger, ledger.KindNode, r.ID)
 	}
 	want := made(st, r.ID, obj.Node)
 	err := errors.Join(
+		encrypt(st, r.ID, obj.Node),
 		writeEntries(st, r.ID, obj.Node),
 		addRoutes(st, want.Routes),
 		st.DeleteEntries(minusEntries(both, want).Entries),
 		removeRoutes(st, minus(both.Routes, want.Routes)),
 	)
+	if obj.Old != nil {
+		err = errors.Join(err, unencrypt(st, r.ID, *obj.Old, &obj.Node))
+	}
 	if err != nil {
 		return fmt.Errorf("finish node %s: %w", obj.Node.Name, err)
 	}

@@ -7,7 +7,7 @@
 /* Bumped whenever a pinned map changes its key, value or meaning. Go reads
  * it from this enum (bpf2go), so the two cannot disagree. */
 enum layout_version {
-	LAYOUT_VERSION = 6,
+	LAYOUT_VERSION = 7,
 };
 
 #define NSEC_PER_SEC 1000000000ULL

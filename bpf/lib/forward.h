@@ -10,6 +10,7 @@
 #include "node.h"
 #include "deliver.h"
 #include "icmp.h"
+#include "encrypt.h"
 
 /* The VNI has 24 bits: identities from 1 << 24 (a node's CIDR identities
  * among them) have no meaning on another node and cannot travel. */
@@ -44,6 +45,10 @@ static __always_inline int to_tunnel(struct __sk_buff *skb, struct node_settings
 	}
 	if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), flags) < 0)
 		return drop(skb, REASON_NO_ROUTE, DIR_EGRESS, ep);
+	/* The VXLAN device routes the packet it makes with this mark: the
+	 * xfrm policy of the node and key encrypts it. */
+	if (cfg->encryption == ENCRYPT_IPSEC && !ipsec_mark(skb, r->node))
+		return drop(skb, REASON_NO_KEY, DIR_EGRESS, ep);
 	trace(skb, TRACE_TO_OVERLAY, DIR_EGRESS, ep);
 	return bpf_redirect(cfg->tunnel_ifindex, 0);
 }
@@ -119,6 +124,26 @@ static __always_inline int to_route(struct __sk_buff *skb, struct flow *f, __u16
 	return bpf_redirect(fib.ifindex, 0);
 }
 
+/* to_ipsec hands a natively routed packet to the stack, marked for the
+ * node's xfrm policy: the stack forwards it along the route to the pod
+ * CIDR and encrypts it (bpf_redirect would skip xfrm). */
+static __always_inline int to_ipsec(struct __sk_buff *skb, struct node_route *r, __u16 ep)
+{
+	if (!ipsec_mark(skb, r->node))
+		return drop(skb, REASON_NO_KEY, DIR_EGRESS, ep);
+	trace(skb, TRACE_TO_ENCRYPT, DIR_EGRESS, ep);
+	return TC_ACT_OK;
+}
+
+/* to_wireguard sends a natively routed packet into the WireGuard device,
+ * which encrypts it for the peer whose allowed IPs (the node's pod CIDRs)
+ * hold its destination; the device takes the Ethernet header off. */
+static __always_inline int to_wireguard(struct __sk_buff *skb, struct node_settings *cfg, __u16 ep)
+{
+	trace(skb, TRACE_TO_ENCRYPT, DIR_EGRESS, ep);
+	return bpf_redirect(cfg->wg_ifindex, 0);
+}
+
 /* exceeds_tunnel reports whether the packet (or a segment of it) is
  * larger than the tunnel carries, the endpoints' MTU, and may not be
  * fragmented: IPv6, or IPv4 with DF set (the tunnel fragments the rest). */
@@ -156,10 +181,11 @@ __noinline int too_big(struct __sk_buff *skb, struct flow *f, __u16 ep)
 /* to_node forwards the flow's packet, which endpoint ep (0: the node)
  * sends with the identity, when its destination is in another node's pod
  * CIDRs; a destination in the cluster's pod ranges that is on no node
- * known is dropped. It returns the verdict, FORWARD_HERE for a
- * destination it does not forward, or FORWARD_TOO_BIG. A router hop: the
- * TTL goes down by one, and a packet that would expire goes to the stack,
- * which answers it. A global function: verified once for every caller. */
+ * known is dropped. It returns the verdict (TC_ACT_OK: the stack forwards
+ * it, encrypted), FORWARD_HERE for a destination it does not forward, or
+ * FORWARD_TOO_BIG. A router hop: the TTL goes down by one, and a packet
+ * that would expire goes to the stack, which answers it. A global
+ * function: verified once for every caller. */
 __noinline int to_node(struct __sk_buff *skb, struct flow *f, __u32 identity, __u16 ep)
 {
 	struct node_settings *cfg = node_config_get();
@@ -172,11 +198,15 @@ __noinline int to_node(struct __sk_buff *skb, struct flow *f, __u32 identity, __
 		return FORWARD_HERE;
 	if (r->node == NODE_NONE)
 		return drop(skb, REASON_NODE_UNREACHABLE, DIR_EGRESS, ep);
-	if (cfg->routing != ROUTING_VXLAN)
+	if (cfg->routing == ROUTING_NATIVE && cfg->encryption == ENCRYPT_IPSEC)
+		return to_ipsec(skb, r, ep);
+	if (cfg->routing == ROUTING_NATIVE && cfg->encryption != ENCRYPT_WIREGUARD)
 		return to_route(skb, f, ep);
 	if (exceeds_tunnel(skb, f, cfg))
 		return FORWARD_TOO_BIG;
 	if (!ttl_decrement(skb, f->key.family))
 		return FORWARD_HERE;
+	if (cfg->routing == ROUTING_NATIVE)
+		return to_wireguard(skb, cfg, ep);
 	return to_tunnel(skb, cfg, r, identity, ep);
 }

@@ -34,6 +34,10 @@ struct node_settings {
 	__u32 tunnel_ifindex; /* the VXLAN device, in ROUTING_VXLAN */
 	__u32 endpoint_mtu;   /* packets to other nodes larger than this are too big */
 	__u32 flags;          /* enum node_config_flag */
+	__u32 encryption;     /* enum encryption (encrypt.h) */
+	__u32 wg_ifindex;     /* the WireGuard device, with ENCRYPT_WIREGUARD */
+	__u16 tunnel_port;    /* VXLAN's UDP port, in ROUTING_VXLAN */
+	__u16 pad;
 	__u8 ipv4[16];        /* IPv4 in the first 4 bytes, as flows hold it */
 	__u8 ipv6[16];
 };

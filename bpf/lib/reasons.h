@@ -31,6 +31,7 @@ enum drop_reason {
 	REASON_SNAT_NO_PORT = 22,    /* masquerading found no free port towards the destination */
 	REASON_SNAT_MAP_FULL = 23,   /* the masquerading map has no room for another flow */
 	REASON_FRAG_NEEDED = 24,     /* larger than the tunnel carries: answered with ICMP fragmentation needed or packet too big */
+	REASON_NO_KEY = 25,          /* encryption between nodes is on and has no key (IPsec), or the node none (WireGuard) */
 	REASON_MAX = 255,
 };
 
@@ -42,4 +43,5 @@ enum trace_point {
 	TRACE_TO_NETDEV = 5,
 	TRACE_FROM_OVERLAY = 6,
 	TRACE_TO_OVERLAY = 7,
+	TRACE_TO_ENCRYPT = 8, /* handed to IPsec or WireGuard, towards another node */
 };

@@ -25,6 +25,7 @@ const (
 	EndpointMapEvents         = "events"
 	EndpointMapFragments      = "fragments"
 	EndpointMapIpcache        = "ipcache"
+	EndpointMapIpsecSpi       = "ipsec_spi"
 	EndpointMapLayout         = "layout"
 	EndpointMapLbAffinity     = "lb_affinity"
 	EndpointMapLbBackends     = "lb_backends"
@@ -106,6 +107,7 @@ type EndpointMapSpecs struct {
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	Fragments      *ebpf.MapSpec `ebpf:"fragments"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
+	IpsecSpi       *ebpf.MapSpec `ebpf:"ipsec_spi"`
 	Layout         *ebpf.MapSpec `ebpf:"layout"`
 	LbAffinity     *ebpf.MapSpec `ebpf:"lb_affinity"`
 	LbBackends     *ebpf.MapSpec `ebpf:"lb_backends"`
@@ -161,6 +163,7 @@ type EndpointMaps struct {
 	Events         *ebpf.Map `ebpf:"events"`
 	Fragments      *ebpf.Map `ebpf:"fragments"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
+	IpsecSpi       *ebpf.Map `ebpf:"ipsec_spi"`
 	Layout         *ebpf.Map `ebpf:"layout"`
 	LbAffinity     *ebpf.Map `ebpf:"lb_affinity"`
 	LbBackends     *ebpf.Map `ebpf:"lb_backends"`
@@ -192,6 +195,7 @@ func (m *EndpointMaps) Close() error {
 		m.Events,
 		m.Fragments,
 		m.Ipcache,
+		m.IpsecSpi,
 		m.Layout,
 		m.LbAffinity,
 		m.LbBackends,

@@ -25,6 +25,7 @@ const (
 	HostMapEvents         = "events"
 	HostMapFragments      = "fragments"
 	HostMapIpcache        = "ipcache"
+	HostMapIpsecSpi       = "ipsec_spi"
 	HostMapLayout         = "layout"
 	HostMapLbAffinity     = "lb_affinity"
 	HostMapLbBackends     = "lb_backends"
@@ -104,6 +105,7 @@ type HostMapSpecs struct {
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	Fragments      *ebpf.MapSpec `ebpf:"fragments"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
+	IpsecSpi       *ebpf.MapSpec `ebpf:"ipsec_spi"`
 	Layout         *ebpf.MapSpec `ebpf:"layout"`
 	LbAffinity     *ebpf.MapSpec `ebpf:"lb_affinity"`
 	LbBackends     *ebpf.MapSpec `ebpf:"lb_backends"`
@@ -157,6 +159,7 @@ type HostMaps struct {
 	Events         *ebpf.Map `ebpf:"events"`
 	Fragments      *ebpf.Map `ebpf:"fragments"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
+	IpsecSpi       *ebpf.Map `ebpf:"ipsec_spi"`
 	Layout         *ebpf.Map `ebpf:"layout"`
 	LbAffinity     *ebpf.Map `ebpf:"lb_affinity"`
 	LbBackends     *ebpf.Map `ebpf:"lb_backends"`
@@ -186,6 +189,7 @@ func (m *HostMaps) Close() error {
 		m.Events,
 		m.Fragments,
 		m.Ipcache,
+		m.IpsecSpi,
 		m.Layout,
 		m.LbAffinity,
 		m.LbBackends,

@@ -101,6 +101,7 @@ const (
 	TypesDropReasonREASON_SNAT_NO_PORT        TypesDropReason = 22
 	TypesDropReasonREASON_SNAT_MAP_FULL       TypesDropReason = 23
 	TypesDropReasonREASON_FRAG_NEEDED         TypesDropReason = 24
+	TypesDropReasonREASON_NO_KEY              TypesDropReason = 25
 	TypesDropReasonREASON_MAX                 TypesDropReason = 255
 )
 
@@ -224,7 +225,7 @@ type TypesLayoutStamp struct {
 type TypesLayoutVersion uint32
 
 const (
-	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 6
+	TypesLayoutVersionLAYOUT_VERSION TypesLayoutVersion = 7
 )
 
 type TypesLbAffinityEntry struct {
@@ -382,6 +383,10 @@ type TypesNodeSettings struct {
 	TunnelIfindex uint32
 	EndpointMtu   uint32
 	Flags         uint32
+	Encryption    uint32
+	WgIfindex     uint32
+	TunnelPort    uint16
+	Pad           uint16
 	Ipv4          [16]uint8
 	Ipv6          [16]uint8
 }
@@ -517,6 +522,7 @@ const (
 	TypesTracePointTRACE_TO_NETDEV     TypesTracePoint = 5
 	TypesTracePointTRACE_FROM_OVERLAY  TypesTracePoint = 6
 	TypesTracePointTRACE_TO_OVERLAY    TypesTracePoint = 7
+	TypesTracePointTRACE_TO_ENCRYPT    TypesTracePoint = 8
 )
 
 // Names of all BPF objects in the ELF.
@@ -531,6 +537,7 @@ const (
 	TypesMapEventLost          = "event_lost"
 	TypesMapEvents             = "events"
 	TypesMapIpcache            = "ipcache"
+	TypesMapIpsecSpi           = "ipsec_spi"
 	TypesMapLayout             = "layout"
 	TypesMapLbAffinity         = "lb_affinity"
 	TypesMapLbBackends         = "lb_backends"
@@ -554,6 +561,7 @@ const (
 	TypesVarCtFlag             = "_ct_flag"
 	TypesVarDirection          = "_direction"
 	TypesVarDropReason         = "_drop_reason"
+	TypesVarEncryption         = "_encryption"
 	TypesVarEndpointFlag       = "_endpoint_flag"
 	TypesVarEvent              = "_event"
 	TypesVarEventFlag          = "_event_flag"
@@ -631,6 +639,7 @@ type TypesMapSpecs struct {
 	EventLost          *ebpf.MapSpec `ebpf:"event_lost"`
 	Events             *ebpf.MapSpec `ebpf:"events"`
 	Ipcache            *ebpf.MapSpec `ebpf:"ipcache"`
+	IpsecSpi           *ebpf.MapSpec `ebpf:"ipsec_spi"`
 	Layout             *ebpf.MapSpec `ebpf:"layout"`
 	LbAffinity         *ebpf.MapSpec `ebpf:"lb_affinity"`
 	LbBackends         *ebpf.MapSpec `ebpf:"lb_backends"`
@@ -660,6 +669,7 @@ type TypesVariableSpecs struct {
 	CtFlag          *ebpf.VariableSpec `ebpf:"_ct_flag"`
 	Direction       *ebpf.VariableSpec `ebpf:"_direction"`
 	DropReason      *ebpf.VariableSpec `ebpf:"_drop_reason"`
+	Encryption      *ebpf.VariableSpec `ebpf:"_encryption"`
 	EndpointFlag    *ebpf.VariableSpec `ebpf:"_endpoint_flag"`
 	Event           *ebpf.VariableSpec `ebpf:"_event"`
 	EventFlag       *ebpf.VariableSpec `ebpf:"_event_flag"`
@@ -709,6 +719,7 @@ type TypesMaps struct {
 	EventLost          *ebpf.Map `ebpf:"event_lost"`
 	Events             *ebpf.Map `ebpf:"events"`
 	Ipcache            *ebpf.Map `ebpf:"ipcache"`
+	IpsecSpi           *ebpf.Map `ebpf:"ipsec_spi"`
 	Layout             *ebpf.Map `ebpf:"layout"`
 	LbAffinity         *ebpf.Map `ebpf:"lb_affinity"`
 	LbBackends         *ebpf.Map `ebpf:"lb_backends"`
@@ -740,6 +751,7 @@ func (m *TypesMaps) Close() error {
 		m.EventLost,
 		m.Events,
 		m.Ipcache,
+		m.IpsecSpi,
 		m.Layout,
 		m.LbAffinity,
 		m.LbBackends,
@@ -770,6 +782,7 @@ type TypesVariables struct {
 	CtFlag          *ebpf.Variable `ebpf:"_ct_flag"`
 	Direction       *ebpf.Variable `ebpf:"_direction"`
 	DropReason      *ebpf.Variable `ebpf:"_drop_reason"`
+	Encryption      *ebpf.Variable `ebpf:"_encryption"`
 	EndpointFlag    *ebpf.Variable `ebpf:"_endpoint_flag"`
 	Event           *ebpf.Variable `ebpf:"_event"`
 	EventFlag       *ebpf.Variable `ebpf:"_event_flag"`

@@ -34,6 +34,24 @@ type Options struct {
 	// Limits of every datapath; Conntrack 4096 (small, quick to make)
 	// unless set.
 	Limits datapath.Limits
+	// Encryption between the nodes. With EncryptionIPsec every node has
+	// IPsecKeys before it learns of the others, unless NoKeys.
+	Encryption datapath.Encryption
+	NoKeys     bool
+}
+
+// IPsecKey is a key for tests: AES-128-GCM, a fixed key of the SPI.
+func IPsecKey(spi uint8) node.IPsecKey {
+	key := make([]byte, 20)
+	for i := range key {
+		key[i] = spi*16 + byte(i)
+	}
+	return node.IPsecKey{SPI: spi, AEAD: "rfc4106(gcm(aes))", Key: key, ICVBits: 128}
+}
+
+// IPsecKeys is the key set a cluster starts with: IPsecKey(1).
+func IPsecKeys() node.IPsecKeys {
+	return node.IPsecKeys{Keys: []node.IPsecKey{IPsecKey(1)}, Current: 1}
 }
 
 // Cluster is the nodes, each with its datapath and endpoints.
@@ -48,6 +66,8 @@ type Node struct {
 	DP        *datapath.Datapath
 	Config    datapath.Node
 	Endpoints []*endpoint.Endpoint
+	// WireGuardKey is the node's public key, with EncryptionWireGuard.
+	WireGuardKey [32]byte
 }
 
 // New builds a cluster.
@@ -72,6 +92,7 @@ func New(t testing.TB, opts Options) *Cluster {
 			Addresses:    []netip.Addr{cn.IPv4, cn.IPv6},
 			Devices:      []string{cn.Device},
 			ClusterCIDRs: c.ClusterCIDRs,
+			Encryption:   opts.Encryption,
 		}}
 		dp, err := datapath.Open(context.Background(), datapath.Config{
 			Name:   "node",
@@ -89,6 +110,16 @@ func New(t testing.TB, opts Options) *Cluster {
 				t.Errorf("unload the datapath of %s: %v", cn, err)
 			}
 		})
+		switch {
+		case opts.Encryption == datapath.EncryptionIPsec && !opts.NoKeys:
+			if _, err := node.SetIPsecKeys(context.Background(), dp, IPsecKeys()); err != nil {
+				t.Fatalf("IPsec keys of %s: %v", cn, err)
+			}
+		case opts.Encryption == datapath.EncryptionWireGuard:
+			if n.WireGuardKey, err = node.WireGuardPublicKey(dp); err != nil {
+				t.Fatalf("WireGuard key of %s: %v", cn, err)
+			}
+		}
 		for j := range opts.Endpoints {
 			ep, err := endpoint.Create(context.Background(), dp, EndpointSpec(i, j))
 			if err != nil {
@@ -125,7 +156,7 @@ func Identity(i, j int) datapath.Identity { return datapath.Identity(1000 + 100*
 
 // Object is node n as the other nodes know it.
 func (n *Node) Object() node.Node {
-	return node.Node{Name: n.Name, Addresses: n.Config.Addresses, PodCIDRs: n.Config.PodCIDRs}
+	return node.Node{Name: n.Name, Addresses: n.Config.Addresses, PodCIDRs: n.Config.PodCIDRs, WireGuardKey: n.WireGuardKey}
 }
 
 // Peers is every node but n, as n knows them.

@@ -70,6 +70,7 @@ type LocalNode struct {
 	Addresses    []netip.Addr
 	ClusterCIDRs []netip.Prefix
 	EndpointMTU  int // endpoint.Spec.MTU's default
+	Encryption   int // datapath.Encryption
 }
 
 // Routing modes, as datapath.Routing numbers them.
@@ -77,6 +78,13 @@ const (
 	RoutingLocal = iota
 	RoutingVXLAN
 	RoutingNative
+)
+
+// Encryption between nodes, as datapath.Encryption numbers it.
+const (
+	EncryptionNone = iota
+	EncryptionIPsec
+	EncryptionWireGuard
 )
 
 var of func(any) *State
@@ -508,7 +516,7 @@ func deleteDevice(ns netns.NsHandle, d *ledger.Device) error {
 	if err != nil {
 		return err
 	}
-	if (d.Ifindex != 0 && l.Index != d.Ifindex) || (d.Ifindex == 0 && l.Type != "veth" && l.Type != "vxlan") {
+	if (d.Ifindex != 0 && l.Index != d.Ifindex) || (d.Ifindex == 0 && l.Type != "veth" && l.Type != "vxlan" && l.Type != "wireguard") {
 		return nil // another device took the name since
 	}
 	return netdev.Delete(ns, l.Index)

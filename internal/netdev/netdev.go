@@ -363,3 +363,26 @@ func Forward(ns netns.NsHandle) error {
 		return nil
 	})
 }
+
+// LooseRPFilter makes IPv4's strict reverse path filter in ns loose: a
+// packet a tunnel device decrypts comes from an address whose route goes
+// out of another device, which strict filtering (1) drops and loose (2)
+// accepts. The kernel takes the larger of "all" and the device's value,
+// so "all" must not be 1. Equivalent to, when it is 1:
+// `sysctl net.ipv4.conf.all.rp_filter=2` inside ns.
+func LooseRPFilter(ns netns.NsHandle) error {
+	return nsrun.Do(ns, func() error {
+		const f = "/proc/sys/net/ipv4/conf/all/rp_filter"
+		v, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("read rp_filter: %w", err)
+		}
+		if string(v) != "1\n" {
+			return nil
+		}
+		if err := os.WriteFile(f, []byte("2"), 0); err != nil {
+			return fmt.Errorf("make rp_filter loose: %w", err)
+		}
+		return nil
+	})
+}
