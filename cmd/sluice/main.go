@@ -30,6 +30,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"encoding/base64"
 	"errors"
 	"flag"
 	"fmt"
@@ -332,10 +333,31 @@ func nodes(dp *datapath.Datapath, out io.Writer) error {
 	if err != nil {
 		return err
 	}
+	local := dp.Node()
+	switch local.Encryption {
+	case datapath.EncryptionIPsec:
+		current, installed, err := node.IPsecSPIs(dp)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "encryption: IPsec, encrypting with key %d, keys %v\n", current, installed)
+	case datapath.EncryptionWireGuard:
+		// The device is in the datapath's namespace, which the CLI may
+		// not be in.
+		if key, err := node.WireGuardPublicKey(dp); err != nil {
+			fmt.Fprintf(out, "encryption: WireGuard (public key: %v)\n", err)
+		} else {
+			fmt.Fprintf(out, "encryption: WireGuard, public key %s\n", base64.StdEncoding.EncodeToString(key[:]))
+		}
+	}
 	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "NAME\tADDRESSES\tPOD CIDRS")
+	fmt.Fprintln(w, "NAME\tADDRESSES\tPOD CIDRS\tWIREGUARD KEY")
 	for _, n := range list {
-		fmt.Fprintf(w, "%s\t%s\t%s\n", n.Name, joinStrings(n.Addresses), joinStrings(n.PodCIDRs))
+		key := "-"
+		if n.WireGuardKey != ([32]byte{}) {
+			key = base64.StdEncoding.EncodeToString(n.WireGuardKey[:])
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", n.Name, joinStrings(n.Addresses), joinStrings(n.PodCIDRs), key)
 	}
 	return w.Flush()
 }
