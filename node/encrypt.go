@@ -530,13 +530,8 @@ func checkWireGuard(st *core.State, all *nodes, add func(object, what string, me
 }
 
 func samePrefixSet(a, b []netip.Prefix) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for _, p := range a {
-		if !slices.Contains(b, p) {
-			return false
-		}
-	}
-	return true
+	a, b = slices.Clone(a), slices.Clone(b)
+	slices.SortFunc(a, comparePrefixes)
+	slices.SortFunc(b, comparePrefixes)
+	return slices.Equal(a, b)
 }

@@ -434,4 +434,3 @@ func TestEncryptionBadInput(t *testing.T) {
 		}
 	})
 }
-
