@@ -100,8 +100,8 @@ func checkEncrypted(t *testing.T, c *clustertest.Cluster, e datapath.Encryption,
 		if !isNode(p.Src) || !isNode(p.Dst) {
 			continue
 		}
-		if p.Proto == unix.IPPROTO_ICMPV6 && len(p.Payload) > 0 && p.Payload[0] >= 133 && p.Payload[0] <= 137 {
-			continue // neighbour discovery between the nodes
+		if p.LinkControl() {
+			continue
 		}
 		switch {
 		case e == datapath.EncryptionIPsec && p.Proto == unix.IPPROTO_ESP && len(p.Payload) >= 8:
@@ -354,7 +354,7 @@ func TestIPsecNoKey(t *testing.T) {
 		t.Error("no drop counted as NO_KEY")
 	}
 	for _, f := range stop() {
-		if p, ok := testutil.ParseIPFrame(f); ok && p.Proto != unix.IPPROTO_ICMPV6 {
+		if p, ok := testutil.ParseIPFrame(f); ok && !p.LinkControl() {
 			t.Errorf("without keys, the underlay carried %s", p)
 		}
 	}

@@ -123,6 +123,17 @@ func ParseIPFrame(f []byte) (IPFrame, bool) {
 	return IPFrame{}, false
 }
 
+// LinkControl reports a frame the kernel sends on its own whenever an
+// interface comes up: IPv6 neighbour discovery and multicast listener
+// reports (to a multicast group, or ICMPv6 types 133 to 137). Captures
+// that check what a test put on the wire skip them.
+func (p IPFrame) LinkControl() bool {
+	if p.Dst.IsMulticast() {
+		return true
+	}
+	return p.Proto == unix.IPPROTO_ICMPV6 && len(p.Payload) > 0 && p.Payload[0] >= 133 && p.Payload[0] <= 137
+}
+
 func (p IPFrame) String() string {
 	switch {
 	case p.Proto == unix.IPPROTO_ESP && len(p.Payload) >= 8:

@@ -523,7 +523,7 @@ func (c *capture) stop() [][]byte {
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 // checkWire fails unless frames hold ESP with spi and no other IP packet
-// but neighbour discovery, and none shows payload in clear.
+// but the kernel's own link control, and none shows payload in clear.
 func checkWire(t *testing.T, frames [][]byte, spi uint8, payload []byte) {
 	t.Helper()
 	esp := 0
@@ -531,29 +531,18 @@ func checkWire(t *testing.T, frames [][]byte, spi uint8, payload []byte) {
 		if bytes.Contains(f, payload) {
 			t.Errorf("the payload in clear on the wire: %x", f)
 		}
-		if len(f) < 14 {
-			continue
-		}
-		var proto byte
-		var payload []byte
-		switch binary.BigEndian.Uint16(f[12:14]) {
-		case unix.ETH_P_IP:
-			ip := f[14:]
-			proto, payload = ip[9], ip[int(ip[0]&0xF)*4:]
-		case unix.ETH_P_IPV6:
-			proto, payload = f[14+6], f[14+40:]
-		default:
+		p, ok := testutil.ParseIPFrame(f)
+		if !ok || p.LinkControl() {
 			continue
 		}
 		switch {
-		case proto == unix.IPPROTO_ESP && len(payload) >= 8:
-			if got := binary.BigEndian.Uint32(payload); got != uint32(spi) {
+		case p.Proto == unix.IPPROTO_ESP && len(p.Payload) >= 8:
+			if got := binary.BigEndian.Uint32(p.Payload); got != uint32(spi) {
 				t.Errorf("ESP with SPI %d on the wire, want %d", got, spi)
 			}
 			esp++
-		case proto == unix.IPPROTO_ICMPV6:
 		default:
-			t.Errorf("an IP packet of protocol %d on the wire: %x", proto, f)
+			t.Errorf("on the wire: %s", p)
 		}
 	}
 	if esp == 0 {
