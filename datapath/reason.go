@@ -39,6 +39,7 @@ const (
 	ReasonSNATMapFull       = Reason(bpfobj.TypesDropReasonREASON_SNAT_MAP_FULL)
 	ReasonFragNeeded        = Reason(bpfobj.TypesDropReasonREASON_FRAG_NEEDED)
 	ReasonNoKey             = Reason(bpfobj.TypesDropReasonREASON_NO_KEY)
+	ReasonICMPUnrelated     = Reason(bpfobj.TypesDropReasonREASON_ICMP_UNRELATED)
 )
 
 // reasonNames holds every reason's name and what it means; a test checks it
@@ -71,6 +72,7 @@ var reasonNames = map[Reason]struct{ name, doc string }{
 	ReasonSNATMapFull:       {"SNAT_MAP_FULL", "the masquerading map has no room for another flow (Limits.Conntrack)"},
 	ReasonFragNeeded:        {"FRAG_NEEDED", "larger than the tunnel carries (the endpoints' MTU): answered with ICMP fragmentation needed or ICMPv6 packet too big, so that path MTU discovery works"},
 	ReasonNoKey:             {"NO_KEY", "encryption between nodes is on, and there is no IPsec key yet (node.SetIPsecKeys) or the node's ID does not fit the mark: the packet is not sent in clear"},
+	ReasonICMPUnrelated:     {"ICMP_UNRELATED", "an ICMP error to an endpoint that quotes a packet the endpoint did not send, or a flow of the endpoint's conntrack does not know: forged, or about a flow long gone"},
 }
 
 // String returns the reason's stable name, such as "POLICY_DENIED".

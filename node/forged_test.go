@@ -32,6 +32,15 @@ func udp4(src, dst netip.Addr) []byte {
 		&packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged"))
 }
 
+// unreachable4 is an ICMP port unreachable from src to dst quoting a UDP
+// datagram from qsrc to qdst, in an Ethernet frame.
+func unreachable4(src, dst, qsrc, qdst netip.Addr) []byte {
+	mac := net.HardwareAddr{0x02, 0, 0, 0, 0, 1}
+	quoted := packet.Build(&packet.IPv4{Src: qsrc, Dst: qdst}, &packet.UDP{SrcPort: 41000, DstPort: 53})
+	return packet.Build(&packet.Ethernet{Src: mac, Dst: mac}, &packet.IPv4{Src: src, Dst: dst},
+		&packet.ICMP{Type: 3, Code: 3}, packet.Payload(quoted))
+}
+
 // Frames forged on the underlay are each dropped with a reason of their
 // own, and counted; the one genuine frame among them, sent the same way,
 // is delivered (so the others were dropped for what they forged).
@@ -66,6 +75,8 @@ func TestForgedFrames(t *testing.T) {
 			&packet.IPv4{Src: c.Endpoint(0, 1).IPv4, Dst: dst.IPv4}, &packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged")), datapath.ReasonSpoofedNodeSource},
 		{"another node's pod on the node device, over VXLAN", packet.Build(&packet.Ethernet{Src: internetMAC, Dst: n0.MAC},
 			&packet.IPv4{Src: pod1, Dst: dst.IPv4}, &packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged")), datapath.ReasonSpoofedNodeSource},
+		{"ICMP error quoting a flow between other nodes' pods", vxlan(internetMAC, n0, n1.IPv4, id1, unreachable4(pod1, dst.IPv4, pod2, pod1)), datapath.ReasonICMPUnrelated},
+		{"ICMP error quoting a flow the destination never had", vxlan(internetMAC, n0, n1.IPv4, id1, unreachable4(pod1, dst.IPv4, dst.IPv4, pod2)), datapath.ReasonICMPUnrelated},
 		{"genuine: node-1's pod over VXLAN from node-1", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4)), datapath.ReasonForwarded},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -102,7 +102,7 @@ func TestCraftedFrames(t *testing.T) {
 		// ICMP errors quoting a flow that is not between their own ends.
 		{name: "a's flow to b", from: a, frame: v4(udp(53)), verdict: red, reason: fwd, dir: out},
 		{name: "c quotes a's flow to b, to b", from: c, frame: unreachable(eth(c, false), c.IPv4, b.IPv4, a.IPv4, b.IPv4, 4000, 53),
-			verdict: dr, reason: policyDen, dir: in},
+			verdict: dr, reason: datapath.ReasonICMPUnrelated, dir: in},
 		{name: "c quotes a's flow to b, to a", from: c, frame: unreachable(eth(c, false), c.IPv4, a.IPv4, a.IPv4, b.IPv4, 4000, 53),
 			verdict: red, reason: fwd, dir: out}, // a takes anything: policy allows it, as a new flow
 	})

@@ -137,7 +137,8 @@ const (
 // sender of the packet it quotes, from that packet's destination (or from
 // the node itself, a router on the way). Endpoint a talks to c and takes
 // nothing in: b cannot push errors into a by quoting a's flow, nor can the
-// world through the node, nor c by quoting it the wrong way round.
+// world through the node; an error quoting a packet a did not send (c's,
+// the wrong way round) or a flow a never had is dropped whoever sends it.
 func TestICMPErrorsFromTheQuotedPeerOnly(t *testing.T) {
 	n := newNode(t)
 	apply(t, n, n.a, policy.Policy{Ingress: []policy.Rule{}})
@@ -160,7 +161,11 @@ func TestICMPErrorsFromTheQuotedPeerOnly(t *testing.T) {
 					frame: unreachable(eth(a, true), fam.host, fam.a, fam.a, fam.c, 41000, 53), verdict: ok, reason: fwd, dir: in},
 				{name: "c answers it", from: c, frame: unreachable(eth(c, false), fam.c, fam.a, fam.a, fam.c, 41000, 53), verdict: red, reason: fwd, dir: out},
 				{name: "c quotes it turned around", from: c, frame: unreachable(eth(c, false), fam.c, fam.a, fam.c, fam.a, 53, 41000),
-					verdict: dr, reason: datapath.ReasonPolicyDenied, dir: in},
+					verdict: dr, reason: datapath.ReasonICMPUnrelated, dir: in},
+				{name: "c quotes a flow a never had", from: c, frame: unreachable(eth(c, false), fam.c, fam.a, fam.a, fam.c, 41001, 53),
+					verdict: dr, reason: datapath.ReasonICMPUnrelated, dir: in},
+				{name: "the node quotes a flow a never had", to: a,
+					frame: unreachable(eth(a, true), fam.host, fam.a, fam.a, fam.b, 41000, 53), verdict: dr, reason: datapath.ReasonICMPUnrelated, dir: in},
 			})
 		})
 	}

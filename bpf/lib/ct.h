@@ -80,6 +80,7 @@ enum ct_status {
 	CT_ESTABLISHED = 1, /* a packet of a known flow, the way it started */
 	CT_REPLY = 2,       /* a packet of a known flow, the other way */
 	CT_RELATED = 3,     /* an ICMP error about a known flow */
+	CT_UNRELATED = 4,   /* an ICMP error about no flow of the endpoint's */
 };
 
 #define TCP_FIN 0x01

@@ -22,9 +22,11 @@
 /* enforce decides a packet of endpoint ep in direction dir (its own: egress
  * for what it sends, ingress for what it receives) from or to the remote
  * identity: a packet of a tracked flow, a reply or a related ICMP error
- * passes; a new flow meets the endpoint's policy, is counted against the
- * rule that decided, reported when policy verdicts are on, and tracked if
- * it passes. Only a SYN opens a TCP connection: any other segment of one
+ * passes; an ICMP error about no flow of the endpoint's is dropped on its
+ * way in (what it quotes never left the endpoint: a forgery) and decided
+ * as a new flow on its way out; a new flow meets the endpoint's policy, is
+ * counted against the rule that decided, reported when policy verdicts
+ * are on, and tracked if it passes. Only a SYN opens a TCP connection: any other segment of one
  * conntrack does not know (never opened, revoked by a new policy, expired,
  * reset) is dropped, so a flow a policy revoked cannot come back by
  * sending. A new flow the endpoint sends to an address that the ipcache
@@ -45,7 +47,9 @@ __noinline int enforce(struct __sk_buff *skb, struct flow *f, __u16 ep, __u8 dir
 	if (!f)
 		return TC_ACT_SHOT;
 	status = ct_lookup(f, ct_dir, ep, dir == DIR_INGRESS && identity == IDENTITY_HOST, skb->len, &reply);
-	if (status != CT_NEW) {
+	if (status == CT_UNRELATED && dir == DIR_INGRESS)
+		return drop(skb, REASON_ICMP_UNRELATED, dir, ep);
+	if (status != CT_NEW && status != CT_UNRELATED) {
 		f->lb.rev_nat = reply.id;
 		return 0;
 	}

@@ -32,6 +32,7 @@ enum drop_reason {
 	REASON_SNAT_MAP_FULL = 23,   /* the masquerading map has no room for another flow */
 	REASON_FRAG_NEEDED = 24,     /* larger than the tunnel carries: answered with ICMP fragmentation needed or packet too big */
 	REASON_NO_KEY = 25,          /* encryption between nodes is on and has no key (IPsec), or the node none (WireGuard) */
+	REASON_ICMP_UNRELATED = 26,  /* an ICMP error to an endpoint quoting a packet it did not send, or a flow of its conntrack does not know */
 	REASON_MAX = 255,
 };
 

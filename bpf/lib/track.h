@@ -18,15 +18,19 @@
  *
  * TCP: a SYN on a closed connection's tuple starts it over (CT_NEW, so
  * policy decides again); after a RST nothing more passes on its entry; a
- * SYN is never a reply. An ICMP error is related only when it goes to the
- * sender of the packet it quotes, from that packet's destination, or from
- * the node itself (from_node: a router on the way); any other is a new
- * flow that policy decides. */
+ * SYN is never a reply. An ICMP error is about a flow of the endpoint's
+ * when it goes to the sender of the packet it quotes and conntrack knows
+ * that packet's flow; any other is CT_UNRELATED. One about a known flow is
+ * related only when it comes from that packet's destination or from the
+ * node itself (from_node: a router on the way); from anyone else (another
+ * router, or a forger who learnt the flow) it is a new flow that policy
+ * decides. */
 static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u16 ep, int from_node, __u32 len,
 						struct ct_service *svc)
 {
 	__u64 now = bpf_ktime_get_ns();
 	struct ct_key k; /* on the stack: older kernels take map keys from nowhere else */
+	struct ct_service about = {};
 	struct ct_entry *e;
 	int syn = tcp_is_syn(f);
 
@@ -46,23 +50,27 @@ static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u16 
 		*svc = e->service;
 		return CT_REPLY;
 	}
-	if (f->icmp_error && ipv6_equal(f->related.saddr, f->key.daddr) &&
-	    (from_node || ipv6_equal(f->related.daddr, f->key.saddr))) {
-		/* The error answers a packet the endpoint sent (its egress
-		 * entry) or one delivered to it (its ingress entry). */
-		k = f->related;
-		k.dir = dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
+	if (!f->icmp_error)
+		return CT_NEW;
+	if (!ipv6_equal(f->related.saddr, f->key.daddr))
+		return CT_UNRELATED;
+	/* The error answers a packet the endpoint sent (its egress entry) or
+	 * one delivered to it (its ingress entry). */
+	k = f->related;
+	k.dir = dir == CT_EGRESS ? CT_INGRESS : CT_EGRESS;
+	e = ct_find(&k, ep, now);
+	if (e && k.dir == CT_EGRESS)
+		about = e->service; /* a translated flow it sent */
+	if (!e) {
+		ct_reverse(&k, &f->related, dir);
 		e = ct_find(&k, ep, now);
-		if (e && k.dir == CT_EGRESS)
-			*svc = e->service; /* about a translated flow it sent */
-		if (!e) {
-			ct_reverse(&k, &f->related, dir);
-			e = ct_find(&k, ep, now);
-		}
-		if (e)
-			return CT_RELATED;
 	}
-	return CT_NEW;
+	if (!e)
+		return CT_UNRELATED;
+	if (!from_node && !ipv6_equal(f->related.daddr, f->key.saddr))
+		return CT_NEW;
+	*svc = about;
+	return CT_RELATED;
 }
 
 /* ct_create records a new flow of endpoint ep under key (its dir set),

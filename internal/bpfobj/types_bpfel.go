@@ -102,6 +102,7 @@ const (
 	TypesDropReasonREASON_SNAT_MAP_FULL       TypesDropReason = 23
 	TypesDropReasonREASON_FRAG_NEEDED         TypesDropReason = 24
 	TypesDropReasonREASON_NO_KEY              TypesDropReason = 25
+	TypesDropReasonREASON_ICMP_UNRELATED      TypesDropReason = 26
 	TypesDropReasonREASON_MAX                 TypesDropReason = 255
 )
 
