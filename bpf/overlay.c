@@ -1,16 +1,26 @@
 //go:build ignore
 
-/* The overlay program: from-overlay runs on the VXLAN device the datapath
- * owns in ROUTING_VXLAN, on every packet the kernel decapsulated. A
- * packet is let in only from a known node's underlay address, with a VNI
- * that carries an identity a workload of another node may have, and an
- * inner source inside that node's pod CIDRs; it then meets the
- * destination endpoint's ingress policy with that identity. */
+/* The overlay programs, on the VXLAN device the datapath owns in
+ * ROUTING_VXLAN. from-overlay runs on every packet the kernel
+ * decapsulated: a packet is let in only from a known node's underlay
+ * address, with a VNI that carries an identity a workload of another node
+ * may have, and an inner source inside that node's pod CIDRs; it then
+ * meets the destination endpoint's ingress policy with that identity, or,
+ * addressed to the node, goes to the stack. to-overlay addresses the
+ * node's own traffic to other nodes' pods. */
 #include "lib/common.h"
 #include "lib/reasons.h"
 #include "lib/events.h"
 #include "lib/deliver.h"
 #include "lib/node.h"
+#include "lib/forward.h"
+
+/* skb->pkt_type of a packet for this host (bpf_skb_change_type). */
+#define PACKET_HOST 0
+
+/* What bpf_skb_get_tunnel_key returns for a packet without a key (and
+ * for flags it does not know, which it is never given here). */
+#define EINVAL 22
 
 /* tunnel_source reads the outer source address of a decapsulated packet
  * (the family, the address as 16 bytes) and its VNI. It returns -1 when
@@ -82,12 +92,72 @@ int from_overlay(struct __sk_buff *skb)
 	if (!sender_owns(&f, *node, identity))
 		return drop(skb, REASON_SPOOFED_NODE_SOURCE, DIR_INGRESS, 0);
 	remote = f.key.family == 4 ? ipcache_lookup4(*(__be32 *)f.key.daddr) : ipcache_lookup6(f.key.daddr);
+	if (identity_of(remote) == IDENTITY_HOST) {
+		/* To the node itself: a pod's reply to what the node sent it
+		 * over the overlay (to-overlay), or a pod's own flow. Its
+		 * Ethernet header is addressed to the pod's gateway on the
+		 * other node: the stack takes it for the node all the same. */
+		if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
+			return drop(skb, REASON_MALFORMED, DIR_INGRESS, 0);
+		trace(skb, TRACE_TO_STACK, DIR_INGRESS, 0);
+		return TC_ACT_OK;
+	}
 	dst = local_endpoint(remote);
 	if (!dst)
 		return drop(skb, REASON_NO_LOCAL_ENDPOINT, DIR_INGRESS, 0);
 	if (!ttl_decrement(skb, f.key.family))
 		return TC_ACT_OK; /* the stack answers it */
 	return to_endpoint(skb, dst, &f, identity, 0);
+}
+
+/* ipv6_link_scope reports an IPv6 destination the kernel's own link
+ * control uses (multicast, link-local): never another node's pod. */
+static __always_inline int ipv6_link_scope(const __u8 *daddr)
+{
+	return daddr[0] == 0xff || (daddr[0] == 0xfe && (daddr[1] & 0xc0) == 0x80);
+}
+
+/* to_overlay runs on the VXLAN device's egress. What from-endpoint
+ * redirects here has its tunnel key and passes. Anything else is the
+ * node's own traffic, which the routes to the cluster's pod ranges lead
+ * into the device: it goes to the node of the destination's pod CIDR
+ * with the host's identity (that node takes it for remote-node, and
+ * checks that the inner source is this node's address). The kernel's own
+ * IPv6 link control goes on to the device, which drops what has no key. */
+SEC("tc")
+int to_overlay(struct __sk_buff *skb)
+{
+	struct node_settings *cfg = node_config_get();
+	struct bpf_tunnel_key key;
+	struct node_route *r;
+	__u8 daddr[16] = {};
+	__u8 family;
+	int ret;
+
+	if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) != -EINVAL)
+		return TC_ACT_OK; /* keyed by from-endpoint (IPv4 or IPv6) */
+	if (!cfg)
+		return TC_ACT_SHOT;
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		family = 4;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + __builtin_offsetof(struct iphdr, daddr), daddr, 4) < 0)
+			return drop(skb, REASON_MALFORMED, DIR_EGRESS, 0);
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		family = 6;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + __builtin_offsetof(struct ipv6hdr, daddr), daddr, 16) < 0)
+			return drop(skb, REASON_MALFORMED, DIR_EGRESS, 0);
+		if (ipv6_link_scope(daddr))
+			return TC_ACT_OK;
+	} else {
+		return drop(skb, REASON_UNSUPPORTED_L3, DIR_EGRESS, 0);
+	}
+	r = node_route_of(family, daddr);
+	if (!r || r->node == NODE_NONE)
+		return drop(skb, REASON_NODE_UNREACHABLE, DIR_EGRESS, 0);
+	if (r->node == NODE_LOCAL)
+		return drop(skb, REASON_NO_LOCAL_ENDPOINT, DIR_EGRESS, 0);
+	ret = tunnel_key(skb, cfg, r, IDENTITY_HOST, 0);
+	return ret ? ret : TC_ACT_OK;
 }
 
 char __license[] SEC("license") = "GPL";

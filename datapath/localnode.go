@@ -98,6 +98,9 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 			return nil, err
 		}
 		settings.TunnelIfindex = uint32(ifindex)
+		if err := tunnelRoutes(st, n); err != nil {
+			return nil, err
+		}
 	}
 	settings.Encryption = uint32(n.Encryption)
 	switch n.Encryption {
@@ -139,7 +142,7 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 }
 
 // setupTunnel makes the VXLAN device, or finds the one an earlier Open
-// made, and attaches from-overlay to it. Its name is the datapath's, so
+// made, and attaches from-overlay and to-overlay to it. Its name is the datapath's, so
 // the datapath owns it. The record (KindDevice 0) is written before the
 // device is made: a process killed in between leaves a record that
 // Reconcile undoes, device included. It returns the device's index and,
@@ -163,8 +166,27 @@ func setupTunnel(st *core.State, port uint16, mtu int) (int, *ledger.Record, err
 		return 0, nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	dev.Ifindex = ifindex
-	r, err = attachNodePrograms(st, 0, dev, ledger.Link{Program: bpfobj.OverlayProgFromOverlay})
+	r, err = attachNodePrograms(st, 0, dev, ledger.Link{Program: bpfobj.OverlayProgFromOverlay},
+		ledger.Link{Program: bpfobj.OverlayProgToOverlay, Egress: true})
 	return ifindex, r, err
+}
+
+// tunnelRoutes routes the cluster's pod ranges into the VXLAN device, from
+// the node's address of each family (none for a family it has no address
+// of): the node's own traffic to other nodes' pods goes over the overlay,
+// where to-overlay addresses it. Local endpoints' host routes are more
+// specific. The routes go with the device.
+func tunnelRoutes(st *core.State, n Node) error {
+	for _, p := range n.ClusterCIDRs {
+		i := slices.IndexFunc(n.Addresses, func(a netip.Addr) bool { return a.Is4() == p.Addr().Is4() })
+		if i < 0 {
+			continue
+		}
+		if err := netdev.TunnelRoute(st.NS, TunnelDevice, p, n.Addresses[i]); err != nil {
+			return fmt.Errorf("%w: %w", ErrInvalid, err)
+		}
+	}
+	return nil
 }
 
 // wireGuardDeviceID is the WireGuard device's KindDevice record: no
@@ -275,22 +297,24 @@ func putNodeCIDR(st *core.State, p netip.Prefix, node uint32) error {
 // (each link's Program, on ingress or, Egress, egress), recorded as
 // KindDevice id: first the record (Creating), then the attachments, then
 // the record Ready, which it returns. A device recorded Ready with the
-// same index is attached already: it returns no record. On error what it
+// same index and links is attached already: it returns no record (an
+// upgrade that adds a program records and attaches them all again). On error what it
 // attached is undone, and the record with it.
 func attachNodePrograms(st *core.State, id uint32, dev *ledger.Device, links ...ledger.Link) (*ledger.Record, error) {
-	r, err := ledger.Get(st.Objs.Ledger, ledger.KindDevice, id)
-	if err == nil && r.State == ledger.Ready && r.Made.Device != nil && r.Made.Device.Ifindex == dev.Ifindex {
-		return nil, nil
-	}
-	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
-	}
 	for i := range links {
 		hook := "in"
 		if links[i].Egress {
 			hook = "out"
 		}
 		links[i].Key = fmt.Sprintf("dev%d-%s", dev.Ifindex, hook)
+	}
+	r, err := ledger.Get(st.Objs.Ledger, ledger.KindDevice, id)
+	if err == nil && r.State == ledger.Ready && r.Made.Device != nil && r.Made.Device.Ifindex == dev.Ifindex &&
+		slices.Equal(r.Made.Links, links) {
+		return nil, nil
+	}
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, fmt.Errorf("%w: %w", ErrIncompatible, err)
 	}
 	r = &ledger.Record{Kind: ledger.KindDevice, ID: id, State: ledger.Creating, Made: ledger.Made{Device: dev, Links: links}}
 	if err := ledger.Put(st.Objs.Ledger, r); err != nil {

@@ -135,6 +135,31 @@ func BenchmarkCrossNode(b *testing.B) {
 			b.ReportMetric(r, "req/s")
 		})
 	}
+	// Where the time goes: the same request/response again, with the
+	// kernel counting each program's runs and run time (which costs
+	// time of its own: never while the ratios are measured).
+	for _, w := range benchWirings {
+		p := pairs[w.name]
+		if p.sluice == nil {
+			continue
+		}
+		b.Run("programs/"+w.name, func(b *testing.B) {
+			stats, err := ebpf.EnableStats(unix.BPF_STATS_RUN_TIME)
+			if err != nil {
+				b.Skipf("no BPF run time statistics: %v", err)
+			}
+			defer stats.Close()
+			before := benchProgramStats(b, p.sluice)
+			if _, err := benchRR(b, p.Pair); err != nil {
+				b.Fatal(err)
+			}
+			for name, s := range benchProgramStats(b, p.sluice) {
+				if runs := s.runs - before[name].runs; runs > 0 {
+					b.ReportMetric(float64(s.ns-before[name].ns)/float64(runs), "ns/run-"+name)
+				}
+			}
+		})
+	}
 	b.Run("ratios", func(b *testing.B) {
 		b.ReportMetric(0, "ns/op") // nothing timed here
 		for _, r := range []struct {
@@ -154,6 +179,39 @@ func BenchmarkCrossNode(b *testing.B) {
 			}
 		}
 	})
+}
+
+// programStats is what the kernel counted of a program: runs, and run
+// time in nanoseconds.
+type programStats struct{ runs, ns uint64 }
+
+// benchProgramStats returns the counts of each BPF program of the
+// cluster's datapaths, by program name, summed over the nodes.
+func benchProgramStats(b *testing.B, c *clustertest.Cluster) map[string]programStats {
+	b.Helper()
+	out := map[string]programStats{}
+	for _, n := range c.Nodes {
+		st := core.Of(n.DP)
+		eps, err := st.EndpointPrograms()
+		if err != nil {
+			b.Fatal(err)
+		}
+		progs := map[string]*ebpf.Program{"from_endpoint": eps.FromEndpoint, "from_host": eps.FromHost}
+		for _, name := range []string{bpfobj.HostProgFromNetdev, bpfobj.HostProgToNetdev, bpfobj.OverlayProgFromOverlay, bpfobj.OverlayProgToOverlay} {
+			if progs[name], err = st.NodeProgram(name); err != nil {
+				b.Fatal(err)
+			}
+		}
+		for name, prog := range progs {
+			ps, err := prog.Stats()
+			if err != nil {
+				b.Fatal(err)
+			}
+			s := out[name]
+			out[name] = programStats{s.runs + ps.RunCount, s.ns + uint64(ps.Runtime)}
+		}
+	}
+	return out
 }
 
 // benchBulk sends b.N times 64 MiB from p.Src to the sink and returns the

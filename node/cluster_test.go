@@ -142,6 +142,54 @@ func TestPolicyAcrossNodes(t *testing.T) {
 	}
 }
 
+// A node reaches the pods of other nodes itself, and they reach it, IPv4
+// and IPv6, in each routing mode: over VXLAN the node's own traffic goes
+// into the tunnel (to-overlay) and the replies come back through it. The
+// receiving node takes the sender for remote-node: its pod's policy
+// allows the port it names for remote-node, and denies another, with the
+// drop counted there.
+func TestNodeToRemotePods(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode.String(), func(t *testing.T) {
+			c := clustertest.New(t, clustertest.Options{Routing: mode, Nodes: 2, Endpoints: 1})
+			n0, recv := c.Nodes[0], c.Nodes[1]
+			pod := c.Endpoint(1, 0)
+			p := policy.Policy{Ingress: []policy.Rule{{
+				Peers: []policy.Peer{{Reserved: policy.RemoteNode}},
+				Ports: []policy.Port{{Protocol: policy.TCP, Port: 7}},
+			}}}
+			if _, err := policy.Apply(context.Background(), recv.DP, pod.ID, p); err != nil {
+				t.Fatal(err)
+			}
+			events := policyEvents(t, recv.DP)
+			podNS := clustertest.NetNS(t, pod)
+			for _, fam := range []struct{ pod, node netip.Addr }{{pod.IPv4, n0.IPv4}, {pod.IPv6, n0.IPv6}} {
+				allowed, denied := netip.AddrPortFrom(fam.pod, 7), netip.AddrPortFrom(fam.pod, 8)
+				clustertest.Echo(t, podNS, allowed)
+				clustertest.Echo(t, podNS, denied)
+				if err := clustertest.TCPRoundTrip(t, n0.NS, allowed, []byte("from the node"), 5*time.Second); err != nil {
+					t.Errorf("TCP from node-0 itself to %s: %v", allowed, err)
+				}
+				before := metric(t, recv.DP, datapath.ReasonPolicyDenied, datapath.Ingress)
+				if err := clustertest.TCPRoundTrip(t, n0.NS, denied, []byte("from the node"), time.Second); err == nil {
+					t.Errorf("TCP from node-0 itself to %s: connected, want denied", denied)
+				}
+				waitDenied(t, events, pod.ID, datapath.IdentityRemoteNode)
+				if after := metric(t, recv.DP, datapath.ReasonPolicyDenied, datapath.Ingress); after <= before {
+					t.Errorf("to %s: POLICY_DENIED on %s stayed at %d", denied, recv, after)
+				}
+
+				// The pod reaches node-0's own address.
+				node := netip.AddrPortFrom(fam.node, 9)
+				clustertest.Echo(t, n0.NS, node)
+				if err := clustertest.TCPRoundTrip(t, podNS, node, []byte("to the node"), 5*time.Second); err != nil {
+					t.Errorf("TCP from %s to node-0 at %s: %v", fam.pod, node, err)
+				}
+			}
+		})
+	}
+}
+
 // A node deleted takes its pods off the map: what is sent to them is
 // dropped with a reason of its own, and comes back with the node.
 func TestNodeDeleted(t *testing.T) {

@@ -2,9 +2,11 @@ package node_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/netip"
+	"syscall"
 	"testing"
 	"time"
 
@@ -78,10 +80,33 @@ func seenUDP(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort) string {
 	return ""
 }
 
+// refusedUDP sends datagrams from ns to addr, where nobody listens, and
+// reports whether the socket learnt that the port is unreachable: the
+// ICMP error made it back.
+func refusedUDP(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort) bool {
+	t.Helper()
+	var c *net.UDPConn
+	ns.Do(t, func() (err error) {
+		c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(addr))
+		return err
+	})
+	defer c.Close()
+	buf := make([]byte, 100)
+	for range 3 {
+		c.Write([]byte("anyone?"))
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		if _, err := c.Read(buf); errors.Is(err, syscall.ECONNREFUSED) {
+			return true
+		}
+	}
+	return false
+}
+
 // What a pod sends outside the cluster leaves with its node's address,
 // and the replies come back to it: TCP, UDP and ICMP echo, IPv4 and IPv6,
-// in each routing mode. What it sends to another node's pod keeps its
-// own address.
+// in each routing mode, and so do ICMP errors about its flows. What it sends to another node's pod or to another
+// node keeps its own address, and so do its replies to a connection the
+// world opened to it.
 func TestMasquerade(t *testing.T) {
 	for _, mode := range modes {
 		t.Run(mode.String(), func(t *testing.T) {
@@ -104,6 +129,11 @@ func TestMasquerade(t *testing.T) {
 				if testutil.Ping(t, epNS.Handle, tc.dst, testutil.PingOptions{Count: 2}) == 0 {
 					t.Errorf("ping %s: no reply", tc.dst)
 				}
+				// The world's ICMP error about a masqueraded flow comes
+				// back to the pod, quoting what the pod sent.
+				if !refusedUDP(t, epNS, netip.AddrPortFrom(tc.dst, 19)) {
+					t.Errorf("UDP to %s, where nobody listens: no port unreachable reached the pod", tc.dst)
+				}
 				peer := c.Endpoint(1, 0)
 				peerAddr := peer.IPv4
 				if tc.dst.Is6() {
@@ -112,6 +142,26 @@ func TestMasquerade(t *testing.T) {
 				serveSeen(t, clustertest.NetNS(t, peer), netip.AddrPortFrom(peerAddr, 7))
 				if got := seenTCP(t, epNS, netip.AddrPortFrom(peerAddr, 7)); got != tc.pod.String() {
 					t.Errorf("TCP to the pod %s came from %s, want the pod's own %s", peerAddr, got, tc.pod)
+				}
+				// Another node's own address is inside the cluster too.
+				n1 := c.Nodes[1]
+				n1Addr := n1.IPv4
+				if tc.dst.Is6() {
+					n1Addr = n1.IPv6
+				}
+				serveSeen(t, n1.NS, netip.AddrPortFrom(n1Addr, 7))
+				if got := seenTCP(t, epNS, netip.AddrPortFrom(n1Addr, 7)); got != tc.pod.String() {
+					t.Errorf("TCP to node-1 at %s came from %s, want the pod's own %s", n1Addr, got, tc.pod)
+				}
+				// A connection the world opens to the pod itself (routed
+				// to it through the node) is answered from the pod's own
+				// address, not masqueraded.
+				if _, err := c.Internet.Exec("ip", "route", "replace", netip.PrefixFrom(tc.pod, tc.pod.BitLen()).String(), "via", tc.node.String()); err != nil {
+					t.Fatal(err)
+				}
+				serveSeen(t, epNS, netip.AddrPortFrom(tc.pod, 7))
+				if got := seenTCP(t, c.Internet, netip.AddrPortFrom(tc.pod, 7)); got != tc.dst.String() {
+					t.Errorf("TCP from the world to the pod: the pod saw %s, want %s", got, tc.dst)
 				}
 			}
 			if drops := metric(t, n0.DP, datapath.ReasonMalformed, datapath.Egress) + metric(t, n0.DP, datapath.ReasonMalformed, datapath.Ingress); drops != 0 {

@@ -23,11 +23,12 @@
 #define FORWARD_HERE (-1)
 #define FORWARD_TOO_BIG (-2)
 
-/* to_tunnel hands the packet to the VXLAN device, which encapsulates it
- * towards the node's underlay address (IPv4 when the node has one) with
- * the identity as the VNI. */
-static __always_inline int to_tunnel(struct __sk_buff *skb, struct node_settings *cfg, struct node_route *r,
-				     __u32 identity, __u16 ep)
+/* tunnel_key sets the packet's tunnel key: the VXLAN device encapsulates
+ * it towards the node's underlay address (IPv4 when the node has one)
+ * with the identity as the VNI, marked for the node's xfrm policy when
+ * IPsec is on. It returns 0, or the drop verdict. */
+static __always_inline int tunnel_key(struct __sk_buff *skb, struct node_settings *cfg, struct node_route *r,
+				      __u32 identity, __u16 ep)
 {
 	struct bpf_tunnel_key key = {.tunnel_id = identity, .tunnel_ttl = 64};
 	__u64 flags = 0;
@@ -50,7 +51,16 @@ static __always_inline int to_tunnel(struct __sk_buff *skb, struct node_settings
 	if (cfg->encryption == ENCRYPT_IPSEC && !ipsec_mark(skb, r->node))
 		return drop(skb, REASON_NO_KEY, DIR_EGRESS, ep);
 	trace(skb, TRACE_TO_OVERLAY, DIR_EGRESS, ep);
-	return bpf_redirect(cfg->tunnel_ifindex, 0);
+	return 0;
+}
+
+/* to_tunnel hands the packet to the VXLAN device, keyed (tunnel_key). */
+static __always_inline int to_tunnel(struct __sk_buff *skb, struct node_settings *cfg, struct node_route *r,
+				     __u32 identity, __u16 ep)
+{
+	int ret = tunnel_key(skb, cfg, r, identity, ep);
+
+	return ret ? ret : bpf_redirect(cfg->tunnel_ifindex, 0);
 }
 
 /* l3_len is the length of the packet past its Ethernet header or, for a
@@ -180,8 +190,11 @@ __noinline int too_big(struct __sk_buff *skb, struct flow *f, __u16 ep)
 
 /* to_node forwards the flow's packet, which endpoint ep (0: the node)
  * sends with the identity, when its destination is in another node's pod
- * CIDRs; a destination in the cluster's pod ranges that is on no node
- * known is dropped. It returns the verdict (TC_ACT_OK: the stack forwards
+ * CIDRs, or, over VXLAN, is another node's underlay address (that node's
+ * own traffic to pods comes over the overlay, and its node devices take
+ * no pod's source from outside: the replies go back the same way); a
+ * destination in the cluster's pod ranges that is on no node known is
+ * dropped. It returns the verdict (TC_ACT_OK: the stack forwards
  * it, encrypted), FORWARD_HERE for a destination it does not forward, or
  * FORWARD_TOO_BIG. A router hop: the TTL goes down by one, and a packet
  * that would expire goes to the stack, which answers it. A global
@@ -189,11 +202,27 @@ __noinline int too_big(struct __sk_buff *skb, struct flow *f, __u16 ep)
 __noinline int to_node(struct __sk_buff *skb, struct flow *f, __u32 identity, __u16 ep)
 {
 	struct node_settings *cfg = node_config_get();
+	struct node_route to_addr = {};
 	struct node_route *r;
+	__u32 *node;
 
 	if (!f || !cfg || cfg->routing == ROUTING_LOCAL)
 		return FORWARD_HERE;
 	r = node_route_of(f->key.family, f->key.daddr);
+	if (!r && cfg->routing == ROUTING_VXLAN) {
+		node = node_of_addr(f->key.family, f->key.daddr);
+		if (node) {
+			to_addr.node = *node;
+			if (f->key.family == 4) {
+				to_addr.flags = NODE_F_IPV4;
+				to_addr.ipv4 = *(__be32 *)f->key.daddr;
+			} else {
+				to_addr.flags = NODE_F_IPV6;
+				__builtin_memcpy(to_addr.ipv6, f->key.daddr, 16);
+			}
+			r = &to_addr;
+		}
+	}
 	if (!r || r->node == NODE_LOCAL)
 		return FORWARD_HERE;
 	if (r->node == NODE_NONE)

@@ -184,6 +184,6 @@ __noinline int lb_reverse(struct __sk_buff *skb, struct flow *f)
 	if (!fk)
 		return 0;
 	if (f->icmp_error)
-		return nat_rewrite_quoted(skb, f, fk->addr, fk->port);
+		return nat_rewrite_quoted(skb, f, QUOTED_DST, fk->addr, fk->port);
 	return nat_rewrite(skb, f, 0, fk->addr, fk->port);
 }

@@ -11,6 +11,7 @@
 #include "parse.h"
 
 #define IPV4_SADDR_OFF (ETH_HLEN + 12)
+#define IPV4_DADDR_OFF (ETH_HLEN + 16)
 #define IPV4_CHECK_OFF (ETH_HLEN + 10)
 #define IPV6_SADDR_OFF (ETH_HLEN + 8)
 #define IPV6_DADDR_OFF (ETH_HLEN + 24)
@@ -128,56 +129,74 @@ static __always_inline int nat_rewrite(struct __sk_buff *skb, struct flow *f, in
 	return 0;
 }
 
-/* nat_rewrite_quoted makes the packet an ICMP or ICMPv6 error quotes (the
- * flow f->related, as its sender sent it) go to addr and port instead of
- * its destination, and makes the error come from addr when it came from
- * that destination: what the sender of a translated flow expects to read.
- * The checksums of the error and of the quoted IPv4 header follow; the
- * quoted L4 checksum, which nobody checks, is left. It returns -1 when
- * the packet cannot be rewritten. */
-static __always_inline int nat_rewrite_quoted(struct __sk_buff *skb, struct flow *f, const __u8 *addr, __be16 port)
-{
-	__u32 csum_off = f->l4_off + 2, port_off = f->related_l4_off + 2;
-	__be16 old_port = f->related.dport;
-	int from_dest;
+/* Which end of the quoted packet nat_rewrite_quoted rewrites. */
+enum quoted_end {
+	QUOTED_DST = 0, /* a service's backend: the reply's reverse translation */
+	QUOTED_SRC = 1, /* the node's address and port: masquerading's */
+};
 
+/* nat_rewrite_quoted makes the packet an ICMP or ICMPv6 error quotes (the
+ * flow f->related, as its sender sent it) have addr and port at the end
+ * given, and the error's own address that was that end's too (its source
+ * when the quoted destination sent it; its destination, the quoted
+ * sender) with them: what the sender of a translated flow expects to
+ * read. An echo's identifier stands for the port. The checksums of the
+ * error and of the quoted IPv4 header follow; the quoted L4 checksum,
+ * which nobody checks, is left. f follows too. It returns -1 when the
+ * packet cannot be rewritten. */
+static __always_inline int nat_rewrite_quoted(struct __sk_buff *skb, struct flow *f, enum quoted_end end,
+					      const __u8 *addr, __be16 port)
+{
+	__u32 csum_off = f->l4_off + 2, port_off = f->related_l4_off + (end == QUOTED_SRC ? 0 : 2);
+	__u8 *quoted = end == QUOTED_SRC ? f->related.saddr : f->related.daddr;
+	__u8 *outer = end == QUOTED_SRC ? f->key.daddr : f->key.saddr;
+	__be16 *old_port = end == QUOTED_SRC ? &f->related.sport : &f->related.dport;
+	int outer_too;
+
+	if (f->related.proto == IPPROTO_ICMP || f->related.proto == IPPROTO_ICMPV6)
+		port_off = f->related_l4_off + 4;
 	if (f->key.family == 4) {
-		__be32 from = *(__be32 *)f->related.daddr, to = *(const __be32 *)addr;
+		__be32 from = *(__be32 *)quoted, to = *(const __be32 *)addr;
 		__u32 check_off = f->related_l3_off + 10;
 		__sum16 old_check, new_check;
 
-		from_dest = *(__be32 *)f->key.saddr == from;
+		outer_too = *(__be32 *)outer == from;
 		if (bpf_skb_load_bytes(skb, check_off, &old_check, 2) < 0 ||
 		    bpf_l3_csum_replace(skb, check_off, from, to, sizeof(to)) < 0 ||
 		    bpf_skb_load_bytes(skb, check_off, &new_check, 2) < 0 ||
 		    bpf_l4_csum_replace(skb, csum_off, from, to, sizeof(to)) < 0 ||
 		    bpf_l4_csum_replace(skb, csum_off, old_check, new_check, 2) < 0 ||
-		    bpf_skb_store_bytes(skb, f->related_l3_off + 16, &to, sizeof(to), 0) < 0)
+		    bpf_skb_store_bytes(skb, f->related_l3_off + (end == QUOTED_SRC ? 12 : 16), &to, sizeof(to), 0) < 0)
 			return -1;
-		/* ICMP has no pseudo header: the outer source is the IP
+		/* ICMP has no pseudo header: the outer address is the IP
 		 * header's alone. */
-		if (from_dest && (bpf_l3_csum_replace(skb, IPV4_CHECK_OFF, from, to, sizeof(to)) < 0 ||
-				  bpf_skb_store_bytes(skb, IPV4_SADDR_OFF, &to, sizeof(to), 0) < 0))
+		if (outer_too && (bpf_l3_csum_replace(skb, IPV4_CHECK_OFF, from, to, sizeof(to)) < 0 ||
+				  bpf_skb_store_bytes(skb, end == QUOTED_SRC ? IPV4_DADDR_OFF : IPV4_SADDR_OFF, &to,
+						      sizeof(to), 0) < 0))
 			return -1;
 	} else {
 		__be32 from[4], to[4];
 		__s64 diff;
 
-		__builtin_memcpy(from, f->related.daddr, 16);
+		__builtin_memcpy(from, quoted, 16);
 		__builtin_memcpy(to, addr, 16);
-		from_dest = ipv6_equal(f->key.saddr, f->related.daddr);
+		outer_too = ipv6_equal(outer, quoted);
 		diff = bpf_csum_diff(from, 16, to, 16, 0);
 		if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, 0) < 0 ||
-		    bpf_skb_store_bytes(skb, f->related_l3_off + 24, to, 16, 0) < 0)
+		    bpf_skb_store_bytes(skb, f->related_l3_off + (end == QUOTED_SRC ? 8 : 24), to, 16, 0) < 0)
 			return -1;
 		/* ICMPv6's checksum covers the outer addresses too. */
-		if (from_dest && (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR) < 0 ||
-				  bpf_skb_store_bytes(skb, IPV6_SADDR_OFF, to, 16, 0) < 0))
+		if (outer_too && (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR) < 0 ||
+				  bpf_skb_store_bytes(skb, end == QUOTED_SRC ? IPV6_DADDR_OFF : IPV6_SADDR_OFF, to, 16, 0) < 0))
 			return -1;
 	}
-	if (old_port != port &&
-	    (bpf_l4_csum_replace(skb, csum_off, old_port, port, sizeof(port)) < 0 ||
+	if (*old_port != port &&
+	    (bpf_l4_csum_replace(skb, csum_off, *old_port, port, sizeof(port)) < 0 ||
 	     bpf_skb_store_bytes(skb, port_off, &port, sizeof(port), 0) < 0))
 		return -1;
+	*old_port = port;
+	__builtin_memcpy(quoted, addr, 16);
+	if (outer_too)
+		__builtin_memcpy(outer, addr, 16);
 	return 0;
 }

@@ -6,6 +6,7 @@
 
 #include "common.h"
 #include "ipcache.h"
+#include "parse.h"
 
 #define NODE_CIDRS_MAX 16384
 #define NODE_ADDRS_MAX 8192
@@ -95,6 +96,16 @@ static __always_inline struct node_settings *node_config_get(void)
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&node_config, &zero);
+}
+
+/* node_config_addr reports whether the address (of the family, 16 bytes,
+ * IPv4 in the first 4) is the node's underlay address of its family, the
+ * one it masquerades with. */
+static __always_inline int node_config_addr(const struct node_settings *cfg, __u8 family, const __u8 *addr)
+{
+	if (family == 4)
+		return (cfg->flags & NODE_CONFIG_IPV4) && *(const __u32 *)addr == *(const __u32 *)cfg->ipv4;
+	return (cfg->flags & NODE_CONFIG_IPV6) && ipv6_equal(addr, cfg->ipv6);
 }
 
 /* node_route_of returns where the address (of the family, 16 bytes,

@@ -10,6 +10,7 @@
 #include "reasons.h"
 #include "events.h"
 #include "flow.h"
+#include "ct.h"
 #include "nat.h"
 #include "node.h"
 
@@ -78,9 +79,25 @@ static __always_inline struct snat_entry *snat_live(struct snat_entry *e, __u8 p
 	return e;
 }
 
+/* snat_is_reply reports whether the flow's packet answers one its pod
+ * let in from outside (the pod's ingress entry in conntrack): the sender
+ * knows the pod by its own address, and must see that. */
+static __always_inline int snat_is_reply(const struct flow *f)
+{
+	struct ct_key k; /* on the stack, as ct_lookup's */
+	struct ct_entry *e;
+
+	ct_reverse(&k, &f->key, CT_INGRESS);
+	e = bpf_map_lookup_elem(&conntrack, &k);
+	return e && e->expires >= bpf_ktime_get_ns();
+}
+
 /* snat_applies reports whether the flow's packet is one to masquerade: a
- * local pod's (a source in a local pod CIDR) to outside the cluster's pod
- * ranges, of a protocol with ports or an ICMP echo request. */
+ * local pod's (a source in a local pod CIDR) new flow to outside the
+ * cluster, of a protocol with ports or an ICMP echo request. Outside is
+ * neither the cluster's pod ranges nor another node's address (that node
+ * routes to the pod, or answers over the overlay), and a reply to what
+ * came from outside is not masqueraded. */
 static __always_inline int snat_applies(const struct flow *f)
 {
 	struct node_route *src, *dst;
@@ -99,7 +116,9 @@ static __always_inline int snat_applies(const struct flow *f)
 	if (!src || src->node != NODE_LOCAL)
 		return 0;
 	dst = node_route_of(f->key.family, f->key.daddr);
-	return !dst;
+	if (dst || node_of_addr(f->key.family, f->key.daddr))
+		return 0;
+	return !snat_is_reply(f);
 }
 
 /* snat_allocate picks the node's port for a new flow out (key, as the
@@ -189,20 +208,40 @@ __noinline int snat_out(struct __sk_buff *skb, struct flow *f)
 }
 
 /* snat_in turns a reply to a masqueraded flow, arriving at the node's
- * address, back to its pod. It returns 1 when it did (f now holds the
+ * address, back to its pod, and an ICMP error about one to the pod with
+ * the packet it quotes as the pod sent it. It returns 1 when it did (f now holds the
  * pod's side), 0 for a packet of no translation, or -1 when the packet
  * could not be rewritten. A global function: verified once. */
 __noinline int snat_in(struct __sk_buff *skb, struct flow *f)
 {
+	struct node_settings *cfg = node_config_get();
 	struct snat_key k = {};
 	struct snat_entry *e;
 
-	if (!f || !f->l4_off)
+	if (!f || !cfg || !f->l4_off)
 		return 0;
-	snat_key_of(&k, f, SNAT_IN);
-	e = snat_live(bpf_map_lookup_elem(&snat, &k), f->key.proto, bpf_ktime_get_ns());
+	/* Only what comes to the node's address, and to a port it picks, can
+	 * be a reply: the rest (the overlay's UDP, the node's own traffic)
+	 * costs no lookup. */
+	if (!node_config_addr(cfg, f->key.family, f->key.daddr))
+		return 0;
+	if ((f->key.proto == IPPROTO_TCP || f->key.proto == IPPROTO_UDP) && bpf_ntohs(f->key.dport) < SNAT_PORT_MIN)
+		return 0;
+	if (f->icmp_error) {
+		/* An error about a packet the node sent for a pod: the
+		 * quoted packet turned around is the translation's reply. */
+		k = (struct snat_key){.family = f->related.family, .proto = f->related.proto, .dir = SNAT_IN,
+				      .sport = f->related.dport, .dport = f->related.sport};
+		__builtin_memcpy(k.saddr, f->related.daddr, 16);
+		__builtin_memcpy(k.daddr, f->related.saddr, 16);
+	} else {
+		snat_key_of(&k, f, SNAT_IN);
+	}
+	e = snat_live(bpf_map_lookup_elem(&snat, &k), k.proto, bpf_ktime_get_ns());
 	if (!e)
 		return 0;
+	if (f->icmp_error)
+		return nat_rewrite_quoted(skb, f, QUOTED_SRC, e->addr, e->port) < 0 ? -1 : 1;
 	if (nat_rewrite(skb, f, 1, e->addr, e->port) < 0)
 		return -1;
 	return 1;

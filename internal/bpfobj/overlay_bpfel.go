@@ -25,6 +25,7 @@ const (
 	OverlayMapEvents         = "events"
 	OverlayMapFragments      = "fragments"
 	OverlayMapIpcache        = "ipcache"
+	OverlayMapIpsecSpi       = "ipsec_spi"
 	OverlayMapLayout         = "layout"
 	OverlayMapLbAffinity     = "lb_affinity"
 	OverlayMapLbBackends     = "lb_backends"
@@ -41,6 +42,7 @@ const (
 	OverlayMapPolicyCounters = "policy_counters"
 	OverlayMapPolicyMeta     = "policy_meta"
 	OverlayProgFromOverlay   = "from_overlay"
+	OverlayProgToOverlay     = "to_overlay"
 )
 
 // LoadOverlay returns the embedded CollectionSpec for Overlay.
@@ -86,6 +88,7 @@ type OverlaySpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type OverlayProgramSpecs struct {
 	FromOverlay *ebpf.ProgramSpec `ebpf:"from_overlay"`
+	ToOverlay   *ebpf.ProgramSpec `ebpf:"to_overlay"`
 }
 
 // OverlayMapSpecs contains maps before they are loaded into the kernel.
@@ -101,6 +104,7 @@ type OverlayMapSpecs struct {
 	Events         *ebpf.MapSpec `ebpf:"events"`
 	Fragments      *ebpf.MapSpec `ebpf:"fragments"`
 	Ipcache        *ebpf.MapSpec `ebpf:"ipcache"`
+	IpsecSpi       *ebpf.MapSpec `ebpf:"ipsec_spi"`
 	Layout         *ebpf.MapSpec `ebpf:"layout"`
 	LbAffinity     *ebpf.MapSpec `ebpf:"lb_affinity"`
 	LbBackends     *ebpf.MapSpec `ebpf:"lb_backends"`
@@ -153,6 +157,7 @@ type OverlayMaps struct {
 	Events         *ebpf.Map `ebpf:"events"`
 	Fragments      *ebpf.Map `ebpf:"fragments"`
 	Ipcache        *ebpf.Map `ebpf:"ipcache"`
+	IpsecSpi       *ebpf.Map `ebpf:"ipsec_spi"`
 	Layout         *ebpf.Map `ebpf:"layout"`
 	LbAffinity     *ebpf.Map `ebpf:"lb_affinity"`
 	LbBackends     *ebpf.Map `ebpf:"lb_backends"`
@@ -181,6 +186,7 @@ func (m *OverlayMaps) Close() error {
 		m.Events,
 		m.Fragments,
 		m.Ipcache,
+		m.IpsecSpi,
 		m.Layout,
 		m.LbAffinity,
 		m.LbBackends,
@@ -210,11 +216,13 @@ type OverlayVariables struct {
 // It can be passed to LoadOverlayObjects or ebpf.CollectionSpec.LoadAndAssign.
 type OverlayPrograms struct {
 	FromOverlay *ebpf.Program `ebpf:"from_overlay"`
+	ToOverlay   *ebpf.Program `ebpf:"to_overlay"`
 }
 
 func (p *OverlayPrograms) Close() error {
 	return _OverlayClose(
 		p.FromOverlay,
+		p.ToOverlay,
 	)
 }
 

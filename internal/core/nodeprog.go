@@ -23,11 +23,11 @@ type nodeObject struct {
 
 var nodeObjects = []nodeObject{
 	{"host", bpfobj.LoadHost, []string{bpfobj.HostProgFromNetdev, bpfobj.HostProgToNetdev}},
-	{"overlay", bpfobj.LoadOverlay, []string{bpfobj.OverlayProgFromOverlay}},
+	{"overlay", bpfobj.LoadOverlay, []string{bpfobj.OverlayProgFromOverlay, bpfobj.OverlayProgToOverlay}},
 }
 
 // NodeProgram returns the node-facing program of that name (from_netdev,
-// to_netdev, from_overlay), loading its object, wired to the datapath's
+// to_netdev, from_overlay, to_overlay), loading its object, wired to the datapath's
 // maps, the first time it is needed, as EndpointPrograms does.
 func (s *State) NodeProgram(name string) (*ebpf.Program, error) {
 	if s.ReadOnly {

@@ -200,6 +200,22 @@ func SetUp(ns netns.NsHandle, dev string) error {
 	})
 }
 
+// TunnelRoute routes prefix into the tunnel device dev in ns, from the
+// source address src: how the node's own traffic reaches the pods of other
+// nodes over the overlay (the device's egress program finds the node).
+// Equivalent to: `ip -n NS route replace PREFIX dev DEV src SRC scope link
+// proto 197`.
+func TunnelRoute(ns netns.NsHandle, dev string, prefix netip.Prefix, src netip.Addr) error {
+	return onDevice(ns, dev, func(h *netlink.Handle, l netlink.Link) error {
+		dst := &net.IPNet{IP: prefix.Addr().AsSlice(), Mask: net.CIDRMask(prefix.Bits(), prefix.Addr().BitLen())}
+		route := &netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Src: src.AsSlice(), Scope: netlink.SCOPE_LINK, Protocol: RouteProtocol}
+		if err := h.RouteReplace(route); err != nil {
+			return fmt.Errorf("route %s into %s from %s: %w", prefix, dev, src, err)
+		}
+		return nil
+	})
+}
+
 // HostRoute routes addr (as a /32 or /128) through device dev in ns, on the
 // link: how the node reaches an endpoint's address. Equivalent to:
 // `ip -n NS route replace ADDR dev DEV scope link`.
@@ -253,9 +269,10 @@ func onDevice(ns netns.NsHandle, dev string, fn func(*netlink.Handle, netlink.Li
 // VXLAN makes a VXLAN device in collect-metadata mode (the tunnel's far
 // end and VNI come with each packet, from BPF) on UDP port port, up, and
 // returns its index; a device of that name that is such a device already
-// is taken as it is. Learning is off: BPF decides every packet.
-// Equivalent to:
-// `ip -n NS link add NAME mtu MTU type vxlan external dstport PORT nolearning`.
+// is taken as it is (its MTU set). Learning and ARP are off: BPF decides
+// every packet. Equivalent to:
+// `ip -n NS link add NAME mtu MTU type vxlan external dstport PORT nolearning`
+// and `ip -n NS link set NAME arp off up`.
 func VXLAN(ns netns.NsHandle, name string, port uint16, mtu int) (ifindex int, err error) {
 	h, err := handle(ns)
 	if err != nil {
@@ -270,11 +287,20 @@ func VXLAN(ns netns.NsHandle, name string, port uint16, mtu int) (ifindex int, e
 		if err := h.LinkSetMTU(l, mtu); err != nil {
 			return 0, fmt.Errorf("set the MTU of %s: %w", name, err)
 		}
+		if err := h.LinkSetARPOff(l); err != nil {
+			return 0, fmt.Errorf("set %s noarp: %w", name, err)
+		}
 		return index(h, name, true)
 	}
 	v := &netlink.Vxlan{LinkAttrs: netlink.LinkAttrs{Name: name, MTU: mtu}, FlowBased: true, Port: int(port), Learning: false}
 	if err := h.LinkAdd(v); err != nil {
 		return 0, fmt.Errorf("add VXLAN device %s: %w", name, err)
+	}
+	// No ARP or neighbour discovery: what the node routes into the device
+	// goes to many nodes, and the egress program addresses it.
+	if err := h.LinkSetARPOff(v); err != nil {
+		h.LinkDel(v)
+		return 0, fmt.Errorf("set %s noarp: %w", name, err)
 	}
 	ifindex, err = index(h, name, true)
 	if err != nil {
@@ -319,7 +345,9 @@ func DeleteRoute(ns netns.NsHandle, prefix netip.Prefix, via netip.Addr) error {
 	return nil
 }
 
-// Routes returns the routes of RouteProtocol in ns: prefix to next hop.
+// Routes returns the routes of RouteProtocol via a next hop in ns (package
+// node's, to other nodes' pod CIDRs): prefix to next hop. The routes into
+// a device (TunnelRoute) go with it.
 func Routes(ns netns.NsHandle) (map[netip.Prefix]netip.Addr, error) {
 	h, err := handle(ns)
 	if err != nil {
@@ -333,7 +361,7 @@ func Routes(ns netns.NsHandle) (map[netip.Prefix]netip.Addr, error) {
 			return nil, fmt.Errorf("list routes: %w", err)
 		}
 		for _, r := range rs {
-			if r.Dst == nil {
+			if r.Dst == nil || r.Gw == nil {
 				continue
 			}
 			a, _ := netip.AddrFromSlice(r.Dst.IP)
