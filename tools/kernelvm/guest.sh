@@ -5,14 +5,15 @@
 #   guest.sh CONFIG
 #
 # CONFIG, written by run.sh, sets: packages (import path, directory, test
-# binary; tab-separated), test_flags, verbose, test_timeout, modules (the
-# unpacked kernel's lib/modules), repo (the repository's root), progs (the
-# programs of internal/testprog) and token.
+# binary; tab-separated), test_flags, verbose, test_timeout, guest_jobs
+# (binaries run at once; 0: one per CPU), modules (the unpacked kernel's
+# lib/modules), repo (the repository's root), progs (the programs of
+# internal/testprog) and token.
 #
 # Makes what the tests write to writable, loads the modules the tests need,
-# runs every test binary in its package directory as `go test` would, prints
-# `go test`'s summary lines, then "kernelvm-result TOKEN status=N passed=P
-# failed=F" and powers off.
+# runs the test binaries side by side, each in its package directory as
+# `go test` would, prints `go test`'s summary lines, then "kernelvm-result
+# TOKEN status=N passed=P failed=F" and powers off.
 
 # shellcheck disable=SC2154 # the variables CONFIG sets
 set -euo pipefail
@@ -73,28 +74,58 @@ now_us() { local t=${EPOCHREALTIME/./}; echo $((10#$t)); }
 # Seconds with three decimals, as go test prints them.
 seconds() { local ms=$(($1 / 1000)); printf '%d.%03ds' $((ms / 1000)) $((ms % 1000)); }
 
-passed=0 failed=0
-out=/tmp/test-output
-for entry in "${packages[@]}"; do
-	IFS=$'\t' read -r pkg dir bin <<<"$entry"
-	flags=(-test.count=1 "-test.timeout=$test_timeout" "${test_flags[@]}")
+# run_package N ENTRY runs test binary number N ("import path<TAB>dir<TAB>
+# binary") in its package directory, prints its output if it failed (all of
+# it as it comes with -v) and go test's summary line, and leaves its exit
+# status in $results/N. Jobs print under a lock, one whole report at a time.
+results=/tmp/test-results
+mkdir -p "$results"
+run_package() {
+	local n=$1 pkg dir bin out="$results/$1.out" rc=0 start took note=""
+	IFS=$'\t' read -r pkg dir bin <<<"$2"
+	local flags=(-test.count=1 "-test.timeout=$test_timeout" "${test_flags[@]}")
 	start=$(now_us)
-	rc=0 # "|| rc=" keeps a failing test from tripping set -e and the ERR trap
+	# "|| rc=" keeps a failing test from tripping set -e.
 	if [[ $verbose == true ]]; then
 		(cd "$dir" && exec "$bin" "${flags[@]}") 2>&1 | tee "$out" || rc=${PIPESTATUS[0]}
 	else
 		(cd "$dir" && exec "$bin" "${flags[@]}") >"$out" 2>&1 || rc=$?
 	fi
 	took=$(seconds $(($(now_us) - start)))
-	if ((rc == 0)); then
+	{
+		flock 9
+		if ((rc == 0)); then
+			grep -q '^testing: warning: no tests to run' "$out" && note=" [no tests to run]"
+			printf 'ok  \t%s\t%s%s\n' "$pkg" "$took" "$note"
+		else
+			[[ $verbose == true ]] || cat "$out"
+			printf 'FAIL\t%s\t%s\n' "$pkg" "$took"
+		fi
+	} 9>"$results/lock"
+	echo "$rc" >"$results/$n"
+}
+
+# Side by side, as go test runs packages: one binary at a time leaves a
+# CPU idle, as most tests wait on one thing at a time. With -v, one at a
+# time, so that the output stays readable.
+at_once=$guest_jobs
+((at_once > 0)) || at_once=$(nproc)
+[[ $verbose == true ]] && at_once=1
+echo "kernelvm: ${#packages[@]} test binaries, $at_once at a time"
+for n in "${!packages[@]}"; do
+	while (($(jobs -rp | wc -l) >= at_once)); do
+		wait -n || true
+	done
+	run_package "$n" "${packages[$n]}" &
+done
+wait
+
+passed=0 failed=0
+for n in "${!packages[@]}"; do
+	if [[ $(cat "$results/$n" 2>/dev/null) == 0 ]]; then
 		passed=$((passed + 1))
-		note=""
-		grep -q '^testing: warning: no tests to run' "$out" && note=" [no tests to run]"
-		printf 'ok  \t%s\t%s%s\n' "$pkg" "$took" "$note"
 	else
 		failed=$((failed + 1))
-		[[ $verbose == true ]] || cat "$out"
-		printf 'FAIL\t%s\t%s\n' "$pkg" "$took"
 	fi
 done
 

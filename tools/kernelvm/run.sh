@@ -19,12 +19,15 @@
 #   KERNELVM_DEB           a linux-image .deb to use instead of downloading one
 #   KERNELVM_TIMEOUT       seconds before the VM is killed (default 1800)
 #   KERNELVM_TEST_TIMEOUT  -test.timeout of each test binary (default 10m)
+#   KERNELVM_JOBS          test binaries the guest runs at once (default: its
+#                          CPUs; 1 with -v, so that the output stays readable)
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cache="$repo/.vm"
 vm_timeout=${KERNELVM_TIMEOUT:-1800}
 test_timeout=${KERNELVM_TEST_TIMEOUT:-10m}
+guest_jobs=${KERNELVM_JOBS:-0} # 0: the guest's CPUs
 
 export DEBIAN_FRONTEND=noninteractive
 export PATH="$PATH:/usr/local/go/bin:/usr/sbin:/sbin"
@@ -171,19 +174,44 @@ done < <(cd "$repo" && go list -f '{{.ImportPath}}{{"\t"}}{{.Dir}}{{"\t"}}{{if o
 ((${#packages[@]})) || die "no packages with tests in: ${patterns[*]}"
 
 # A package that does not build fails, as with go test, and the rest run.
+# Two builds at a time: the linker is single-threaded.
 log "building ${#packages[@]} test binaries"
-built=() build_failed=0
+build() {
+	local pkg=$1 bin=$2
+	(cd "$repo" && CGO_ENABLED=0 go test -c -o "$bin" "$pkg") || printf 'FAIL\t%s [build failed]\n' "$pkg"
+}
 for entry in "${packages[@]}"; do
-	IFS=$'\t' read -r pkg dir bin <<<"$entry"
-	if (cd "$repo" && CGO_ENABLED=0 go test -c -o "$bin" "$pkg"); then
+	IFS=$'\t' read -r pkg _ bin <<<"$entry"
+	(($(jobs -rp | wc -l) < 2)) || wait -n || true
+	build "$pkg" "$bin" &
+done
+wait
+built=()
+for entry in "${packages[@]}"; do
+	IFS=$'\t' read -r _ _ bin <<<"$entry"
+	if [[ -x $bin ]]; then
 		built+=("$entry")
-	else
-		printf 'FAIL\t%s [build failed]\n' "$pkg"
-		build_failed=$((build_failed + 1))
 	fi
 done
 ((${#built[@]})) || die "FAIL: nothing built"
-packages=("${built[@]}")
+build_failed=$((${#packages[@]} - ${#built[@]}))
+
+# The guest runs the binaries side by side (KERNELVM_JOBS): the slowest
+# packages start first, so that the last to finish does not start last.
+slow=(node policy service endpoint datapath)
+packages=()
+declare -A placed=()
+for name in "${slow[@]}"; do
+	for entry in "${built[@]}"; do
+		pkg=${entry%%$'\t'*}
+		[[ ${pkg##*/} == "$name" ]] || continue
+		packages+=("$entry")
+		placed[$pkg]=1
+	done
+done
+for entry in "${built[@]}"; do
+	[[ -n ${placed[${entry%%$'\t'*}]:-} ]] || packages+=("$entry")
+done
 
 # Programs tests run as separate processes (testutil.Program): the guest
 # cannot run the Go toolchain on the read-only root.
@@ -196,7 +224,7 @@ done
 
 # The guest sources this file.
 {
-	declare -p packages test_flags verbose test_timeout
+	declare -p packages test_flags verbose test_timeout guest_jobs
 	printf 'modules=%q\n' "$kdir/lib/modules"
 	printf 'repo=%q\n' "$repo"
 	printf 'progs=%q\n' "$progs"
