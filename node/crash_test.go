@@ -14,6 +14,7 @@ import (
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/internal/clustertest"
 	"github.com/sluicedp/sluice/internal/testutil"
+	"github.com/sluicedp/sluice/internal/xfrm"
 	"github.com/sluicedp/sluice/node"
 )
 
@@ -22,17 +23,19 @@ func TestMain(m *testing.M) {
 }
 
 // crashOp is what the crashing child is told (as JSON): which datapath to
-// open, the node to apply or the name of the node to delete, and where to
-// kill itself.
+// open, the IPsec key set to give it, or the node to apply or the name of
+// the node to delete, and where to kill itself.
 type crashOp struct {
 	BPFFS, NetNS string
 	Point        string
-	Apply        *node.Node // nil: Delete
+	Keys         *node.IPsecKeys
+	Apply        *node.Node // nil (and no Keys): Delete
 	Delete       string
 }
 
-// nodeCrash, given a crashOp, applies or deletes a node and kills itself
-// at the crash point. It exits with 3 when it never got there.
+// nodeCrash, given a crashOp, sets the keys, or applies or deletes a
+// node, and kills itself at the crash point. It exits with 3 when it
+// never got there.
 func nodeCrash(arg string) int {
 	var op crashOp
 	if err := json.Unmarshal([]byte(arg), &op); err != nil {
@@ -46,9 +49,12 @@ func nodeCrash(arg string) int {
 		return 1
 	}
 	testutil.CrashAt(op.Point)
-	if op.Apply != nil {
+	switch {
+	case op.Keys != nil:
+		_, err = node.SetIPsecKeys(ctx, dp, *op.Keys)
+	case op.Apply != nil:
 		_, err = node.Apply(ctx, dp, *op.Apply)
-	} else {
+	default:
 		err = node.Delete(ctx, dp, op.Delete)
 	}
 	if err != nil {
@@ -136,16 +142,7 @@ func TestKilledAtEachCrashPoint(t *testing.T) {
 						op.Delete = a.Name
 						after = nil
 					}
-					arg, err := json.Marshal(op)
-					if err != nil {
-						t.Fatal(err)
-					}
-					testutil.RunKilled(t, "nodecrash", string(arg))
-
-					repaired, err := local.DP.Reconcile(ctx)
-					if err != nil {
-						t.Fatalf("reconcile: %v", err)
-					}
+					repaired := killAndReconcile(t, local, op)
 					want := before
 					if pt.done {
 						want = after
@@ -163,6 +160,22 @@ func TestKilledAtEachCrashPoint(t *testing.T) {
 			}
 		})
 	}
+}
+
+// killAndReconcile runs op in a child killed at its crash point, then
+// Reconciles the node's datapath and returns what it repaired.
+func killAndReconcile(t *testing.T, n *clustertest.Node, op crashOp) int {
+	t.Helper()
+	arg, err := json.Marshal(op)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.RunKilled(t, "nodecrash", string(arg))
+	repaired, err := n.DP.Reconcile(context.Background())
+	if err != nil {
+		t.Fatalf("reconcile: %v", err)
+	}
+	return repaired
 }
 
 // resetNodes makes node-1 version a the datapath's only remote node, with
@@ -231,6 +244,100 @@ func b2i(b bool) int {
 		return 1
 	}
 	return 0
+}
+
+// A process killed at each crash point of SetIPsecKeys (from key 1 to key
+// 2 in one call: install, switch, remove) and of creating and deleting a
+// node with IPsec on leaves what Reconcile makes whole: the key set is
+// exactly the old or the new one, as a second handle sees it too, and the
+// xfrm states and policies are exactly what the ledger says (Verify finds
+// no drift, and the OUT states are one per node and key).
+func TestKilledInIPsecChanges(t *testing.T) {
+	requireEncryption(t, datapath.EncryptionIPsec)
+	c := clustertest.New(t, clustertest.Options{Nodes: 2, Endpoints: 1, NoPeers: true, Encryption: datapath.EncryptionIPsec})
+	local := c.Nodes[0]
+	a := c.Nodes[1].Object()
+	ctx := context.Background()
+	one, two := clustertest.IPsecKeys(), node.IPsecKeys{Keys: []node.IPsecKey{clustertest.IPsecKey(2)}, Current: 2}
+	type point struct {
+		point    string
+		keys     bool // SetIPsecKeys(two); else create node-x, or delete node-1
+		delete   bool
+		done     bool // Reconcile leaves the new version
+		repaired int
+	}
+	var points []point
+	for _, p := range []string{"intent", "install", "switch", "cleanup", "ready", "done"} {
+		points = append(points, point{"ipsec keys/" + p, true, false, p != "intent", b2i(p != "intent" && p != "done")})
+	}
+	for _, p := range []string{"intent", "encrypt", "maps", "routes", "cleanup", "ready", "done"} {
+		points = append(points, point{"node/" + p, false, false, p != "intent", b2i(p != "intent" && p != "done")})
+	}
+	points = append(points,
+		point{"node delete/intent", false, true, false, 0},
+		point{"node delete/take apart", false, true, true, 1},
+	)
+	for _, pt := range points {
+		t.Run(strings.ReplaceAll(pt.point, "/", "_"), func(t *testing.T) {
+			if _, err := node.SetIPsecKeys(ctx, local.DP, one); err != nil {
+				t.Fatalf("reset keys: %v", err)
+			}
+			resetNodes(t, local.DP, a)
+			op := crashOp{BPFFS: local.BPFFS, NetNS: local.NS.Path, Point: pt.point}
+			wantKeys, wantNodes := one, []node.Node{a}
+			switch {
+			case pt.keys:
+				op.Keys = &two
+				if pt.done {
+					wantKeys = two
+				}
+			case pt.delete:
+				op.Delete = a.Name
+				if pt.done {
+					wantNodes = nil
+				}
+			default:
+				op.Apply = &nodeX
+				if pt.done {
+					wantNodes = []node.Node{a, nodeX}
+				}
+			}
+			repaired := killAndReconcile(t, local, op)
+			if repaired != pt.repaired {
+				t.Errorf("Reconcile repaired %d objects, want %d", repaired, pt.repaired)
+			}
+			checkNodes(t, local.DP, wantNodes, a.Name, nodeX.Name)
+			second, err := datapath.Open(ctx, datapath.Config{Name: "node", BPFFS: local.BPFFS, NetNS: local.NS.Path, MustExist: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer second.Close()
+			for _, dp := range []*datapath.Datapath{local.DP, second} {
+				current, installed, err := node.IPsecSPIs(dp)
+				if err != nil || current != wantKeys.Current || !slices.Equal(installed, []uint8{wantKeys.Current}) {
+					t.Errorf("IPsecSPIs = %d %v, %v; want %d [%[4]d]", current, installed, err, wantKeys.Current)
+				}
+			}
+			sas, err := xfrm.Installed(local.NS.Handle)
+			if err != nil {
+				t.Fatal(err)
+			}
+			peers := map[uint16]bool{}
+			for _, sa := range sas {
+				peers[sa.Peer.Node] = true
+				if sa.SPI != wantKeys.Current {
+					t.Errorf("an OUT state of key %d: %+v", sa.SPI, sa.Peer)
+				}
+			}
+			if len(peers) != len(wantNodes) {
+				t.Errorf("OUT states towards %d nodes, want %d: %+v", len(peers), len(wantNodes), sas)
+			}
+			drift, err := local.DP.Verify(ctx, false)
+			if err != nil || len(drift) > 0 {
+				t.Errorf("the maps, routes and xfrm states differ from the ledger (%v): %v", err, drift)
+			}
+		})
+	}
 }
 
 // A change over one a killed process left half-made (no Reconcile in
