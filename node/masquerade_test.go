@@ -59,47 +59,50 @@ func seenTCP(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort) string {
 	return string(b)
 }
 
+// askUDP sends a datagram from ns to addr, three times at most (one may
+// meet a neighbour not yet resolved), and returns the first answer, or
+// the error of the last read: ECONNREFUSED when an ICMP port unreachable
+// came back.
+func askUDP(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort) (string, error) {
+	t.Helper()
+	var c *net.UDPConn
+	ns.Do(t, func() (err error) {
+		c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(addr))
+		return err
+	})
+	defer c.Close()
+	buf := make([]byte, 100)
+	var err error
+	for range 3 {
+		c.Write([]byte("who am I"))
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		var n int
+		if n, err = c.Read(buf); err == nil {
+			return string(buf[:n]), nil
+		}
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			break
+		}
+	}
+	return "", err
+}
+
 // seenUDP sends a datagram from ns to addr and returns the answer.
 func seenUDP(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort) string {
 	t.Helper()
-	var c *net.UDPConn
-	ns.Do(t, func() (err error) {
-		c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(addr))
-		return err
-	})
-	defer c.Close()
-	buf := make([]byte, 100)
-	for range 3 { // a datagram may meet a neighbour not yet resolved
-		c.Write([]byte("who am I"))
-		c.SetReadDeadline(time.Now().Add(time.Second))
-		if n, err := c.Read(buf); err == nil {
-			return string(buf[:n])
-		}
+	got, err := askUDP(t, ns, addr)
+	if err != nil {
+		t.Fatalf("no answer from %s: %v", addr, err)
 	}
-	t.Fatalf("no answer from %s", addr)
-	return ""
+	return got
 }
 
-// refusedUDP sends datagrams from ns to addr, where nobody listens, and
-// reports whether the socket learnt that the port is unreachable: the
-// ICMP error made it back.
+// refusedUDP reports whether a datagram from ns to addr, where nobody
+// listens, was refused: the ICMP error made it back to the socket.
 func refusedUDP(t *testing.T, ns *testutil.NetNS, addr netip.AddrPort) bool {
 	t.Helper()
-	var c *net.UDPConn
-	ns.Do(t, func() (err error) {
-		c, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(addr))
-		return err
-	})
-	defer c.Close()
-	buf := make([]byte, 100)
-	for range 3 {
-		c.Write([]byte("anyone?"))
-		c.SetReadDeadline(time.Now().Add(time.Second))
-		if _, err := c.Read(buf); errors.Is(err, syscall.ECONNREFUSED) {
-			return true
-		}
-	}
-	return false
+	_, err := askUDP(t, ns, addr)
+	return errors.Is(err, syscall.ECONNREFUSED)
 }
 
 // What a pod sends outside the cluster leaves with its node's address,
