@@ -142,11 +142,11 @@ func setupNode(st *core.State, n Node) (undo func() error, err error) {
 }
 
 // setupTunnel makes the VXLAN device, or finds the one an earlier Open
-// made, and attaches from-overlay and to-overlay to it. Its name is the datapath's, so
-// the datapath owns it. The record (KindDevice 0) is written before the
-// device is made: a process killed in between leaves a record that
-// Reconcile undoes, device included. It returns the device's index and,
-// when it attached the program, the record.
+// made, and attaches from-overlay and to-overlay to it. Its name is the
+// datapath's, so the datapath owns it. The record (KindDevice 0) is
+// written before the device is made: a process killed in between leaves a
+// record that Reconcile undoes, device included. It returns the device's
+// index and, when it attached the programs, the record.
 func setupTunnel(st *core.State, port uint16, mtu int) (int, *ledger.Record, error) {
 	dev := &ledger.Device{Name: TunnelDevice, Owned: true}
 	r, err := ledger.Get(st.Objs.Ledger, ledger.KindDevice, 0)
@@ -298,8 +298,8 @@ func putNodeCIDR(st *core.State, p netip.Prefix, node uint32) error {
 // KindDevice id: first the record (Creating), then the attachments, then
 // the record Ready, which it returns. A device recorded Ready with the
 // same index and links is attached already: it returns no record (an
-// upgrade that adds a program records and attaches them all again). On error what it
-// attached is undone, and the record with it.
+// upgrade that adds a program records and attaches them all again). On
+// error what it attached is undone, and the record with it.
 func attachNodePrograms(st *core.State, id uint32, dev *ledger.Device, links ...ledger.Link) (*ledger.Record, error) {
 	for i := range links {
 		hook := "in"

@@ -26,16 +26,16 @@
  * way in (what it quotes never left the endpoint: a forgery) and decided
  * as a new flow on its way out; a new flow meets the endpoint's policy, is
  * counted against the rule that decided, reported when policy verdicts
- * are on, and tracked if it passes. Only a SYN opens a TCP connection: any other segment of one
- * conntrack does not know (never opened, revoked by a new policy, expired,
- * reset) is dropped, so a flow a policy revoked cannot come back by
- * sending. A new flow the endpoint sends to an address that the ipcache
- * knows only as the world's or a CIDR's, but that the node owns, has the
- * host's identity. A reply (or related ICMP error) of a translated flow
- * gets its service in f->lb.rev_nat, for reverse_nat. It returns 0 to let
- * the packet on, or the drop verdict; packet pointers taken before are
- * invalid after it. A global function: every path that delivers calls it,
- * and the verifier checks it once. */
+ * are on, and tracked if it passes. Only a SYN opens a TCP connection:
+ * any other segment of one conntrack does not know (never opened, revoked
+ * by a new policy, expired, reset) is dropped, so a flow a policy revoked
+ * cannot come back by sending. A new flow the endpoint sends to an
+ * address that the ipcache knows only as the world's or a CIDR's, but
+ * that the node owns, has the host's identity. A reply (or related ICMP
+ * error) of a translated flow gets its service in f->lb.rev_nat, for
+ * reverse_nat. It returns 0 to let the packet on, or the drop verdict;
+ * packet pointers taken before are invalid after it. A global function:
+ * every path that delivers calls it, and the verifier checks it once. */
 __noinline int enforce(struct __sk_buff *skb, struct flow *f, __u16 ep, __u8 dir, __u32 identity)
 {
 	__u8 ct_dir = dir == DIR_EGRESS ? CT_EGRESS : CT_INGRESS;

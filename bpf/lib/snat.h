@@ -93,11 +93,10 @@ static __always_inline int snat_is_reply(const struct flow *f)
 }
 
 /* snat_applies reports whether the flow's packet is one to masquerade: a
- * local pod's (a source in a local pod CIDR) new flow to outside the
- * cluster, of a protocol with ports or an ICMP echo request. Outside is
- * neither the cluster's pod ranges nor another node's address (that node
- * routes to the pod, or answers over the overlay), and a reply to what
- * came from outside is not masqueraded. */
+ * local pod's (a source in a local pod CIDR) to outside the cluster, of a
+ * protocol with ports or an ICMP echo request. Outside is neither the
+ * cluster's pod ranges nor another node's address (that node routes to
+ * the pod, or answers over the overlay). */
 static __always_inline int snat_applies(const struct flow *f)
 {
 	struct node_route *src, *dst;
@@ -116,9 +115,7 @@ static __always_inline int snat_applies(const struct flow *f)
 	if (!src || src->node != NODE_LOCAL)
 		return 0;
 	dst = node_route_of(f->key.family, f->key.daddr);
-	if (dst || node_of_addr(f->key.family, f->key.daddr))
-		return 0;
-	return !snat_is_reply(f);
+	return !dst && !node_of_addr(f->key.family, f->key.daddr);
 }
 
 /* snat_allocate picks the node's port for a new flow out (key, as the
@@ -197,6 +194,10 @@ __noinline int snat_out(struct __sk_buff *skb, struct flow *f)
 	snat_key_of(&k, f, SNAT_OUT);
 	e = snat_live(bpf_map_lookup_elem(&snat, &k), f->key.proto, now);
 	if (!e) {
+		/* A reply to what came from outside is not masqueraded: asked
+		 * of flows without a translation only. */
+		if (snat_is_reply(f))
+			return 0;
 		reason = snat_allocate(&k, node_addr, now, &picked);
 		if (reason)
 			return drop(skb, reason, DIR_EGRESS, 0);
@@ -209,9 +210,9 @@ __noinline int snat_out(struct __sk_buff *skb, struct flow *f)
 
 /* snat_in turns a reply to a masqueraded flow, arriving at the node's
  * address, back to its pod, and an ICMP error about one to the pod with
- * the packet it quotes as the pod sent it. It returns 1 when it did (f now holds the
- * pod's side), 0 for a packet of no translation, or -1 when the packet
- * could not be rewritten. A global function: verified once. */
+ * the packet it quotes as the pod sent it. It returns 1 when it did (f
+ * now holds the pod's side), 0 for a packet of no translation, or -1 when
+ * the packet could not be rewritten. A global function: verified once. */
 __noinline int snat_in(struct __sk_buff *skb, struct flow *f)
 {
 	struct node_settings *cfg = node_config_get();

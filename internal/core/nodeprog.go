@@ -27,8 +27,8 @@ var nodeObjects = []nodeObject{
 }
 
 // NodeProgram returns the node-facing program of that name (from_netdev,
-// to_netdev, from_overlay, to_overlay), loading its object, wired to the datapath's
-// maps, the first time it is needed, as EndpointPrograms does.
+// to_netdev, from_overlay, to_overlay), loading its object, wired to the
+// datapath's maps, the first time it is needed, as EndpointPrograms does.
 func (s *State) NodeProgram(name string) (*ebpf.Program, error) {
 	if s.ReadOnly {
 		return nil, fmt.Errorf("datapath %s: %w", s.Name, ErrReadOnly)
