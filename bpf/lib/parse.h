@@ -5,11 +5,14 @@
 #include "../include/net.h"
 #include "arp.h"
 
-/* Bytes at the start of a packet that the programs read headers from. A
- * frame whose head is not all in the linear area (a large frame from a raw
- * socket keeps only its Ethernet header there) is pulled up to this much
- * before anything is parsed. */
-#define PULL_LEN 128
+/* Bytes at the start of a packet that the programs read headers from
+ * directly: Ethernet and the largest fixed IP header, IPv6's (the rest
+ * they read with helpers). A frame whose head is not all in the linear
+ * area (a large frame from a raw socket keeps only its Ethernet header
+ * there) is pulled up to this much before anything is parsed. Never
+ * more: a TCP segment's payload sits in pages its socket keeps for
+ * retransmission, and pulling any of it copies the packet. */
+#define PULL_LEN (ETH_HLEN + sizeof(struct ipv6hdr))
 
 /* header returns a pointer to len bytes at offset off of the packet, or NULL
  * when the linear area is shorter. */
