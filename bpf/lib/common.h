@@ -12,6 +12,14 @@ enum layout_version {
 
 #define NSEC_PER_SEC 1000000000ULL
 
+/* now_ns is CLOCK_MONOTONIC to within a tick, the clock of conntrack,
+ * NAT and affinity lifetimes (seconds long): a fraction of the cost of
+ * bpf_ktime_get_ns, whose clock read is a paravirtual call in many VMs. */
+static __always_inline __u64 now_ns(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
 /* Direction of a packet relative to the workload or node it concerns. */
 enum direction {
 	DIR_INGRESS = 0,

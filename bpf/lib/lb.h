@@ -58,7 +58,7 @@ __noinline int lb_translate(struct __sk_buff *skb, struct flow *f, __u16 ep)
 	/* On the stack: older kernels take map keys from nowhere else. */
 	k = f->key;
 	k.dir = CT_SERVICE; /* keyed as the client sends, to the frontend */
-	now = bpf_ktime_get_ns();
+	now = now_ns();
 	e = ct_find(&k, ep, now);
 	if (e) {
 		b = lb_backend_of(e->service.backend, fe->service);

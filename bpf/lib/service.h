@@ -253,7 +253,7 @@ static __always_inline void lb_count(__u32 counter, __u32 len, int new_flow)
 static __always_inline void lb_remember(__u32 service, const __u8 *client, __u32 backend)
 {
 	struct lb_affinity_key ak = {.service = service};
-	struct lb_affinity_entry a = {.last = bpf_ktime_get_ns(), .backend = backend};
+	struct lb_affinity_entry a = {.last = now_ns(), .backend = backend};
 
 	__builtin_memcpy(ak.client, client, 16);
 	bpf_map_update_elem(&lb_affinity, &ak, &a, BPF_ANY);
@@ -281,7 +281,7 @@ static __always_inline __u32 lb_select(const struct lb_frontend *fe, const __u8 
 
 		__builtin_memcpy(ak.client, client, 16);
 		aff = bpf_map_lookup_elem(&lb_affinity, &ak);
-		if (aff && bpf_ktime_get_ns() - aff->last < (__u64)fe->affinity * NSEC_PER_SEC) {
+		if (aff && now_ns() - aff->last < (__u64)fe->affinity * NSEC_PER_SEC) {
 			b = lb_backend_of(aff->backend, fe->service);
 			if (b && b->weight && lb_open(fe, b)) {
 				*out = b;

@@ -44,7 +44,7 @@ struct snat_entry {
 	__be16 port;   /* OUT: the node's port; IN: the pod's */
 	__u16 pad;
 	__u32 pad2;
-	__u64 expires; /* bpf_ktime_get_ns() */
+	__u64 expires; /* CLOCK_MONOTONIC ns (now_ns) */
 };
 
 struct {
@@ -89,7 +89,7 @@ static __always_inline int snat_is_reply(const struct flow *f)
 
 	ct_reverse(&k, &f->key, CT_INGRESS);
 	e = bpf_map_lookup_elem(&conntrack, &k);
-	return e && e->expires >= bpf_ktime_get_ns();
+	return e && e->expires >= now_ns();
 }
 
 /* snat_applies reports whether the flow's packet is one to masquerade: a
@@ -182,7 +182,7 @@ __noinline int snat_out(struct __sk_buff *skb, struct flow *f)
 	struct node_settings *cfg = node_config_get();
 	struct snat_entry picked, *e;
 	struct snat_key k = {};
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = now_ns();
 	const __u8 *node_addr;
 	int reason;
 
@@ -238,7 +238,7 @@ __noinline int snat_in(struct __sk_buff *skb, struct flow *f)
 	} else {
 		snat_key_of(&k, f, SNAT_IN);
 	}
-	e = snat_live(bpf_map_lookup_elem(&snat, &k), k.proto, bpf_ktime_get_ns());
+	e = snat_live(bpf_map_lookup_elem(&snat, &k), k.proto, now_ns());
 	if (!e)
 		return 0;
 	if (f->icmp_error)

@@ -28,7 +28,7 @@
 static __always_inline enum ct_status ct_lookup(struct flow *f, __u8 dir, __u16 ep, int from_node, __u32 len,
 						struct ct_service *svc)
 {
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = now_ns();
 	struct ct_key k; /* on the stack: older kernels take map keys from nowhere else */
 	struct ct_service about = {};
 	struct ct_entry *e;
@@ -96,6 +96,6 @@ static __always_inline void ct_create(const struct ct_key *key, const struct flo
 		e.policy = *policy;
 	if (with_service)
 		e.service = f->service;
-	e.expires = bpf_ktime_get_ns() + ct_lifetime(key->proto, f->tcp_flags, e.flags);
+	e.expires = now_ns() + ct_lifetime(key->proto, f->tcp_flags, e.flags);
 	bpf_map_update_elem(&conntrack, &k, &e, BPF_ANY);
 }
