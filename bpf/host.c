@@ -4,8 +4,10 @@
  * (Config.Node.Devices). from-netdev runs on tcx ingress, on every packet
  * from the underlay: a reply to a masqueraded flow is turned back to its
  * pod; a packet for a local endpoint meets its ingress policy and crosses
- * straight into the workload's namespace; everything else (the node's own
- * traffic, the overlay's UDP) goes on to the stack. to-netdev runs on tcx
+ * straight into the workload's namespace, and so does VXLAN from another
+ * node's pod to one, decapsulated here in the plain case (vxlan_take);
+ * everything else (the node's own traffic, the rest of the overlay's UDP)
+ * goes on to the stack. to-netdev runs on tcx
  * egress: what pods send outside the cluster leaves with the node's
  * address (snat.h). */
 #include "lib/common.h"
@@ -15,6 +17,7 @@
 #include "lib/node.h"
 #include "lib/snat.h"
 #include "lib/encrypt.h"
+#include "lib/overlay.h"
 
 /* source_allowed reports whether a packet from the underlay may have the
  * flow's source: never a local pod's address, nor, unless the nodes route
@@ -31,6 +34,65 @@ static __always_inline int source_allowed(struct node_settings *cfg, struct flow
 	return cfg->routing == ROUTING_NATIVE;
 }
 
+/* VXLAN as this node's peers send it: flags with only the VNI bit. */
+#define VXLAN_FLAGS_VNI 0x08
+
+/* The ECN field of the IPv4 TOS byte, and its "congestion experienced". */
+#define IP_ECN_MASK 0x03
+#define IP_ECN_CE 0x03
+
+/* Outer headers past the outer IP header that from-netdev takes off:
+ * UDP, VXLAN and the inner Ethernet header. */
+#define VXLAN_INNER_IP (8 + 8 + ETH_HLEN)
+
+/* vxlan_take decapsulates, on the underlay, a VXLAN packet from another
+ * node's pod to a local endpoint, and delivers it as from-overlay would,
+ * without the kernel's VXLAN receive path (a UDP socket lookup and a
+ * metadata allocation per packet, then a second pass through the
+ * stack). Only the plain case: IPv4 in IPv4 to the node's address, not
+ * encrypted (the stack's xfrm policy must see what arrives then), not a
+ * GSO or fragmented packet, from a known node with a workload's identity.
+ * Anything else returns -1 and goes the kernel's way, where from-overlay
+ * decides it (and counts what it drops). */
+static __always_inline int vxlan_take(struct __sk_buff *skb, struct node_settings *cfg, struct flow *f)
+{
+	__u32 identity, vni, vxlan[2], *node;
+	struct ipcache_value *remote;
+	struct iphdr *outer;
+	__u16 inner_proto;
+	__be32 inner_dst;
+
+	if (cfg->routing != ROUTING_VXLAN || cfg->encryption != ENCRYPT_NONE || f->key.family != 4 ||
+	    f->key.proto != IPPROTO_UDP || f->key.dport != bpf_htons(cfg->tunnel_port) || f->frag != FRAG_NONE ||
+	    skb->gso_size || !node_config_addr(cfg, 4, f->key.daddr))
+		return -1;
+	/* Congestion marked on the way (ECN CE) is the kernel's to carry
+	 * inwards, or to drop the packet for (RFC 6040). */
+	outer = header(skb, ETH_HLEN, sizeof(*outer));
+	if (!outer || (outer->tos & IP_ECN_MASK) == IP_ECN_CE)
+		return -1;
+	if (bpf_skb_load_bytes(skb, f->l4_off + 8, vxlan, sizeof(vxlan)) < 0 ||
+	    bpf_skb_load_bytes(skb, f->l4_off + VXLAN_INNER_IP - 2, &inner_proto, 2) < 0 ||
+	    bpf_skb_load_bytes(skb, f->l4_off + VXLAN_INNER_IP + __builtin_offsetof(struct iphdr, daddr), &inner_dst,
+			       4) < 0)
+		return -1;
+	if (vxlan[0] != bpf_htonl(VXLAN_FLAGS_VNI << 24) || inner_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	vni = bpf_ntohl(vxlan[1]) >> 8;
+	identity = overlay_identity(vni);
+	node = node_of_addr(4, f->key.saddr);
+	if (!identity || !node)
+		return -1;
+	remote = ipcache_lookup4(inner_dst);
+	if (!local_endpoint(remote))
+		return -1;
+	if (bpf_skb_adjust_room(skb, -(__s32)(f->l4_off - ETH_HLEN + VXLAN_INNER_IP), BPF_ADJ_ROOM_MAC, 0) < 0)
+		return -1;
+	trace(skb, TRACE_FROM_OVERLAY, DIR_INGRESS, 0);
+	__builtin_memset(f, 0, sizeof(*f));
+	return overlay_deliver(skb, f, *node, identity);
+}
+
 SEC("tc")
 int from_netdev(struct __sk_buff *skb)
 {
@@ -38,7 +100,7 @@ int from_netdev(struct __sk_buff *skb)
 	struct ipcache_value *remote;
 	struct endpoint_info *dst;
 	struct flow f = {};
-	int ret;
+	int ret, verdict;
 
 	if (!cfg)
 		return TC_ACT_OK;
@@ -52,6 +114,8 @@ int from_netdev(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (!source_allowed(cfg, &f))
 		return drop(skb, REASON_SPOOFED_NODE_SOURCE, DIR_INGRESS, 0);
+	if (ret == INBOUND_IP && (verdict = vxlan_take(skb, cfg, &f)) >= 0)
+		return verdict;
 	if (ret == INBOUND_IP && snat_in(skb, &f) < 0)
 		return drop(skb, REASON_MALFORMED, DIR_INGRESS, 0);
 	remote = f.key.family == 4 ? ipcache_lookup4(*(__be32 *)f.key.daddr) : ipcache_lookup6(f.key.daddr);

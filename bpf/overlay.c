@@ -14,9 +14,7 @@
 #include "lib/deliver.h"
 #include "lib/node.h"
 #include "lib/forward.h"
-
-/* skb->pkt_type of a packet for this host (bpf_skb_change_type). */
-#define PACKET_HOST 0
+#include "lib/overlay.h"
 
 /* What bpf_skb_get_tunnel_key returns for a packet without a key (and
  * for flags it does not know, which it is never given here). */
@@ -44,70 +42,24 @@ static __always_inline int tunnel_source(struct __sk_buff *skb, __u8 *family, __
 	return 0;
 }
 
-/* sender_owns reports whether the inner source is the sending node's to
- * use: inside its pod CIDRs, or, for what the node itself sends, one of
- * its underlay addresses. */
-static __always_inline int sender_owns(struct flow *f, __u32 node, __u32 identity)
-{
-	struct node_route *r = node_route_of(f->key.family, f->key.saddr);
-	__u32 *owner;
-
-	if (r && r->node == node)
-		return 1;
-	if (identity != IDENTITY_REMOTE_NODE)
-		return 0;
-	owner = node_of_addr(f->key.family, f->key.saddr);
-	return owner && *owner == node;
-}
-
 SEC("tc")
 int from_overlay(struct __sk_buff *skb)
 {
-	struct ipcache_value *remote;
-	struct endpoint_info *dst;
+	__u32 identity, vni, *node;
 	__u8 outer[16] = {};
 	struct flow f = {};
-	__u32 identity, *node;
 	__u8 family;
-	int ret;
 
 	trace(skb, TRACE_FROM_OVERLAY, DIR_INGRESS, 0);
-	if (tunnel_source(skb, &family, outer, &identity) < 0)
+	if (tunnel_source(skb, &family, outer, &vni) < 0)
 		return drop(skb, REASON_MALFORMED, DIR_INGRESS, 0);
 	node = node_of_addr(family, outer);
 	if (!node)
 		return drop(skb, REASON_UNKNOWN_NODE, DIR_INGRESS, 0);
-	/* What a node sends itself travels as the host's identity: here it
-	 * is that remote node's. */
-	if (identity == IDENTITY_HOST)
-		identity = IDENTITY_REMOTE_NODE;
-	else if (identity < IDENTITY_MIN_WORKLOAD)
+	identity = overlay_identity(vni);
+	if (!identity)
 		return drop(skb, REASON_TUNNEL_IDENTITY, DIR_INGRESS, 0);
-
-	ret = parse_inbound(skb, &f);
-	if (ret == INBOUND_PASS)
-		return drop(skb, REASON_UNSUPPORTED_L3, DIR_INGRESS, 0);
-	if (ret != INBOUND_IP)
-		return inbound_drop(skb, ret, 0);
-	if (!sender_owns(&f, *node, identity))
-		return drop(skb, REASON_SPOOFED_NODE_SOURCE, DIR_INGRESS, 0);
-	remote = f.key.family == 4 ? ipcache_lookup4(*(__be32 *)f.key.daddr) : ipcache_lookup6(f.key.daddr);
-	if (identity_of(remote) == IDENTITY_HOST) {
-		/* To the node itself: a pod's reply to what the node sent it
-		 * over the overlay (to-overlay), or a pod's own flow. Its
-		 * Ethernet header is addressed to the pod's gateway on the
-		 * other node: the stack takes it for the node all the same. */
-		if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
-			return drop(skb, REASON_MALFORMED, DIR_INGRESS, 0);
-		trace(skb, TRACE_TO_STACK, DIR_INGRESS, 0);
-		return TC_ACT_OK;
-	}
-	dst = local_endpoint(remote);
-	if (!dst)
-		return drop(skb, REASON_NO_LOCAL_ENDPOINT, DIR_INGRESS, 0);
-	if (!ttl_decrement(skb, f.key.family))
-		return TC_ACT_OK; /* the stack answers it */
-	return to_endpoint(skb, dst, &f, identity, 0);
+	return overlay_deliver(skb, &f, *node, identity);
 }
 
 /* ipv6_link_scope reports an IPv6 destination the kernel's own link

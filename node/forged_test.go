@@ -18,17 +18,27 @@ import (
 // src (as the Internet namespace can forge it: the underlay is one
 // link), carrying inner with the VNI vni.
 func vxlan(from net.HardwareAddr, n *clustertest.Node, src netip.Addr, vni uint32, inner []byte) []byte {
+	return vxlanTOS(from, n, src, vni, 0, inner)
+}
+
+// vxlanTOS is vxlan with the outer IPv4 header's TOS byte.
+func vxlanTOS(from net.HardwareAddr, n *clustertest.Node, src netip.Addr, vni uint32, tos uint8, inner []byte) []byte {
 	h := make([]byte, 8)
 	h[0] = 0x08 // a valid VNI follows
 	binary.BigEndian.PutUint32(h[4:], vni<<8)
-	return packet.Build(&packet.Ethernet{Src: from, Dst: n.MAC}, &packet.IPv4{Src: src, Dst: n.IPv4},
+	return packet.Build(&packet.Ethernet{Src: from, Dst: n.MAC}, &packet.IPv4{Src: src, Dst: n.IPv4, TOS: tos},
 		&packet.UDP{SrcPort: 40000, DstPort: datapath.DefaultTunnelPort}, packet.Payload(append(h, inner...)))
 }
 
 // udp4 is an IPv4 UDP datagram to port 9 in an Ethernet frame.
 func udp4(src, dst netip.Addr) []byte {
+	return udp4TOS(src, dst, 0)
+}
+
+// udp4TOS is udp4 with the IPv4 header's TOS byte.
+func udp4TOS(src, dst netip.Addr, tos uint8) []byte {
 	mac := net.HardwareAddr{0x02, 0, 0, 0, 0, 1}
-	return packet.Build(&packet.Ethernet{Src: mac, Dst: mac}, &packet.IPv4{Src: src, Dst: dst},
+	return packet.Build(&packet.Ethernet{Src: mac, Dst: mac}, &packet.IPv4{Src: src, Dst: dst, TOS: tos},
 		&packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged"))
 }
 
@@ -42,8 +52,11 @@ func unreachable4(src, dst, qsrc, qdst netip.Addr) []byte {
 }
 
 // Frames forged on the underlay are each dropped with a reason of their
-// own, and counted; the one genuine frame among them, sent the same way,
-// is delivered (so the others were dropped for what they forged).
+// own, and counted; the genuine frames among them, sent the same way, are
+// delivered (so the others were dropped for what they forged). From-netdev
+// decapsulates the plain VXLAN frames to local endpoints itself and makes
+// the same checks; the rest it leaves to the kernel's VXLAN device
+// (decapsulating: it counts them received) and from-overlay.
 func TestForgedFrames(t *testing.T) {
 	c := clustertest.New(t, clustertest.Options{})
 	n0, n1 := c.Nodes[0], c.Nodes[1]
@@ -62,25 +75,28 @@ func TestForgedFrames(t *testing.T) {
 		name   string
 		frame  []byte
 		reason datapath.Reason // ReasonForwarded: delivered
+		kernel bool            // decapsulated by the VXLAN device
 	}{
-		{"VXLAN from an address that is no node's", vxlan(internetMAC, n0, c.InternetIPv4, id1, udp4(pod1, dst.IPv4)), datapath.ReasonUnknownNode},
-		{"VNI with the world's identity", vxlan(internetMAC, n0, n1.IPv4, uint32(datapath.IdentityWorld), udp4(pod1, dst.IPv4)), datapath.ReasonTunnelIdentity},
-		{"VNI with no identity", vxlan(internetMAC, n0, n1.IPv4, 0, udp4(pod1, dst.IPv4)), datapath.ReasonTunnelIdentity},
-		{"VNI with a reserved identity", vxlan(internetMAC, n0, n1.IPv4, 255, udp4(pod1, dst.IPv4)), datapath.ReasonTunnelIdentity},
-		{"inner source of another node's pod", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod2, dst.IPv4)), datapath.ReasonSpoofedNodeSource},
-		{"inner source of a local pod", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(c.Endpoint(0, 1).IPv4, dst.IPv4)), datapath.ReasonSpoofedNodeSource},
-		{"inner source outside the cluster", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(c.InternetIPv4, dst.IPv4)), datapath.ReasonSpoofedNodeSource},
-		{"VXLAN to an address no endpoint has", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, netip.MustParseAddr("198.19.0.99"))), datapath.ReasonNoLocalEndpoint},
+		{"VXLAN from an address that is no node's", vxlan(internetMAC, n0, c.InternetIPv4, id1, udp4(pod1, dst.IPv4)), datapath.ReasonUnknownNode, true},
+		{"VNI with the world's identity", vxlan(internetMAC, n0, n1.IPv4, uint32(datapath.IdentityWorld), udp4(pod1, dst.IPv4)), datapath.ReasonTunnelIdentity, true},
+		{"VNI with no identity", vxlan(internetMAC, n0, n1.IPv4, 0, udp4(pod1, dst.IPv4)), datapath.ReasonTunnelIdentity, true},
+		{"VNI with a reserved identity", vxlan(internetMAC, n0, n1.IPv4, 255, udp4(pod1, dst.IPv4)), datapath.ReasonTunnelIdentity, true},
+		{"inner source of another node's pod", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod2, dst.IPv4)), datapath.ReasonSpoofedNodeSource, false},
+		{"inner source of a local pod", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(c.Endpoint(0, 1).IPv4, dst.IPv4)), datapath.ReasonSpoofedNodeSource, false},
+		{"inner source outside the cluster", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(c.InternetIPv4, dst.IPv4)), datapath.ReasonSpoofedNodeSource, false},
+		{"VXLAN to an address no endpoint has", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, netip.MustParseAddr("198.19.0.99"))), datapath.ReasonNoLocalEndpoint, true},
 		{"a local pod's address on the node device", packet.Build(&packet.Ethernet{Src: internetMAC, Dst: n0.MAC},
-			&packet.IPv4{Src: c.Endpoint(0, 1).IPv4, Dst: dst.IPv4}, &packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged")), datapath.ReasonSpoofedNodeSource},
+			&packet.IPv4{Src: c.Endpoint(0, 1).IPv4, Dst: dst.IPv4}, &packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged")), datapath.ReasonSpoofedNodeSource, false},
 		{"another node's pod on the node device, over VXLAN", packet.Build(&packet.Ethernet{Src: internetMAC, Dst: n0.MAC},
-			&packet.IPv4{Src: pod1, Dst: dst.IPv4}, &packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged")), datapath.ReasonSpoofedNodeSource},
-		{"ICMP error quoting a flow between other nodes' pods", vxlan(internetMAC, n0, n1.IPv4, id1, unreachable4(pod1, dst.IPv4, pod2, pod1)), datapath.ReasonICMPUnrelated},
-		{"ICMP error quoting a flow the destination never had", vxlan(internetMAC, n0, n1.IPv4, id1, unreachable4(pod1, dst.IPv4, dst.IPv4, pod2)), datapath.ReasonICMPUnrelated},
-		{"genuine: node-1's pod over VXLAN from node-1", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4)), datapath.ReasonForwarded},
+			&packet.IPv4{Src: pod1, Dst: dst.IPv4}, &packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("forged")), datapath.ReasonSpoofedNodeSource, false},
+		{"ICMP error quoting a flow between other nodes' pods", vxlan(internetMAC, n0, n1.IPv4, id1, unreachable4(pod1, dst.IPv4, pod2, pod1)), datapath.ReasonICMPUnrelated, false},
+		{"ICMP error quoting a flow the destination never had", vxlan(internetMAC, n0, n1.IPv4, id1, unreachable4(pod1, dst.IPv4, dst.IPv4, pod2)), datapath.ReasonICMPUnrelated, false},
+		{"genuine: node-1's pod over VXLAN from node-1", vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4)), datapath.ReasonForwarded, false},
+		{"genuine, congestion marked on the way (ECN CE)", vxlanTOS(internetMAC, n0, n1.IPv4, id1, 0x03, udp4TOS(pod1, dst.IPv4, 0x01)), datapath.ReasonForwarded, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := metric(t, n0.DP, tc.reason, datapath.Ingress)
+			decapsulated := tunnelReceived(t, n0)
 			c.Internet.SendFrames(t, "eth0", tc.frame)
 			got := testutil.Receive(rx, 1, map[bool]time.Duration{true: 2 * time.Second, false: 200 * time.Millisecond}[tc.reason == datapath.ReasonForwarded])
 			if delivered := len(got) > 0; delivered != (tc.reason == datapath.ReasonForwarded) {
@@ -89,6 +105,19 @@ func TestForgedFrames(t *testing.T) {
 			if after := metric(t, n0.DP, tc.reason, datapath.Ingress); after <= before {
 				t.Errorf("%s stayed at %d", tc.reason, after)
 			}
+			if kernel := tunnelReceived(t, n0) > decapsulated; kernel != tc.kernel {
+				t.Errorf("decapsulated by the VXLAN device: %t, want %t", kernel, tc.kernel)
+			}
 		})
 	}
+}
+
+// tunnelReceived is what node n's VXLAN device has decapsulated.
+func tunnelReceived(t *testing.T, n *clustertest.Node) uint64 {
+	t.Helper()
+	l, err := netdev.Get(n.NS.Handle, datapath.TunnelDevice)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return l.RxPackets
 }

@@ -82,6 +82,9 @@ type Link struct {
 	Up      bool // administratively up
 	Running bool // operationally up: it carries packets
 	MTU     int
+	// RxPackets is what the device has received (for a tunnel device:
+	// decapsulated) since it was made.
+	RxPackets uint64
 }
 
 // Get returns the device named name in ns, or an error matching
@@ -101,7 +104,11 @@ func Get(ns netns.NsHandle, name string) (Link, error) {
 		return Link{}, fmt.Errorf("device %s: %w", name, err)
 	}
 	a := l.Attrs()
-	return Link{Index: a.Index, Type: l.Type(), MAC: a.HardwareAddr, Up: a.Flags&net.FlagUp != 0, Running: a.OperState == netlink.OperUp, MTU: a.MTU}, nil
+	out := Link{Index: a.Index, Type: l.Type(), MAC: a.HardwareAddr, Up: a.Flags&net.FlagUp != 0, Running: a.OperState == netlink.OperUp, MTU: a.MTU}
+	if a.Statistics != nil {
+		out.RxPackets = a.Statistics.RxPackets
+	}
+	return out, nil
 }
 
 // Delete removes the device with index ifindex from ns; a device that is

@@ -124,11 +124,13 @@ type IPv4 struct {
 	ID            uint16
 	FragOffset    uint16
 	MoreFragments bool
+	TOS           uint8 // DSCP and ECN
 }
 
 func (ip *IPv4) prepend(payload []byte, _, inner Layer) []byte {
 	h := make([]byte, 20, 20+len(payload))
 	h[0] = 0x45
+	h[1] = ip.TOS
 	binary.BigEndian.PutUint16(h[2:4], uint16(20+len(payload)))
 	binary.BigEndian.PutUint16(h[4:6], ip.ID)
 	frag := ip.FragOffset & 0x1fff
