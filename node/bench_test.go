@@ -75,25 +75,30 @@ func (w benchWiring) drops(t testing.TB) map[string]uint64 {
 // through the kernel alone (clustertest.Baseline: plain routing, and a
 // kernel VXLAN device), all four built before the first measurement:
 //
-//   - throughput/WIRING: one connection carries 64 MiB per op to a sink in
-//     the other pod (MB/s);
-//   - rr/WIRING: one connection, 1-byte request and 1-byte response, 1000
-//     round trips per op, both ends on blocking sockets (req/s);
-//   - ratios: sluice over the kernel, measured in this same run:
-//     sluice-vxlan/linux-vxlan ("vxlan-" metrics) and
-//     sluice-native/linux-routing ("native-"), for throughput ("-tput-x")
-//     and request rate ("-rr-x"); above 1, sluice is the faster.
+//   - throughput: each op sends 64 MiB through every wiring in turn, on a
+//     connection of its own to a sink in the other pod (MB/s-WIRING);
+//   - rr: each op makes 1000 round trips of 1-byte request and 1-byte
+//     response through every wiring in turn, on one connection per wiring,
+//     both ends on blocking sockets (req/s-WIRING);
+//   - both report sluice over the kernel: sluice-vxlan/linux-vxlan
+//     ("vxlan-" metrics) and sluice-native/linux-routing ("native-"), for
+//     throughput ("-tput-x") and request rate ("-rr-x"); above 1, sluice
+//     is the faster;
+//   - programs/WIRING: the round trips again with the kernel's BPF run
+//     time statistics on, each program's ns per run (never while the
+//     ratios are measured: the statistics cost time of their own).
 //
-// A parent benchmark's own metrics are never printed once it has
-// sub-benchmarks, hence the ratios as a last sub-benchmark. Sender,
+// The wirings take turns within every op, the first one changing from op
+// to op, so that a machine whose speed drifts during the run (a shared or
+// virtual one) moves all four alike and the ratios hold. Sender,
 // receiver and both nodes share the machine's CPUs: compare figures of
-// one run, and take several (3x is a quick look; 100x takes about 40s).
+// one run (3x is a quick look; 100x takes about a minute).
 //
 //	go test -run '^$' -bench CrossNode -benchtime 100x ./node
 func BenchmarkCrossNode(b *testing.B) {
-	pairs := map[string]benchWiring{}
-	for _, w := range benchWirings {
-		var p benchWiring
+	pairs := make([]benchWiring, len(benchWirings))
+	for i, w := range benchWirings {
+		p := &pairs[i]
 		if w.routing == datapath.RoutingLocal {
 			p.Pair = clustertest.Baseline(b, w.vxlan)
 		} else {
@@ -107,39 +112,32 @@ func BenchmarkCrossNode(b *testing.B) {
 		if err := clustertest.TCPRoundTrip(b, p.Src, netip.AddrPortFrom(p.DstAddr, benchRRPort), []byte{1}, 5*time.Second); err != nil {
 			b.Fatalf("%s: %v", w.name, err)
 		}
-		pairs[w.name] = p
 	}
 
-	// The last run of each sub-benchmark (the one reported) wins.
-	mbps, rps := map[string]float64{}, map[string]float64{}
-	for _, w := range benchWirings {
-		p := pairs[w.name]
-		b.Run("throughput/"+w.name, func(b *testing.B) {
-			delete(mbps, w.name) // what a run before this one measured
-			r, err := benchBulk(b, p.Pair)
-			if err != nil {
-				b.Fatalf("%v; drops in the datapath: %v", err, p.drops(b))
-			}
-			mbps[w.name] = r
+	b.Run("throughput", func(b *testing.B) {
+		b.SetBytes(benchBulkBytes * int64(len(pairs)))
+		took := benchTakeTurns(b, pairs, func(i int) (time.Duration, error) { return benchBulk(b, pairs[i].Pair) })
+		benchReport(b, took, "MB/s", "tput", func(d time.Duration) float64 {
+			return float64(b.N) * benchBulkBytes / 1e6 / d.Seconds()
 		})
+	})
+	rrs := make([]benchRoundTripper, len(pairs))
+	for i, p := range pairs {
+		r, err := benchDialRR(b, p.Pair)
+		if err != nil {
+			b.Fatalf("%s: %v", benchWirings[i].name, err)
+		}
+		rrs[i] = r
 	}
-	for _, w := range benchWirings {
-		p := pairs[w.name]
-		b.Run("rr/"+w.name, func(b *testing.B) {
-			delete(rps, w.name)
-			r, err := benchRR(b, p.Pair)
-			if err != nil {
-				b.Fatalf("%v; drops in the datapath: %v", err, p.drops(b))
-			}
-			rps[w.name] = r
-			b.ReportMetric(r, "req/s")
+	b.Run("rr", func(b *testing.B) {
+		took := benchTakeTurns(b, pairs, func(i int) (time.Duration, error) { return rrs[i].roundTrips(benchRoundTrips) })
+		benchReport(b, took, "req/s", "rr", func(d time.Duration) float64 {
+			return float64(b.N*benchRoundTrips) / d.Seconds()
 		})
-	}
-	// Where the time goes: the same request/response again, with the
-	// kernel counting each program's runs and run time (which costs
-	// time of its own: never while the ratios are measured).
-	for _, w := range benchWirings {
-		p := pairs[w.name]
+	})
+	// Where the time goes.
+	for i, w := range benchWirings {
+		p := pairs[i]
 		if p.sluice == nil {
 			continue
 		}
@@ -150,8 +148,10 @@ func BenchmarkCrossNode(b *testing.B) {
 			}
 			defer stats.Close()
 			before := benchProgramStats(b, p.sluice)
-			if _, err := benchRR(b, p.Pair); err != nil {
-				b.Fatal(err)
+			for range b.N {
+				if _, err := rrs[i].roundTrips(benchRoundTrips); err != nil {
+					b.Fatal(err)
+				}
 			}
 			for name, s := range benchProgramStats(b, p.sluice) {
 				if runs := s.runs - before[name].runs; runs > 0 {
@@ -160,25 +160,39 @@ func BenchmarkCrossNode(b *testing.B) {
 			}
 		})
 	}
-	b.Run("ratios", func(b *testing.B) {
-		b.ReportMetric(0, "ns/op") // nothing timed here
-		for _, r := range []struct {
-			unit     string
-			of       map[string]float64
-			num, den string
-		}{
-			{"vxlan-tput-x", mbps, "sluice-vxlan", "linux-vxlan"},
-			{"native-tput-x", mbps, "sluice-native", "linux-routing"},
-			{"vxlan-rr-x", rps, "sluice-vxlan", "linux-vxlan"},
-			{"native-rr-x", rps, "sluice-native", "linux-routing"},
-		} {
-			if r.of[r.num] > 0 && r.of[r.den] > 0 {
-				b.ReportMetric(r.of[r.num]/r.of[r.den], r.unit)
-			} else {
-				b.Logf("no %s: %s or %s was not measured", r.unit, r.num, r.den)
+}
+
+// benchTakeTurns runs each op once through every wiring, starting with
+// a different one each op, and returns the time each wiring took in
+// all. A wiring that fails fails the benchmark, with its datapath's
+// drops.
+func benchTakeTurns(b *testing.B, pairs []benchWiring, op func(i int) (time.Duration, error)) []time.Duration {
+	took := make([]time.Duration, len(pairs))
+	b.ResetTimer()
+	for n := range b.N {
+		for k := range pairs {
+			i := (n + k) % len(pairs)
+			d, err := op(i)
+			if err != nil {
+				b.Fatalf("%s: %v; drops in the datapath: %v", benchWirings[i].name, err, pairs[i].drops(b))
 			}
+			took[i] += d
 		}
-	})
+	}
+	return took
+}
+
+// benchReport reports each wiring's rate (rate of its total time, in
+// unit) and the two ratios of sluice over the kernel ("vxlan-KIND-x",
+// "native-KIND-x").
+func benchReport(b *testing.B, took []time.Duration, unit, kind string, rate func(time.Duration) float64) {
+	by := map[string]float64{}
+	for i, w := range benchWirings {
+		by[w.name] = rate(took[i])
+		b.ReportMetric(by[w.name], unit+"-"+w.name)
+	}
+	b.ReportMetric(by["sluice-vxlan"]/by["linux-vxlan"], "vxlan-"+kind+"-x")
+	b.ReportMetric(by["sluice-native"]/by["linux-routing"], "native-"+kind+"-x")
 }
 
 // programStats is what the kernel counted of a program: runs, and run
@@ -214,40 +228,36 @@ func benchProgramStats(b *testing.B, c *clustertest.Cluster) map[string]programS
 	return out
 }
 
-// benchBulk sends b.N times 64 MiB from p.Src to the sink and returns the
-// rate in MB/s (10^6 bytes a second), as b.SetBytes reports it. A
-// transfer that makes no progress for benchIOTimeout fails.
-func benchBulk(b *testing.B, p *clustertest.Pair) (float64, error) {
-	b.SetBytes(benchBulkBytes)
+// benchBulk sends 64 MiB from p.Src to the sink on a new connection and
+// returns the time it took, up to the sink's answer that all of it
+// arrived. A transfer that makes no progress for benchIOTimeout fails.
+func benchBulk(b *testing.B, p *clustertest.Pair) (time.Duration, error) {
 	c, err := p.Src.DialTCP(b, netip.AddrPortFrom(p.DstAddr, benchBulkPort), 5*time.Second)
 	if err != nil {
 		return 0, err
 	}
+	defer c.Close()
 	buf := make([]byte, benchWriteBuffer)
-	b.ResetTimer()
-	for range b.N {
-		for sent := 0; sent < benchBulkBytes; sent += len(buf) {
-			c.SetWriteDeadline(time.Now().Add(benchIOTimeout))
-			if _, err := c.Write(buf); err != nil {
-				return 0, fmt.Errorf("after %d bytes of an op: %w", sent, err)
-			}
+	start := time.Now()
+	for sent := 0; sent < benchBulkBytes; sent += len(buf) {
+		c.SetWriteDeadline(time.Now().Add(benchIOTimeout))
+		if _, err := c.Write(buf); err != nil {
+			return 0, fmt.Errorf("after %d bytes: %w", sent, err)
 		}
 	}
 	if err := c.CloseWrite(); err != nil {
 		return 0, err
 	}
-	// The sink answers the end of the stream with what it received: the
-	// time includes the last byte's arrival.
 	var got uint64
 	c.SetReadDeadline(time.Now().Add(benchIOTimeout))
 	if err := binary.Read(c, binary.BigEndian, &got); err != nil {
 		return 0, fmt.Errorf("the sink's count: %w", err)
 	}
-	b.StopTimer()
-	if want := uint64(b.N) * benchBulkBytes; got != want {
-		return 0, fmt.Errorf("the sink received %d bytes of %d", got, want)
+	took := time.Since(start)
+	if got != benchBulkBytes {
+		return 0, fmt.Errorf("the sink received %d bytes of %d", got, benchBulkBytes)
 	}
-	return float64(b.N) * benchBulkBytes / 1e6 / b.Elapsed().Seconds(), nil
+	return took, nil
 }
 
 // benchSink counts what each TCP connection to addr inside ns sends, and
@@ -271,28 +281,37 @@ func benchSink(t testing.TB, ns *testutil.NetNS, addr netip.AddrPort) {
 	})
 }
 
-// benchRR makes b.N times 1000 round trips of one byte each way from
-// p.Src to the responder and returns the round trips a second.
-func benchRR(b *testing.B, p *clustertest.Pair) (float64, error) {
+// benchRoundTripper is a connection from a pair's source pod to its
+// responder.
+type benchRoundTripper struct{ fd int }
+
+// benchDialRR connects p.Src to the responder; the test closes the
+// connection.
+func benchDialRR(b *testing.B, p *clustertest.Pair) (benchRoundTripper, error) {
 	fd, err := benchSocket(p.Src)
 	if err != nil {
-		return 0, err
+		return benchRoundTripper{}, err
 	}
 	b.Cleanup(func() { unix.Close(fd) })
 	to := &unix.SockaddrInet4{Port: benchRRPort, Addr: p.DstAddr.As4()}
 	if err := unix.Connect(fd, to); err != nil {
-		return 0, fmt.Errorf("connect to %s: %w", p.DstAddr, err)
+		return benchRoundTripper{}, fmt.Errorf("connect to %s: %w", p.DstAddr, err)
 	}
+	return benchRoundTripper{fd}, nil
+}
+
+// roundTrips makes n round trips of one byte each way and returns the
+// time they took.
+func (r benchRoundTripper) roundTrips(n int) (time.Duration, error) {
 	req := []byte{'?'}
 	resp := make([]byte, 1)
-	b.ResetTimer()
-	for i := range b.N * benchRoundTrips {
-		if err := benchExchange(fd, req, resp); err != nil {
+	start := time.Now()
+	for i := range n {
+		if err := benchExchange(r.fd, req, resp); err != nil {
 			return 0, fmt.Errorf("round trip %d: %w", i, err)
 		}
 	}
-	b.StopTimer()
-	return float64(b.N*benchRoundTrips) / b.Elapsed().Seconds(), nil
+	return time.Since(start), nil
 }
 
 // benchExchange writes req on the connected socket fd and reads the
