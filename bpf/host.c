@@ -127,8 +127,7 @@ int from_netdev(struct __sk_buff *skb)
 		return inbound_drop(skb, ret, dst->id);
 	if (!ttl_decrement(skb, f.key.family))
 		return TC_ACT_OK; /* the stack answers it */
-	remote = f.key.family == 4 ? ipcache_lookup4(*(__be32 *)f.key.saddr) : ipcache_lookup6(f.key.saddr);
-	return to_endpoint(skb, dst, &f, identity_of(remote), 0);
+	return to_endpoint(skb, dst, &f, IDENTITY_OF_SOURCE, 0);
 }
 
 /* to_wireguard_node reports whether the flow is VXLAN to another node that

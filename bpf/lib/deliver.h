@@ -19,6 +19,25 @@
 #include "host.h"
 #include "frag.h"
 
+/* IDENTITY_OF_SOURCE, as enforce's identity, stands for the ipcache's
+ * identity of the packet's source, looked up only when it matters: for a
+ * new flow (or an ICMP error), never for a packet conntrack lets through. */
+#define IDENTITY_OF_SOURCE 0
+
+/* identity_of is the security identity of an ipcache entry: world for an
+ * address the ipcache does not know. */
+static __always_inline __u32 identity_of(struct ipcache_value *v)
+{
+	return v ? v->identity : IDENTITY_WORLD;
+}
+
+/* source_identity is the ipcache's identity of the flow's source. */
+static __always_inline __u32 source_identity(const struct flow *f)
+{
+	return identity_of(f->key.family == 4 ? ipcache_lookup4(*(const __be32 *)f->key.saddr)
+					      : ipcache_lookup6(f->key.saddr));
+}
+
 /* enforce decides a packet of endpoint ep in direction dir (its own: egress
  * for what it sends, ingress for what it receives) from or to the remote
  * identity: a packet of a tracked flow, a reply or a related ICMP error
@@ -46,6 +65,8 @@ __noinline int enforce(struct __sk_buff *skb, struct flow *f, __u16 ep, __u8 dir
 
 	if (!f)
 		return TC_ACT_SHOT;
+	if (identity == IDENTITY_OF_SOURCE && f->icmp_error)
+		identity = source_identity(f);
 	status = ct_lookup(f, ct_dir, ep, dir == DIR_INGRESS && identity == IDENTITY_HOST, skb->len, &reply);
 	if (status == CT_UNRELATED && dir == DIR_INGRESS)
 		return drop(skb, REASON_ICMP_UNRELATED, dir, ep);
@@ -55,6 +76,8 @@ __noinline int enforce(struct __sk_buff *skb, struct flow *f, __u16 ep, __u8 dir
 	}
 	if (f->key.proto == IPPROTO_TCP && f->l4_off && !tcp_is_syn(f))
 		return drop(skb, REASON_NO_CONNECTION, dir, ep);
+	if (identity == IDENTITY_OF_SOURCE)
+		identity = source_identity(f);
 	if (dir == DIR_EGRESS && (identity == IDENTITY_WORLD || identity_is_cidr(identity)) &&
 	    node_owns_dst(skb, f))
 		identity = IDENTITY_HOST;
@@ -132,13 +155,6 @@ static __always_inline struct endpoint_info *local_endpoint(struct ipcache_value
 	if (!v || !v->ifindex)
 		return NULL;
 	return bpf_map_lookup_elem(&endpoints, &v->ifindex);
-}
-
-/* identity_of is the security identity of an ipcache entry: world for an
- * address the ipcache does not know. */
-static __always_inline __u32 identity_of(struct ipcache_value *v)
-{
-	return v ? v->identity : IDENTITY_WORLD;
 }
 
 /* ttl_decrement lowers the IPv4 TTL or IPv6 hop limit by one as a router
