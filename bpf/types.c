@@ -38,6 +38,7 @@ enum ct_flag *_ct_flag __attribute__((unused));
 enum lb_flag *_lb_flag __attribute__((unused));
 enum lb_backend_state *_lb_backend_state __attribute__((unused));
 enum routing_mode *_routing_mode __attribute__((unused));
+enum node_id *_node_id __attribute__((unused));
 enum node_flag *_node_flag __attribute__((unused));
 enum node_config_flag *_node_config_flag __attribute__((unused));
 enum snat_dir *_snat_dir __attribute__((unused));

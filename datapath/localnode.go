@@ -21,8 +21,8 @@ import (
 
 // Node IDs in node_cidrs (bpf/lib/node.h).
 const (
-	nodeLocal = 0
-	nodeNone  = 0xffffffff
+	nodeLocal = uint32(bpfobj.TypesNodeIdNODE_LOCAL)
+	nodeNone  = uint32(bpfobj.TypesNodeIdNODE_NONE)
 )
 
 // setupNode makes the datapath the local node n: its pod CIDRs and the

@@ -37,7 +37,7 @@ const recordVersion = 1
 const MaxPodCIDRs = 16
 
 // nodeNone marks a cluster CIDR in node_cidrs (bpf/lib/node.h).
-const nodeNone = 0xffffffff
+const nodeNone = uint32(bpfobj.TypesNodeIdNODE_NONE)
 
 // installed is a node the ledger records.
 type installed struct {

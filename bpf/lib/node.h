@@ -14,8 +14,10 @@
 /* Node 0 is the local node; remote nodes are numbered from 1. The
  * cluster's pod ranges (Config.Node.ClusterCIDRs) point to NODE_NONE:
  * an address in them that no node's pod CIDR covers is unreachable. */
-#define NODE_LOCAL 0
-#define NODE_NONE 0xffffffff
+enum node_id {
+	NODE_LOCAL = 0,
+	NODE_NONE = 0xffffffff,
+};
 
 /* How traffic to another node's pods leaves. */
 enum routing_mode {

@@ -370,6 +370,13 @@ const (
 	TypesNodeFlagNODE_F_IPV6 TypesNodeFlag = 2
 )
 
+type TypesNodeId uint32
+
+const (
+	TypesNodeIdNODE_LOCAL TypesNodeId = 0
+	TypesNodeIdNODE_NONE  TypesNodeId = 4294967295
+)
+
 type TypesNodeRoute struct {
 	_     structs.HostLayout
 	Node  uint32
@@ -575,6 +582,7 @@ const (
 	TypesVarLbFlag             = "_lb_flag"
 	TypesVarNodeConfigFlag     = "_node_config_flag"
 	TypesVarNodeFlag           = "_node_flag"
+	TypesVarNodeId             = "_node_id"
 	TypesVarPolicyEntryFlag    = "_policy_entry_flag"
 	TypesVarPolicyMetaFlag     = "_policy_meta_flag"
 	TypesVarPolicyShape        = "_policy_shape"
@@ -683,6 +691,7 @@ type TypesVariableSpecs struct {
 	LbFlag          *ebpf.VariableSpec `ebpf:"_lb_flag"`
 	NodeConfigFlag  *ebpf.VariableSpec `ebpf:"_node_config_flag"`
 	NodeFlag        *ebpf.VariableSpec `ebpf:"_node_flag"`
+	NodeId          *ebpf.VariableSpec `ebpf:"_node_id"`
 	PolicyEntryFlag *ebpf.VariableSpec `ebpf:"_policy_entry_flag"`
 	PolicyMetaFlag  *ebpf.VariableSpec `ebpf:"_policy_meta_flag"`
 	PolicyShape     *ebpf.VariableSpec `ebpf:"_policy_shape"`
@@ -796,6 +805,7 @@ type TypesVariables struct {
 	LbFlag          *ebpf.Variable `ebpf:"_lb_flag"`
 	NodeConfigFlag  *ebpf.Variable `ebpf:"_node_config_flag"`
 	NodeFlag        *ebpf.Variable `ebpf:"_node_flag"`
+	NodeId          *ebpf.Variable `ebpf:"_node_id"`
 	PolicyEntryFlag *ebpf.Variable `ebpf:"_policy_entry_flag"`
 	PolicyMetaFlag  *ebpf.Variable `ebpf:"_policy_meta_flag"`
 	PolicyShape     *ebpf.Variable `ebpf:"_policy_shape"`
