@@ -76,7 +76,9 @@ static __always_inline int vxlan_take(struct __sk_buff *skb, struct node_setting
 	    bpf_skb_load_bytes(skb, f->l4_off + VXLAN_INNER_IP + __builtin_offsetof(struct iphdr, daddr), &inner_dst,
 			       4) < 0)
 		return -1;
-	if (vxlan[0] != bpf_htonl(VXLAN_FLAGS_VNI << 24) || inner_proto != bpf_htons(ETH_P_IP))
+	/* Reserved bits set are the kernel's to refuse (and count). */
+	if (vxlan[0] != bpf_htonl(VXLAN_FLAGS_VNI << 24) || (bpf_ntohl(vxlan[1]) & 0xff) ||
+	    inner_proto != bpf_htons(ETH_P_IP))
 		return -1;
 	vni = bpf_ntohl(vxlan[1]) >> 8;
 	identity = overlay_identity(vni);

@@ -110,6 +110,16 @@ func TestForgedFrames(t *testing.T) {
 			}
 		})
 	}
+	// A reserved bit set is the kernel's VXLAN device's to refuse, which it
+	// does before sluice sees the packet: from-netdev must not take it.
+	t.Run("genuine but for a reserved bit of the VXLAN header", func(t *testing.T) {
+		frame := vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4))
+		frame[len(frame)-len(udp4(pod1, dst.IPv4))-1] = 1 // the byte after the VNI
+		c.Internet.SendFrames(t, "eth0", frame)
+		if got := testutil.Receive(rx, 1, 200*time.Millisecond); len(got) > 0 {
+			t.Error("delivered")
+		}
+	})
 }
 
 // tunnelReceived is what node n's VXLAN device has decapsulated.
