@@ -194,11 +194,14 @@ enum inbound {
 
 /* parse_inbound parses a packet on its way to a local endpoint, from the
  * host, another node or the overlay, into f. Packet pointers taken
- * before are invalid after it. */
-static __always_inline int parse_inbound(struct __sk_buff *skb, struct flow *f)
+ * before are invalid after it. A global function: the parser, the
+ * largest part of every inbound program, is verified once. */
+__noinline int parse_inbound(struct __sk_buff *skb, struct flow *f)
 {
 	struct ethhdr *eth;
 
+	if (!f)
+		return INBOUND_MALFORMED;
 	pull_headers(skb);
 	eth = header(skb, 0, sizeof(*eth));
 	if (!eth)
