@@ -112,14 +112,23 @@ func TestForgedFrames(t *testing.T) {
 	}
 	// A reserved bit set is the kernel's VXLAN device's to refuse, which it
 	// does before sluice sees the packet: from-netdev must not take it.
-	t.Run("genuine but for a reserved bit of the VXLAN header", func(t *testing.T) {
-		frame := vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4))
-		frame[len(frame)-len(udp4(pod1, dst.IPv4))-1] = 1 // the byte after the VNI
-		c.Internet.SendFrames(t, "eth0", frame)
-		if got := testutil.Receive(rx, 1, 200*time.Millisecond); len(got) > 0 {
-			t.Error("delivered")
-		}
-	})
+	// So is a frame to another host's MAC (the underlay bridge floods one
+	// it does not know), which the stack never takes for the node.
+	reserved := vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4))
+	reserved[len(reserved)-len(udp4(pod1, dst.IPv4))-1] = 1 // the byte after the VNI
+	otherHost := vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4))
+	copy(otherHost, net.HardwareAddr{0x02, 0, 0, 0, 0x99, 0x99})
+	for name, frame := range map[string][]byte{
+		"genuine but for a reserved bit of the VXLAN header": reserved,
+		"genuine but to another host's MAC":                  otherHost,
+	} {
+		t.Run(name, func(t *testing.T) {
+			c.Internet.SendFrames(t, "eth0", frame)
+			if got := testutil.Receive(rx, 1, 200*time.Millisecond); len(got) > 0 {
+				t.Error("delivered")
+			}
+		})
+	}
 }
 
 // tunnelReceived is what node n's VXLAN device has decapsulated.
