@@ -49,8 +49,8 @@ static __always_inline int source_allowed(struct node_settings *cfg, struct flow
  * node's pod to a local endpoint, and delivers it as from-overlay would,
  * without the kernel's VXLAN receive path (a UDP socket lookup and a
  * metadata allocation per packet, then a second pass through the
- * stack). Only the plain case: IPv4 in IPv4 to the node's address and
- * MAC, not encrypted (the stack's xfrm policy must see what arrives then),
+ * stack). Only the plain case: IPv4 in IPv4 to the node's address, not
+ * encrypted (the stack's xfrm policy must see what arrives then),
  * not a GSO or fragmented packet, from a known node with a workload's
  * identity, to a local endpoint, without a congestion mark or a reserved
  * bit. Anything else returns -1 and goes the kernel's way, where
@@ -66,7 +66,7 @@ static __always_inline int vxlan_take(struct __sk_buff *skb, struct node_setting
 
 	if (cfg->routing != ROUTING_VXLAN || cfg->encryption != ENCRYPT_NONE || f->key.family != 4 ||
 	    f->key.proto != IPPROTO_UDP || f->key.dport != bpf_htons(cfg->tunnel_port) || f->frag != FRAG_NONE ||
-	    skb->gso_size || skb->pkt_type != PACKET_HOST || !node_config_addr(cfg, 4, f->key.daddr))
+	    skb->gso_size || !node_config_addr(cfg, 4, f->key.daddr))
 		return -1;
 	/* Congestion marked on the way (ECN CE) is the kernel's to carry
 	 * inwards, or to drop the packet for (RFC 6040). */
@@ -106,7 +106,9 @@ int from_netdev(struct __sk_buff *skb)
 	struct flow f = {};
 	int ret, verdict;
 
-	if (!cfg)
+	/* A frame to another host's MAC (flooded by the link, or handed up
+	 * in promiscuous mode) is not the node's: the stack drops it. */
+	if (!cfg || skb->pkt_type == PACKET_OTHERHOST)
 		return TC_ACT_OK;
 	ret = parse_inbound(skb, &f);
 	if (ret == INBOUND_PASS || ret == INBOUND_MALFORMED)

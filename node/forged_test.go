@@ -112,15 +112,19 @@ func TestForgedFrames(t *testing.T) {
 	}
 	// A reserved bit set is the kernel's VXLAN device's to refuse, which it
 	// does before sluice sees the packet: from-netdev must not take it.
-	// So is a frame to another host's MAC (the underlay bridge floods one
-	// it does not know), which the stack never takes for the node.
+	// Frames to another host's MAC (the underlay bridge floods one it does
+	// not know) are never the node's: the stack drops them, and so must
+	// from-netdev's own deliveries.
 	reserved := vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4))
 	reserved[len(reserved)-len(udp4(pod1, dst.IPv4))-1] = 1 // the byte after the VNI
 	otherHost := vxlan(internetMAC, n0, n1.IPv4, id1, udp4(pod1, dst.IPv4))
 	copy(otherHost, net.HardwareAddr{0x02, 0, 0, 0, 0x99, 0x99})
+	plainOtherHost := packet.Build(&packet.Ethernet{Src: internetMAC, Dst: net.HardwareAddr{0x02, 0, 0, 0, 0x99, 0x99}},
+		&packet.IPv4{Src: c.InternetIPv4, Dst: dst.IPv4}, &packet.UDP{SrcPort: 1000, DstPort: 9}, packet.Payload("flooded"))
 	for name, frame := range map[string][]byte{
 		"genuine but for a reserved bit of the VXLAN header": reserved,
-		"genuine but to another host's MAC":                  otherHost,
+		"genuine VXLAN but to another host's MAC":            otherHost,
+		"from the world but to another host's MAC":           plainOtherHost,
 	} {
 		t.Run(name, func(t *testing.T) {
 			c.Internet.SendFrames(t, "eth0", frame)

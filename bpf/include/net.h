@@ -10,6 +10,10 @@
 #define ETH_HLEN 14
 #define IP_DF 0x4000 /* the IPv4 "don't fragment" flag, in frag_off */
 
+/* skb->pkt_type: a frame to this host's MAC, and one to another host's. */
+#define PACKET_HOST 0
+#define PACKET_OTHERHOST 3
+
 /* EtherTypes */
 #define ETH_P_IP 0x0800
 #define ETH_P_ARP 0x0806

@@ -10,8 +10,6 @@
 #include "deliver.h"
 #include "node.h"
 
-/* skb->pkt_type of a packet for this host (bpf_skb_change_type). */
-#define PACKET_HOST 0
 
 /* overlay_identity is the identity a node's VNI stands for: what a node
  * sends itself travels as the host's identity, which here is that remote
