@@ -134,6 +134,9 @@ static __always_inline int to_route(struct __sk_buff *skb, struct flow *f, __u16
 	return bpf_redirect(fib.ifindex, 0);
 }
 
+/* How much of a packet to_ipsec makes linear. */
+#define IPSEC_PULL_LEN 128
+
 /* to_ipsec hands a natively routed packet to the stack, marked for the
  * node's xfrm policy: the stack forwards it along the route to the pod
  * CIDR and encrypts it (bpf_redirect would skip xfrm). */
@@ -141,6 +144,12 @@ static __always_inline int to_ipsec(struct __sk_buff *skb, struct node_route *r,
 {
 	if (!ipsec_mark(skb, r->node))
 		return drop(skb, REASON_NO_KEY, DIR_EGRESS, ep);
+	/* A TCP segment from a local socket is a clone with its payload in
+	 * pages the socket keeps. Handed to ESP (Linux 6.1) in that shape,
+	 * only its linear headers left encrypted and the payload in clear:
+	 * the packet goes with its first IPSEC_PULL_LEN bytes made linear and
+	 * its own, as the stack always saw it here. */
+	bpf_skb_pull_data(skb, skb->len < IPSEC_PULL_LEN ? skb->len : IPSEC_PULL_LEN);
 	trace(skb, TRACE_TO_ENCRYPT, DIR_EGRESS, ep);
 	return TC_ACT_OK;
 }
