@@ -18,7 +18,7 @@
 #                          (default: the newest apt knows)
 #   KERNELVM_DEB           a linux-image .deb to use instead of downloading one
 #   KERNELVM_TIMEOUT       seconds before the VM is killed (default 1800)
-#   KERNELVM_TEST_TIMEOUT  -test.timeout of each test binary (default 10m)
+#   KERNELVM_TEST_TIMEOUT  -test.timeout of each test binary (default 20m)
 #   KERNELVM_JOBS          test binaries the guest runs at once (default: its
 #                          CPUs; 1 with -v, so that the output stays readable)
 set -euo pipefail
@@ -26,7 +26,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cache="$repo/.vm"
 vm_timeout=${KERNELVM_TIMEOUT:-1800}
-test_timeout=${KERNELVM_TEST_TIMEOUT:-10m}
+test_timeout=${KERNELVM_TEST_TIMEOUT:-20m}
 guest_jobs=${KERNELVM_JOBS:-0} # 0: the guest's CPUs
 
 export DEBIAN_FRONTEND=noninteractive
