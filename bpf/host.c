@@ -94,7 +94,7 @@ static __always_inline int vxlan_take(struct __sk_buff *skb, struct node_setting
 		return -1;
 	trace(skb, TRACE_FROM_OVERLAY, DIR_INGRESS, 0);
 	__builtin_memset(f, 0, sizeof(*f));
-	return overlay_deliver(skb, f, *node, identity);
+	return overlay_deliver(skb, f, *node, identity, remote);
 }
 
 SEC("tc")

@@ -59,7 +59,7 @@ int from_overlay(struct __sk_buff *skb)
 	identity = overlay_identity(vni);
 	if (!identity)
 		return drop(skb, REASON_TUNNEL_IDENTITY, DIR_INGRESS, 0);
-	return overlay_deliver(skb, &f, *node, identity);
+	return overlay_deliver(skb, &f, *node, identity, NULL);
 }
 
 /* ipv6_link_scope reports an IPv6 destination the kernel's own link

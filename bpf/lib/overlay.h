@@ -41,10 +41,12 @@ static __always_inline int sender_owns(struct flow *f, __u32 node, __u32 identit
  * first) that node sent with the identity (overlay_identity), parsed
  * into f, which the caller gives zeroed: its inner source must be the
  * node's to use; to the node itself it goes to the stack, to a local
- * endpoint through its ingress policy. */
-static __always_inline int overlay_deliver(struct __sk_buff *skb, struct flow *f, __u32 node, __u32 identity)
+ * endpoint through its ingress policy. remote is the ipcache's entry for
+ * the inner destination when the caller looked it up already, else
+ * NULL. */
+static __always_inline int overlay_deliver(struct __sk_buff *skb, struct flow *f, __u32 node, __u32 identity,
+					   struct ipcache_value *remote)
 {
-	struct ipcache_value *remote;
 	struct endpoint_info *dst;
 	int ret;
 
@@ -55,7 +57,8 @@ static __always_inline int overlay_deliver(struct __sk_buff *skb, struct flow *f
 		return inbound_drop(skb, ret, 0);
 	if (!sender_owns(f, node, identity))
 		return drop(skb, REASON_SPOOFED_NODE_SOURCE, DIR_INGRESS, 0);
-	remote = f->key.family == 4 ? ipcache_lookup4(*(__be32 *)f->key.daddr) : ipcache_lookup6(f->key.daddr);
+	if (!remote)
+		remote = f->key.family == 4 ? ipcache_lookup4(*(__be32 *)f->key.daddr) : ipcache_lookup6(f->key.daddr);
 	if (identity_of(remote) == IDENTITY_HOST) {
 		/* To the node itself: a pod's reply to what the node sent it
 		 * over the overlay (to-overlay), or a pod's own flow. Its
