@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"sort"
 	"testing"
 	"time"
 
@@ -82,8 +83,8 @@ func (w benchWiring) drops(t testing.TB) map[string]uint64 {
 //     both ends on blocking sockets (req/s-WIRING);
 //   - both report sluice over the kernel: sluice-vxlan/linux-vxlan
 //     ("vxlan-" metrics) and sluice-native/linux-routing ("native-"), for
-//     throughput ("-tput-x") and request rate ("-rr-x"); above 1, sluice
-//     is the faster;
+//     throughput ("-tput-x") and request rate ("-rr-x"), each the median
+//     of the ops' ratios; above 1, sluice is the faster;
 //   - programs/WIRING: the round trips again with the kernel's BPF run
 //     time statistics on, each program's ns per run (never while the
 //     ratios are measured: the statistics cost time of their own).
@@ -163,11 +164,11 @@ func BenchmarkCrossNode(b *testing.B) {
 }
 
 // benchTakeTurns runs each op once through every wiring, starting with
-// a different one each op, and returns the time each wiring took in
-// all. A wiring that fails fails the benchmark, with its datapath's
-// drops.
-func benchTakeTurns(b *testing.B, pairs []benchWiring, op func(i int) (time.Duration, error)) []time.Duration {
-	took := make([]time.Duration, len(pairs))
+// a different one each op, and returns the time each op took through
+// each wiring (took[wiring][op]). A wiring that fails fails the
+// benchmark, with its datapath's drops.
+func benchTakeTurns(b *testing.B, pairs []benchWiring, op func(i int) (time.Duration, error)) [][]time.Duration {
+	took := make([][]time.Duration, len(pairs))
 	b.ResetTimer()
 	for n := range b.N {
 		for k := range pairs {
@@ -176,7 +177,7 @@ func benchTakeTurns(b *testing.B, pairs []benchWiring, op func(i int) (time.Dura
 			if err != nil {
 				b.Fatalf("%s: %v; drops in the datapath: %v", benchWirings[i].name, err, pairs[i].drops(b))
 			}
-			took[i] += d
+			took[i] = append(took[i], d)
 		}
 	}
 	return took
@@ -184,15 +185,40 @@ func benchTakeTurns(b *testing.B, pairs []benchWiring, op func(i int) (time.Dura
 
 // benchReport reports each wiring's rate (rate of its total time, in
 // unit) and the two ratios of sluice over the kernel ("vxlan-KIND-x",
-// "native-KIND-x").
-func benchReport(b *testing.B, took []time.Duration, unit, kind string, rate func(time.Duration) float64) {
-	by := map[string]float64{}
+// "native-KIND-x"). A ratio is the median, over the ops, of the kernel's
+// time over sluice's in that op: the two ran one right after the other,
+// so a moment the machine stalled (a neighbour on a shared host) spoils
+// one op's ratio instead of moving the totals.
+func benchReport(b *testing.B, took [][]time.Duration, unit, kind string, rate func(time.Duration) float64) {
+	byName := map[string][]time.Duration{}
 	for i, w := range benchWirings {
-		by[w.name] = rate(took[i])
-		b.ReportMetric(by[w.name], unit+"-"+w.name)
+		var total time.Duration
+		for _, d := range took[i] {
+			total += d
+		}
+		byName[w.name] = took[i]
+		b.ReportMetric(rate(total), unit+"-"+w.name)
 	}
-	b.ReportMetric(by["sluice-vxlan"]/by["linux-vxlan"], "vxlan-"+kind+"-x")
-	b.ReportMetric(by["sluice-native"]/by["linux-routing"], "native-"+kind+"-x")
+	ratio := func(sluice, kernel []time.Duration) float64 {
+		r := make([]float64, len(sluice))
+		for n := range sluice {
+			r[n] = kernel[n].Seconds() / sluice[n].Seconds()
+		}
+		return median(r)
+	}
+	b.ReportMetric(ratio(byName["sluice-vxlan"], byName["linux-vxlan"]), "vxlan-"+kind+"-x")
+	b.ReportMetric(ratio(byName["sluice-native"], byName["linux-routing"]), "native-"+kind+"-x")
+}
+
+// median returns the middle value of v (the mean of the two middle ones
+// for an even count); it sorts v.
+func median(v []float64) float64 {
+	sort.Float64s(v)
+	m := len(v) / 2
+	if len(v)%2 == 1 {
+		return v[m]
+	}
+	return (v[m-1] + v[m]) / 2
 }
 
 // programStats is what the kernel counted of a program: runs, and run
