@@ -17,6 +17,7 @@
 #include "lib/node.h"
 #include "lib/snat.h"
 #include "lib/encrypt.h"
+#include "lib/mark.h"
 #include "lib/overlay.h"
 
 /* source_allowed reports whether a packet from the underlay may have the
@@ -148,7 +149,8 @@ static __always_inline int to_wireguard_node(struct node_settings *cfg, struct f
 
 /* to_netdev masquerades what pods send to the world, and sends VXLAN to
  * nodes into WireGuard when it is on. Everything else, and what it
- * cannot parse, leaves as it is. */
+ * cannot parse, leaves as it is: at once what from-endpoint forwarded to
+ * another node. */
 SEC("tc")
 int to_netdev(struct __sk_buff *skb)
 {
@@ -157,6 +159,8 @@ int to_netdev(struct __sk_buff *skb)
 	struct ethhdr *eth;
 	int ret;
 
+	if (take_forwarded(skb))
+		return TC_ACT_OK;
 	pull_headers(skb);
 	eth = header(skb, 0, sizeof(*eth));
 	if (!eth)

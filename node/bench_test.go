@@ -497,14 +497,7 @@ func BenchmarkNodePath(b *testing.B) {
 		Limits: datapath.Limits{Conntrack: 65536}}) // room for every flow, twice over in the masquerading map
 	n0, ep, peer := c.Nodes[0], c.Endpoint(0, 0), c.Endpoint(1, 0)
 	st := core.Of(n0.DP)
-	progs, err := st.EndpointPrograms()
-	if err != nil {
-		b.Fatal(err)
-	}
-	toNetdev, err := st.NodeProgram(bpfobj.HostProgToNetdev)
-	if err != nil {
-		b.Fatal(err)
-	}
+	fromEndpoint, toNetdev := egressPrograms(b, n0)
 	empty, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL",
 		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()}})
 	if err != nil {
@@ -550,7 +543,7 @@ func BenchmarkNodePath(b *testing.B) {
 		verdict uint32
 		check   func(i int, fresh bool, out []byte) error
 	}{
-		{"encap", progs.FromEndpoint, &progtest.SKB{Ifindex: uint32(ep.HostIfindex)}, encap, st.Objs.Conntrack, progtest.TCActRedirect,
+		{"encap", fromEndpoint, &progtest.SKB{Ifindex: uint32(ep.HostIfindex)}, encap, st.Objs.Conntrack, progtest.TCActRedirect,
 			func(i int, _ bool, out []byte) error {
 				// Encapsulation is the VXLAN device's, from the tunnel key:
 				// the frame itself only lost a hop.

@@ -18,12 +18,8 @@
 
 #include "common.h"
 #include "node.h"
+#include "mark.h"
 
-/* skb->mark: bits 8-11 say what the mark is for, 12-15 the IPsec key
- * (SPI 1-15), 16-31 the other node's ID. The masks are in internal/xfrm. */
-#define MARK_MAGIC_MASK 0x0F00
-#define MARK_ENCRYPT 0x0E00
-#define MARK_DECRYPT 0x0D00
 #define IPSEC_SPI_MAX 15
 #define MARK_NODE_MAX 0xffff
 

@@ -11,6 +11,7 @@
 #include "deliver.h"
 #include "icmp.h"
 #include "encrypt.h"
+#include "mark.h"
 
 /* The VNI has 24 bits: identities from 1 << 24 (a node's CIDR identities
  * among them) have no meaning on another node and cannot travel. */
@@ -54,13 +55,19 @@ static __always_inline int tunnel_key(struct __sk_buff *skb, struct node_setting
 	return 0;
 }
 
-/* to_tunnel hands the packet to the VXLAN device, keyed (tunnel_key). */
+/* to_tunnel hands the packet to the VXLAN device, keyed (tunnel_key);
+ * unencrypted, the packet the device makes leaves the node device marked
+ * forwarded (mark.h). */
 static __always_inline int to_tunnel(struct __sk_buff *skb, struct node_settings *cfg, struct node_route *r,
 				     __u32 identity, __u16 ep)
 {
 	int ret = tunnel_key(skb, cfg, r, identity, ep);
 
-	return ret ? ret : bpf_redirect(cfg->tunnel_ifindex, 0);
+	if (ret)
+		return ret;
+	if (cfg->encryption == ENCRYPT_NONE)
+		mark_forwarded(skb);
+	return bpf_redirect(cfg->tunnel_ifindex, 0);
 }
 
 /* l3_len is the length of the packet past its Ethernet header or, for a
@@ -97,7 +104,8 @@ static __always_inline int may_fragment(struct __sk_buff *skb, struct flow *f)
  * which package node installs), to the next hop's MAC, or through the
  * neighbour subsystem while that MAC is not yet known. What the route's
  * MTU cannot carry goes to the stack to be fragmented (IPv4 without DF)
- * or is answered (FORWARD_TOO_BIG). */
+ * or is answered (FORWARD_TOO_BIG). What leaves is marked forwarded
+ * (mark.h). */
 static __always_inline int to_route(struct __sk_buff *skb, struct flow *f, __u16 ep)
 {
 	struct bpf_fib_lookup fib = {.ifindex = skb->ifindex, .l4_protocol = f->key.proto};
@@ -120,6 +128,7 @@ static __always_inline int to_route(struct __sk_buff *skb, struct flow *f, __u16
 
 		__builtin_memcpy(nh.ipv6_nh, fib.dst, 16);
 		trace(skb, TRACE_TO_NETDEV, DIR_EGRESS, ep);
+		mark_forwarded(skb);
 		return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 	}
 	if (ret != BPF_FIB_LKUP_RET_SUCCESS)
@@ -131,6 +140,7 @@ static __always_inline int to_route(struct __sk_buff *skb, struct flow *f, __u16
 	__builtin_memcpy(eth->h_dest, fib.dmac, 6);
 	__builtin_memcpy(eth->h_source, fib.smac, 6);
 	trace(skb, TRACE_TO_NETDEV, DIR_EGRESS, ep);
+	mark_forwarded(skb);
 	return bpf_redirect(fib.ifindex, 0);
 }
 

@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"reflect"
 	"runtime"
 	"time"
 	"unsafe"
@@ -23,16 +24,20 @@ type Result struct {
 
 // Run runs prog once on frame. ctx, if not nil, is the program's context
 // (a struct __sk_buff for tc programs, struct xdp_md for XDP) — for example
-// to set the ingress interface a tc program sees.
+// to set the ingress interface a tc program sees. A context given by
+// pointer receives what the program left in it (the mark it set).
 func Run(prog *ebpf.Program, frame []byte, ctx any) (Result, error) {
 	out := make([]byte, len(frame)+256) // room for encapsulation
-	var ctxIn []byte
+	var ctxIn, ctxOut []byte
 	if ctx != nil {
 		var buf bytes.Buffer
 		if err := binary.Write(&buf, binary.NativeEndian, ctx); err != nil {
 			return Result{}, fmt.Errorf("encode context: %w", err)
 		}
 		ctxIn = buf.Bytes()
+		// The kernel writes its whole context back, or fails: room for
+		// the largest (struct __sk_buff, 192 bytes on Linux 6.18).
+		ctxOut = make([]byte, 512)
 	}
 	attr := progRunAttr{
 		progFD:      uint32(prog.FD()),
@@ -43,12 +48,15 @@ func Run(prog *ebpf.Program, frame []byte, ctx any) (Result, error) {
 		repeat:      1,
 		ctxSizeIn:   uint32(len(ctxIn)),
 		ctxIn:       pointer(ctxIn),
+		ctxSizeOut:  uint32(len(ctxOut)),
+		ctxOut:      pointer(ctxOut),
 	}
 	for {
 		_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_TEST_RUN, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
 		runtime.KeepAlive(frame)
 		runtime.KeepAlive(out)
 		runtime.KeepAlive(ctxIn)
+		runtime.KeepAlive(ctxOut)
 		if errno == unix.EINTR {
 			continue
 		}
@@ -56,6 +64,11 @@ func Run(prog *ebpf.Program, frame []byte, ctx any) (Result, error) {
 			return Result{}, fmt.Errorf("test run of %s: %w", prog, errno)
 		}
 		break
+	}
+	if v := reflect.ValueOf(ctx); v.Kind() == reflect.Pointer && attr.ctxSizeOut >= uint32(len(ctxIn)) {
+		if err := binary.Read(bytes.NewReader(ctxOut[:len(ctxIn)]), binary.NativeEndian, ctx); err != nil {
+			return Result{}, fmt.Errorf("decode context: %w", err)
+		}
 	}
 	return Result{
 		Verdict:  attr.retval,
