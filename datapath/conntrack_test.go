@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluicedp/sluice/internal/batch"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 )
 
@@ -72,5 +73,35 @@ func TestCollectFlows(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Error("the collector kept running after Close")
+	}
+}
+
+// Usage counts every entry of conntrack, over several batches, against
+// the map's size; on a closed handle it fails with os.ErrClosed.
+func TestUsage(t *testing.T) {
+	dp := open(t, Config{Limits: Limits{Conntrack: 16384}})
+	const flows = batch.Size*2 + 17
+	for i := range flows {
+		plantFlow(t, dp, uint16(i+1), time.Hour)
+	}
+	got, err := dp.Usage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []MapUsage{{"conntrack", flows, 16384}, {"snat", 0, 16384}} // masquerading: half as many flows, two entries each
+	if len(got) != len(want) {
+		t.Fatalf("usage %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Errorf("usage of %s: %+v, want %+v", want[i].Map, got[i], want[i])
+		}
+	}
+	if f := got[0].Fill(); f != float64(flows)/16384 {
+		t.Errorf("conntrack fill %v, want %v", f, float64(flows)/16384)
+	}
+	dp.Close()
+	if _, err := dp.Usage(); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("after Close: %v, want os.ErrClosed", err)
 	}
 }
