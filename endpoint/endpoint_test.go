@@ -230,6 +230,15 @@ func TestTwoEndpoints(t *testing.T) {
 
 	// The host ends have no addresses and the node does not forward: only
 	// the datapath's redirect can have delivered these, and it counted them.
+	// ReadAllCounters, read first, has every endpoint, each no further
+	// than ReadCounters after it.
+	all, err := endpoint.ReadAllCounters(n.dp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(all) != 2 {
+		t.Errorf("ReadAllCounters: %v, want endpoints %d and %d", all, a.ID, b.ID)
+	}
 	for _, ep := range []*endpoint.Endpoint{a, b} {
 		c, err := endpoint.ReadCounters(n.dp, ep.ID)
 		if err != nil {
@@ -237,6 +246,9 @@ func TestTwoEndpoints(t *testing.T) {
 		}
 		if c.PacketsIn < 6 || c.PacketsOut < 6 || c.BytesIn == 0 || c.BytesOut == 0 {
 			t.Errorf("endpoint %d counters %+v: want at least 6 packets each way", ep.ID, c)
+		}
+		if got := all[ep.ID]; got.PacketsIn < 6 || got.PacketsOut < 6 || got.PacketsIn > c.PacketsIn || got.PacketsOut > c.PacketsOut {
+			t.Errorf("endpoint %d: ReadAllCounters %+v, ReadCounters %+v", ep.ID, got, c)
 		}
 	}
 	m, err := n.dp.Metrics()

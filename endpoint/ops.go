@@ -20,6 +20,7 @@ import (
 
 	"github.com/sluicedp/sluice/datapath"
 	"github.com/sluicedp/sluice/internal/attach"
+	"github.com/sluicedp/sluice/internal/batch"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/ipcache"
@@ -683,6 +684,32 @@ func ReadCounters(dp *datapath.Datapath, id uint16) (Counters, error) {
 	if err != nil {
 		return Counters{}, fmt.Errorf("endpoint %d: read counters: %w", id, err)
 	}
+	return sum(percpu), nil
+}
+
+// ReadAllCounters returns the counters of every endpoint, by ID:
+// ReadCounters of each, in one pass over the counters. An endpoint is in
+// it from the moment Create gives it counters until Delete takes them
+// away: those List returns, and one being created or deleted.
+func ReadAllCounters(dp *datapath.Datapath) (map[uint16]Counters, error) {
+	st := core.Of(dp)
+	release, err := st.Use()
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	out := make(map[uint16]Counters)
+	err = batch.EachPerCPU(st.Objs.EpCounters, func(id *uint32, percpu []bpfobj.TypesEndpointCounters) {
+		out[uint16(*id)] = sum(percpu)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read endpoint counters: %w", err)
+	}
+	return out, nil
+}
+
+// sum adds up an endpoint's counters of every CPU.
+func sum(percpu []bpfobj.TypesEndpointCounters) Counters {
 	var c Counters
 	for _, v := range percpu {
 		c.PacketsOut += v.PacketsOut
@@ -690,5 +717,5 @@ func ReadCounters(dp *datapath.Datapath, id uint16) (Counters, error) {
 		c.PacketsIn += v.PacketsIn
 		c.BytesIn += v.BytesIn
 	}
-	return c, nil
+	return c
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/sluicedp/sluice/datapath"
+	"github.com/sluicedp/sluice/internal/batch"
 	"github.com/sluicedp/sluice/internal/bpfobj"
 	"github.com/sluicedp/sluice/internal/core"
 	"github.com/sluicedp/sluice/internal/ipcache"
@@ -791,13 +792,20 @@ func ReadCounters(dp *datapath.Datapath, endpoint uint16) (Counters, error) {
 		return Counters{}, err
 	}
 	defer release()
-	p, err := get(st, endpoint)
+	_, rec, err := loadRecord(st, endpoint)
 	if err != nil {
 		return Counters{}, err
 	}
-	read := func(dir datapath.Direction, n int) ([]uint64, error) {
-		out := make([]uint64, n)
-		for rule := range n {
+	if rec == nil || rec.NoLive {
+		return Counters{}, fmt.Errorf("policy of endpoint %d: %w", endpoint, datapath.ErrNotFound)
+	}
+	rules, err := rulesOf(st, endpoint, rec)
+	if err != nil {
+		return Counters{}, err
+	}
+	c := rules.counters()
+	for _, dir := range []datapath.Direction{datapath.Ingress, datapath.Egress} {
+		for rule := range c.of(dir) {
 			k := bpfobj.TypesPolicyCounterKey{Endpoint: endpoint, Dir: uint8(dir), Rule: uint16(rule)}
 			var percpu []bpfobj.TypesPolicyCounter
 			err := st.Objs.PolicyCounters.Lookup(&k, &percpu)
@@ -805,20 +813,110 @@ func ReadCounters(dp *datapath.Datapath, endpoint uint16) (Counters, error) {
 				continue
 			}
 			if err != nil {
-				return nil, fmt.Errorf("read policy counters: %w", err)
+				return Counters{}, fmt.Errorf("read policy counters: %w", err)
 			}
-			for _, c := range percpu {
-				out[rule] += c.Flows
-			}
+			c.add(&k, percpu)
 		}
-		return out, nil
-	}
-	var c Counters
-	if c.Ingress, err = read(datapath.Ingress, len(p.Ingress)); err != nil {
-		return Counters{}, err
-	}
-	if c.Egress, err = read(datapath.Egress, len(p.Egress)); err != nil {
-		return Counters{}, err
 	}
 	return c, nil
+}
+
+// ReadAllCounters returns the per-rule counters of every endpoint's
+// policy, by endpoint: ReadCounters of each, in one pass over the ledger
+// and one over the counters.
+func ReadAllCounters(dp *datapath.Datapath) (map[uint16]Counters, error) {
+	st := core.Of(dp)
+	release, err := st.Use()
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	recs, err := ledger.List(st.Objs.Ledger, ledger.KindPolicy)
+	if err != nil {
+		return nil, fmt.Errorf("list policies: %w: %w", datapath.ErrIncompatible, err)
+	}
+	out := make(map[uint16]Counters, len(recs))
+	for _, r := range recs {
+		var rec record
+		if err := json.Unmarshal(r.Object, &rec); err != nil || rec.Version != recordVersion {
+			return nil, fmt.Errorf("policy of endpoint %d: %w: unreadable record", r.ID, datapath.ErrIncompatible)
+		}
+		if rec.NoLive {
+			continue // its first Apply is under way
+		}
+		rules, err := rulesOf(st, uint16(r.ID), &rec)
+		if err != nil {
+			return nil, err
+		}
+		out[uint16(r.ID)] = rules.counters()
+	}
+	err = batch.EachPerCPU(st.Objs.PolicyCounters, func(k *bpfobj.TypesPolicyCounterKey, percpu []bpfobj.TypesPolicyCounter) {
+		if c, ok := out[k.Endpoint]; ok {
+			c.add(k, percpu)
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read policy counters: %w", err)
+	}
+	return out, nil
+}
+
+// of returns the counters of a direction.
+func (c *Counters) of(dir datapath.Direction) []uint64 {
+	if dir == datapath.Egress {
+		return c.Egress
+	}
+	return c.Ingress
+}
+
+// add adds a counter read from the map to its rule's, if the rule is one
+// of the live policy's (until the cleanup of an Apply that changed the
+// policy starts its counts over, the old policy's may still be there).
+func (c *Counters) add(k *bpfobj.TypesPolicyCounterKey, percpu []bpfobj.TypesPolicyCounter) {
+	rules := c.of(datapath.Direction(k.Dir))
+	if int(k.Rule) >= len(rules) {
+		return
+	}
+	for _, v := range percpu {
+		rules[k.Rule] += v.Flows
+	}
+}
+
+// rules is how many rules an endpoint's live policy has in each
+// direction, as of a ledger record's generation and slot.
+type rules struct {
+	generation      uint64
+	slot            uint32
+	ingress, egress int
+}
+
+// counters returns zero counters for the rules.
+func (r rules) counters() Counters {
+	return Counters{Ingress: make([]uint64, r.ingress), Egress: make([]uint64, r.egress)}
+}
+
+func rulesKey(endpoint uint16) string { return fmt.Sprintf("policy rules/%d", endpoint) }
+
+// rulesOf returns how many rules the live policy of the endpoint, whose
+// ledger record is rec, has. Decoding the policy is most of what reading
+// its counters costs, so the answer stays on the handle for as long as
+// the record names the same policy (every change makes a new
+// generation).
+func rulesOf(st *core.State, endpoint uint16, rec *record) (rules, error) {
+	if v, ok := st.Memo.Load(rulesKey(endpoint)); ok {
+		if r := v.(rules); r.generation == rec.Generation && r.slot == rec.Slot {
+			return r, nil
+		}
+	}
+	doc, err := liveDoc(st, endpoint, rec)
+	if err != nil {
+		return rules{}, err
+	}
+	p, err := decode(doc)
+	if err != nil {
+		return rules{}, fmt.Errorf("policy of endpoint %d: %w: %w", endpoint, datapath.ErrIncompatible, err)
+	}
+	r := rules{generation: rec.Generation, slot: rec.Slot, ingress: len(p.Ingress), egress: len(p.Egress)}
+	st.Memo.Store(rulesKey(endpoint), r)
+	return r, nil
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/sluicedp/sluice/datapath"
@@ -202,5 +203,71 @@ func TestFailedApplyChangesNothing(t *testing.T) {
 	}
 	if !n.syn(t, 40000, 80) {
 		t.Error("the old policy no longer lets port 80 through")
+	}
+}
+
+// ReadCounters and ReadAllCounters agree, rule by rule, from any handle,
+// and follow the live policy: an Apply that changes it starts its rules'
+// counts over, with as many rules as it has.
+func TestReadAllCounters(t *testing.T) {
+	n := newControlNode(t, datapath.Limits{})
+	ctx := context.Background()
+	web := Rule{Peers: []Peer{{Identity: 1002}}, Ports: []Port{{Protocol: TCP, Port: 80}}}
+	ssh := Rule{Peers: []Peer{{Identity: 1002}}, Ports: []Port{{Protocol: TCP, Port: 22}}}
+	other, err := datapath.OpenReadOnly(ctx, datapath.Config{Name: n.cfg.Name, BPFFS: n.cfg.BPFFS, MustExist: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	check := func(want []uint64) {
+		t.Helper()
+		for _, dp := range []*datapath.Datapath{n.dp, other} {
+			one, err := ReadCounters(dp, 1)
+			if err != nil {
+				t.Fatal(err)
+			}
+			all, err := ReadAllCounters(dp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !slices.Equal(one.Ingress, want) || len(one.Egress) != 0 {
+				t.Errorf("ReadCounters: %+v, want ingress %v", one, want)
+			}
+			if len(all) != 1 || !slices.Equal(all[1].Ingress, want) || len(all[1].Egress) != 0 {
+				t.Errorf("ReadAllCounters: %+v, want endpoint 1 only, ingress %v", all, want)
+			}
+		}
+	}
+	if _, err := Apply(ctx, n.dp, 1, Policy{Ingress: []Rule{web, ssh}}); err != nil {
+		t.Fatal(err)
+	}
+	if !n.syn(t, 40000, 80) || !n.syn(t, 40001, 22) || !n.syn(t, 40002, 22) {
+		t.Fatal("the policy is not enforced")
+	}
+	check([]uint64{1, 2})
+	if _, err := Apply(ctx, n.dp, 1, Policy{Ingress: []Rule{web}}); err != nil {
+		t.Fatal(err)
+	}
+	check([]uint64{0})
+	if !n.syn(t, 40003, 80) || n.syn(t, 40004, 22) {
+		t.Fatal("the new policy is not enforced")
+	}
+	check([]uint64{1})
+	if _, err := Apply(ctx, n.dp, 1, Policy{Ingress: []Rule{web, ssh, web}}); err != nil {
+		t.Fatal(err)
+	}
+	check([]uint64{0, 0, 0})
+	if !n.syn(t, 40005, 22) {
+		t.Fatal("the new policy is not enforced")
+	}
+	check([]uint64{0, 1, 0})
+	if _, err := Delete(ctx, n.dp, 1); err != nil {
+		t.Fatal(err)
+	}
+	if all, err := ReadAllCounters(other); err != nil || len(all) != 0 {
+		t.Errorf("after Delete: %v, %v; want none", all, err)
+	}
+	if _, err := ReadCounters(other, 1); !errors.Is(err, datapath.ErrNotFound) {
+		t.Errorf("ReadCounters after Delete: %v, want ErrNotFound", err)
 	}
 }

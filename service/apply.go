@@ -245,6 +245,28 @@ func ReadCounters(dp *datapath.Datapath, fe Frontend) ([]BackendCounters, error)
 	if in == nil {
 		return nil, fmt.Errorf("service %s: %w", fe, datapath.ErrNotFound)
 	}
+	return countersOf(st, in)
+}
+
+// ReadAllCounters returns the counters of every backend of every service,
+// by frontend: ReadCounters of each, in one pass.
+func ReadAllCounters(dp *datapath.Datapath) (map[Frontend][]BackendCounters, error) {
+	st, idx, release, err := readIndex(dp)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	out := make(map[Frontend][]BackendCounters, len(idx.byFrontend))
+	for fe, in := range idx.byFrontend {
+		if out[fe], err = countersOf(st, in); err != nil {
+			return nil, fmt.Errorf("service %s: %w", fe, err)
+		}
+	}
+	return out, nil
+}
+
+// countersOf reads the counters of an installed service's backends.
+func countersOf(st *core.State, in *installed) ([]BackendCounters, error) {
 	out := make([]BackendCounters, len(in.svc.Backends))
 	for i, b := range in.svc.Backends {
 		out[i].Backend = b.AddrPort()

@@ -83,6 +83,10 @@ func TestRandomDistribution(t *testing.T) {
 			t.Errorf("backend %v: counters %+v, answered %d flows", c.Backend, c, count[c.Backend.Port()])
 		}
 	}
+	all, err := service.ReadAllCounters(n.dp)
+	if err != nil || len(all) != 1 || !slices.Equal(all[fe], counters) {
+		t.Errorf("ReadAllCounters: %v, %v; want only %s with %v", all, err, fe, counters)
+	}
 }
 
 // TestMaglev: every flow goes where the Maglev table says (FlowHash), the
