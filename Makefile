@@ -32,6 +32,7 @@ FUZZ_SERVICE := -run '^$$' -fuzz '^FuzzTranslate$$' -fuzztime 2000x ./service
 test-host:
 	go test -count=1 $(STATS)
 	go test -race -count=1 ./...
+	cd sluiceprom && go test -race -count=1 ./...
 	go test $(FUZZ)
 	go test $(FUZZ_SERVICE)
 
